@@ -1,0 +1,41 @@
+# Kiln's two entry points are `make demo` and `make test`; everything else here serves them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.8
+export UV_LINK_MODE ?= copy
+
+.PHONY: test demo cluster lint typecheck pytest controlplane venv crds
+
+venv: $(VENV)/.synced
+
+# The lock pins every dependency; uv's cache (~/.cache/uv) makes a fresh clone's install cheap.
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	uv sync --all-extras --frozen
+	@touch $@
+
+controlplane:
+	@bash controlplane/build.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy kiln operator trainer
+
+crds: venv
+	$(VENV)/bin/kiln crds
+
+# pytest's exit code 5 means "no tests collected"; that is not a failure of the suite.
+pytest: venv controlplane
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+test: lint typecheck pytest
+
+demo: venv
+	$(PY) -m kiln.trainer.demo
+
+cluster: venv controlplane
+	$(PY) -m kiln.testing.cluster

@@ -1,0 +1,136 @@
+"""Defaults, resolved in one place.
+
+A ``ResolvedTrainingJob`` is the spec with every derivable blank filled in: metric names and modes per task,
+output and checkpoint URIs, processes per node, the image. The operator renders children from it, ships it
+to the pods in a ConfigMap, and the trainer reads it back without deriving anything again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kiln.api.base import KilnModel, Name, Uri
+from kiln.api.manifest import TrainingJob
+from kiln.api.training import MetricMode, TrainingJobSpec
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    metric: str
+    loss: dict[str, float]
+
+
+TASK_DEFAULTS: dict[str, TaskDefaults] = {
+    "classification": TaskDefaults(metric="accuracy", loss={"cross_entropy": 1.0}),
+    "segmentation": TaskDefaults(metric="miou", loss={"dice": 0.5, "cross_entropy": 0.5}),
+    # torchvision detectors return their own loss dict; "model" sums it.
+    "detection": TaskDefaults(metric="map", loss={"model": 1.0}),
+}
+
+# Metrics where smaller is better; everything else (accuracy, f1, miou, map, ...) is maximized.
+MINIMIZED_METRICS = frozenset({"loss"})
+
+
+def metric_mode(metric: str) -> MetricMode:
+    return "min" if metric.removeprefix("val/") in MINIMIZED_METRICS else "max"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where a job runs, which decides the defaults the spec leaves open.
+
+    ``storage_root`` is a local directory or s3:// prefix; jobs get <root>/<namespace>/<name>.
+    """
+
+    storage_root: str
+    image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    default_procs_per_node: int = 1
+    endpoint_url: str | None = None
+    secret_ref: str | None = None
+
+
+class ResolvedTrainingJob(KilnModel):
+    """What the trainer runs: a TrainingJob's identity plus its fully defaulted spec."""
+
+    name: Name
+    """metadata.name of the TrainingJob."""
+
+    namespace: Name
+    """metadata.namespace of the TrainingJob ('local' for kiln run)."""
+
+    uid: Annotated[str, Field(max_length=64)] | None = None
+    """metadata.uid; restarts of the same job share it, so they resume rather than start over."""
+
+    spec: TrainingJobSpec
+    """The spec with every default applied."""
+
+    loss_weights: dict[str, float]
+    """The loss as a weighted sum of named terms."""
+
+    world_size: int
+    """nodes x procsPerNode."""
+
+    run_uri: Uri
+    """Root of this job's outputs."""
+
+    mode: Literal["cluster", "local"] = "cluster"
+    """Whether the job runs under the operator or under kiln run."""
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def resolve(job: TrainingJob, env: Environment, *, mode: Literal["cluster", "local"] = "cluster"
+            ) -> ResolvedTrainingJob:
+    spec = job.spec
+    namespace = job.metadata.namespace or ("local" if mode == "local" else "default")
+    defaults = TASK_DEFAULTS[spec.task]
+    run_uri = spec.output.uri or _join(env.storage_root, namespace, job.metadata.name)
+
+    metric = spec.validation.metric or defaults.metric
+    validation = spec.validation.model_copy(update={"metric": metric, "mode": spec.validation.mode or metric_mode(metric)})
+    early_stopping = spec.early_stopping
+    if early_stopping is not None:
+        watched = early_stopping.metric or metric
+        early_stopping = early_stopping.model_copy(
+            update={"metric": watched, "mode": early_stopping.mode or metric_mode(watched)}
+        )
+    procs = spec.resources.procs_per_node or spec.resources.gpus_per_node or env.default_procs_per_node
+    resolved_spec = spec.model_copy(
+        update={
+            "validation": validation,
+            "early_stopping": early_stopping,
+            "output": spec.output.model_copy(update={"uri": run_uri}),
+            "checkpoint": spec.checkpoint.model_copy(
+                update={"uri": spec.checkpoint.uri or _join(run_uri, "checkpoints")}
+            ),
+            "resources": spec.resources.model_copy(update={"procs_per_node": procs}),
+            "image": spec.image or env.image,
+            "storage": spec.storage.model_copy(
+                update={
+                    "endpoint_url": spec.storage.endpoint_url or env.endpoint_url,
+                    "secret_ref": spec.storage.secret_ref or env.secret_ref,
+                }
+            ),
+        }
+    )
+    if spec.loss.weights:
+        loss_weights = dict(spec.loss.weights)
+    elif spec.loss.name:
+        loss_weights = {spec.loss.name: 1.0}
+    else:
+        loss_weights = dict(defaults.loss)
+    return ResolvedTrainingJob(
+        name=job.metadata.name,
+        namespace=namespace,
+        uid=job.metadata.uid,
+        spec=resolved_spec,
+        loss_weights=loss_weights,
+        world_size=spec.resources.nodes * procs,
+        run_uri=run_uri,
+        mode=mode,
+    )

@@ -1,0 +1,225 @@
+"""Status shapes shared by TrainingJob and ExportJob: phases, metav1.Condition-shaped conditions, progress."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kiln.api.base import MAX_LIST, MAX_MAP, MAX_TEXT, KilnModel, Uri
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class ConditionType(StrEnum):
+    CREATED = "Created"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Reason(StrEnum):
+    """Machine-readable reasons on conditions; docs/operations.md explains each."""
+
+    CHILDREN_CREATED = "ChildrenCreated"
+    AWAITING_ADMISSION = "AwaitingAdmission"
+    ADMITTED = "Admitted"
+    PODS_RUNNING = "PodsRunning"
+    WORKER_FAILED_RETRIABLE = "RetriableFailure"
+    JOB_COMPLETED = "JobCompleted"
+    WORKER_FAILED = "WorkerFailed"
+    RESTART_LIMIT = "RestartLimitExceeded"
+    INVALID_SPEC = "InvalidSpec"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED_BY_USER = "SuspendedByUser"
+    RESUMED = "Resumed"
+    EXPORTED = "Exported"
+    VERIFICATION_FAILED = "VerificationFailed"
+
+
+class Condition(KilnModel):
+    type: ConditionType
+    """Condition type."""
+
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+
+    reason: Annotated[str, Field(max_length=1024)]
+    """CamelCase machine-readable cause."""
+
+    message: Annotated[str, Field(max_length=MAX_TEXT)] = ""
+    """Human-readable detail, such as the field path of an invalid spec or a worker's termination message."""
+
+    last_transition_time: Annotated[str, Field(max_length=64)]
+    """When status last changed (RFC 3339)."""
+
+    observed_generation: int | None = None
+    """The .metadata.generation the condition was set for."""
+
+
+Conditions = Annotated[list[Condition], Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "map",
+                                                                               "x-kubernetes-list-map-keys": ["type"]})]
+
+
+class WorkerCounts(KilnModel):
+    active: int = 0
+    """Pods of the current attempt that are running or pending."""
+
+    succeeded: int = 0
+    """Pods of the current attempt that completed."""
+
+    failed: int = 0
+    """Pods of the current attempt that failed."""
+
+
+class Progress(KilnModel):
+    epoch: int = 0
+    """Epochs completed."""
+
+    total_epochs: int = 0
+    """Epochs planned."""
+
+    step: int = 0
+    """Optimizer steps completed, across restarts."""
+
+    percent: float = 0.0
+    """Share of the planned optimizer steps done, 0-100."""
+
+    eta_seconds: float | None = None
+    """Estimated seconds to finish, from the recent step rate."""
+
+    metrics: Annotated[dict[str, float], Field(max_length=MAX_MAP)] = Field(default_factory=dict)
+    """The latest training and validation metrics (train/loss, val/accuracy, ...)."""
+
+    metric: Annotated[str, Field(max_length=128)] | None = None
+    """The deciding validation metric as name=value, for kubectl get."""
+
+    updated_at: Annotated[str, Field(max_length=64)] | None = None
+    """When the trainer last reported (RFC 3339)."""
+
+
+class CheckpointStatus(KilnModel):
+    latest: Uri | None = None
+    """URI of the most recent checkpoint."""
+
+    best: Uri | None = None
+    """URI of the best checkpoint by validation.metric."""
+
+    best_metric: float | None = None
+    """The deciding metric's value at the best checkpoint."""
+
+
+class TrainingJobStatus(KilnModel):
+    phase: Phase = Phase.PENDING
+    """Pending, Queued, Running, Restarting, Suspended, Succeeded or Failed."""
+
+    conditions: Conditions = Field(default_factory=list)
+    """Created, Queued, Running, Restarting, Succeeded, Failed and Suspended, one entry each."""
+
+    observed_generation: int | None = None
+    """The .metadata.generation the operator last acted on."""
+
+    attempt: int = 0
+    """Current attempt number; each whole-gang restart starts a new one."""
+
+    restarts: int = 0
+    """Whole-gang restarts so far."""
+
+    start_time: Annotated[str, Field(max_length=64)] | None = None
+    """When the first attempt started (RFC 3339)."""
+
+    completion_time: Annotated[str, Field(max_length=64)] | None = None
+    """When the job succeeded or failed (RFC 3339)."""
+
+    workers: WorkerCounts = Field(default_factory=WorkerCounts)
+    """Pod counts of the current attempt."""
+
+    progress: Progress | None = None
+    """Live training progress, reported by rank 0."""
+
+    checkpoints: CheckpointStatus | None = None
+    """Checkpoint URIs, reported by rank 0."""
+
+
+class LatencyMs(KilnModel):
+    p50: float
+    """Median latency in milliseconds."""
+
+    p95: float
+    """95th-percentile latency in milliseconds."""
+
+
+class Artifact(KilnModel):
+    format: Literal["onnx", "torchscript", "pt2"]
+    """Export format."""
+
+    uri: Uri
+    """Where the exported model was written."""
+
+    size_bytes: int
+    """File size."""
+
+    sha256: Annotated[str, Field(max_length=64)]
+    """SHA-256 of the file."""
+
+    max_abs_diff: float | None = None
+    """Largest absolute difference from the PyTorch model's outputs over the verification samples."""
+
+    latency_ms: Annotated[dict[str, LatencyMs], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Latency per benchmarked batch size (keys are batch sizes)."""
+
+    throughput: Annotated[dict[str, float], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Images per second per benchmarked batch size."""
+
+
+class ExportJobStatus(KilnModel):
+    phase: Phase = Phase.PENDING
+    """Pending, Running, Succeeded or Failed."""
+
+    conditions: Conditions = Field(default_factory=list)
+    """Created, Running, Succeeded and Failed."""
+
+    observed_generation: int | None = None
+    """The .metadata.generation the operator last acted on."""
+
+    source_checkpoint: Uri | None = None
+    """The checkpoint that was exported, after resolving source."""
+
+    artifacts: Annotated[list[Artifact], Field(max_length=8)] = Field(default_factory=list)
+    """One entry per exported format."""
+
+    start_time: Annotated[str, Field(max_length=64)] | None = None
+    """When the export started (RFC 3339)."""
+
+    completion_time: Annotated[str, Field(max_length=64)] | None = None
+    """When the export finished (RFC 3339)."""
+
+
+__all__ = [
+    "TERMINAL_PHASES",
+    "Artifact",
+    "CheckpointStatus",
+    "Condition",
+    "ConditionType",
+    "ExportJobStatus",
+    "Phase",
+    "Progress",
+    "Reason",
+    "TrainingJobStatus",
+    "WorkerCounts",
+]
