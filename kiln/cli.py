@@ -60,9 +60,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Manifests to chec
 def crds(
     check: Annotated[bool, typer.Option("--check", help="Fail (exit 1) if the files on disk are stale.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the CRD YAML.")] = Path("crds"),
-    docs: Annotated[Path, typer.Option("--docs", help="Path of the generated field reference.")] = Path(
-        "docs/api.md"
-    ),
+    docs: Annotated[Path, typer.Option("--docs", help="Path of the generated field reference.")] = Path("docs/api.md"),
 ) -> None:
     """Generate the CRDs and docs/api.md from kiln.api (or check that they are current)."""
     from kiln.api.apidocs import render_api_docs

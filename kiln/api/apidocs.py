@@ -47,12 +47,11 @@ def _sections(path: str, node: Schema) -> Iterator[str]:
         lines += [node["description"], ""]
     lines += ["| Field | Type | Default | Constraints | Description |", "|---|---|---|---|---|"]
     for name, prop in properties.items():
-        default = "**required**" if name in required else (
-            f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
+        default = (
+            "**required**" if name in required else (f"`{json.dumps(prop['default'])}`" if "default" in prop else "")
         )
-        lines.append(
-            f"| `{name}` | {_type_of(prop)} | {default} | {_cell(_constraints(prop))} | {_cell(prop.get('description', ''))} |"
-        )
+        cells = [f"`{name}`", _type_of(prop), default, _cell(_constraints(prop)), _cell(prop.get("description", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
     rules = node.get("x-kubernetes-validations", [])
     if rules:
         lines += ["", "Rules:", ""]
@@ -71,8 +70,10 @@ def _kind_section(kind: Kind) -> str:
         f"{kind.description} `apiVersion: kiln.dev/v1alpha1`, short name `{kind.short_name}`, category `kiln`.",
         "",
     ]
-    body = [*_sections(f"{kind.kind}.spec", root["properties"]["spec"]),
-            *_sections(f"{kind.kind}.status", root["properties"]["status"])]
+    body = [
+        *_sections(f"{kind.kind}.spec", root["properties"]["spec"]),
+        *_sections(f"{kind.kind}.status", root["properties"]["status"]),
+    ]
     return "\n".join(header) + "\n" + "\n".join(body)
 
 

@@ -132,9 +132,7 @@ def openapi_schema(model: type[BaseModel]) -> Schema:
 
 
 def crd(kind: Kind) -> Schema:
-    name_rule = (
-        f"self.metadata.name.size() <= {MAX_JOB_NAME} && self.metadata.name.matches('{JOB_NAME_PATTERN}')"
-    )
+    name_rule = f"self.metadata.name.size() <= {MAX_JOB_NAME} && self.metadata.name.matches('{JOB_NAME_PATTERN}')"
     root: Schema = {
         "type": "object",
         "description": kind.description,

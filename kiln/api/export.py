@@ -12,6 +12,10 @@ from kiln.api.training import StorageSpec
 ExportFormat = Literal["onnx", "torchscript", "pt2"]
 
 
+def _default_formats() -> list[ExportFormat]:
+    return ["onnx"]
+
+
 class ExportSource(RuleModel):
     training_job: Name | None = None
     """A TrainingJob in the same namespace whose checkpoint is exported."""
@@ -89,9 +93,7 @@ class ExportJobSpec(RuleModel):
     source: ExportSource
     """The checkpoint to export."""
 
-    formats: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(
-        default_factory=lambda: ["onnx"]
-    )
+    formats: Annotated[list[ExportFormat], Field(min_length=1, max_length=3)] = Field(default_factory=_default_formats)
     """Formats to produce."""
 
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)

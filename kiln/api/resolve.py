@@ -84,15 +84,18 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def resolve(job: TrainingJob, env: Environment, *, mode: Literal["cluster", "local"] = "cluster"
-            ) -> ResolvedTrainingJob:
+def resolve(
+    job: TrainingJob, env: Environment, *, mode: Literal["cluster", "local"] = "cluster"
+) -> ResolvedTrainingJob:
     spec = job.spec
     namespace = job.metadata.namespace or ("local" if mode == "local" else "default")
     defaults = TASK_DEFAULTS[spec.task]
     run_uri = spec.output.uri or _join(env.storage_root, namespace, job.metadata.name)
 
     metric = spec.validation.metric or defaults.metric
-    validation = spec.validation.model_copy(update={"metric": metric, "mode": spec.validation.mode or metric_mode(metric)})
+    validation = spec.validation.model_copy(
+        update={"metric": metric, "mode": spec.validation.mode or metric_mode(metric)}
+    )
     early_stopping = spec.early_stopping
     if early_stopping is not None:
         watched = early_stopping.metric or metric

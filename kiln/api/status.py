@@ -72,8 +72,10 @@ class Condition(KilnModel):
     """The .metadata.generation the condition was set for."""
 
 
-Conditions = Annotated[list[Condition], Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "map",
-                                                                               "x-kubernetes-list-map-keys": ["type"]})]
+Conditions = Annotated[
+    list[Condition],
+    Field(max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+]
 
 
 class WorkerCounts(KilnModel):

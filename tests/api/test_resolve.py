@@ -1,0 +1,97 @@
+"""Defaults resolved in one place: what the operator renders from and the trainer runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kiln.api import Environment, ResolvedTrainingJob, TrainingJob, parse_manifest, resolve
+
+ENV = Environment(storage_root="s3://kiln-runs", image="registry.local/kiln:1", default_procs_per_node=1)
+
+
+def job(task: str = "classification", **spec: Any) -> TrainingJob:
+    formats = {"classification": "imagefolder", "segmentation": "segmentation-folder", "detection": "coco"}
+    document = {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "run", "namespace": "team-a", "uid": "1234"},
+        "spec": {
+            "task": task,
+            "model": {"architecture": "unet", "encoder": "resnet34"},
+            "data": {"train": {"uri": "s3://d/train", "format": formats[task]}},
+            **spec,
+        },
+    }
+    manifest = parse_manifest(document)
+    assert isinstance(manifest, TrainingJob)
+    return manifest
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "mode", "loss"),
+    [
+        ("classification", "accuracy", "max", {"cross_entropy": 1.0}),
+        ("segmentation", "miou", "max", {"dice": 0.5, "cross_entropy": 0.5}),
+        ("detection", "map", "max", {"model": 1.0}),
+    ],
+)
+def test_task_defaults(task: str, metric: str, mode: str, loss: dict[str, float]) -> None:
+    resolved = resolve(job(task), ENV)
+    assert (resolved.spec.validation.metric, resolved.spec.validation.mode) == (metric, mode)
+    assert resolved.loss_weights == loss
+
+
+def test_uris_follow_namespace_and_name() -> None:
+    resolved = resolve(job(), ENV)
+    assert resolved.run_uri == "s3://kiln-runs/team-a/run"
+    assert resolved.spec.output.uri == resolved.run_uri
+    assert resolved.spec.checkpoint.uri == "s3://kiln-runs/team-a/run/checkpoints"
+
+
+def test_explicit_values_win() -> None:
+    resolved = resolve(
+        job(
+            output={"uri": "/mnt/out"},
+            checkpoint={"uri": "s3://ckpt/x"},
+            validation={"metric": "loss"},
+            earlyStopping={"patience": 2},
+            loss={"name": "focal"},
+            resources={"nodes": 2, "gpusPerNode": 4, "procsPerNode": 2},
+            image="mine:2",
+        ),
+        ENV,
+    )
+    assert resolved.spec.checkpoint.uri == "s3://ckpt/x"
+    assert resolved.run_uri == "/mnt/out"
+    assert resolved.spec.validation.mode == "min", "loss is minimized"
+    assert resolved.spec.early_stopping is not None
+    assert (resolved.spec.early_stopping.metric, resolved.spec.early_stopping.mode) == ("loss", "min")
+    assert resolved.loss_weights == {"focal": 1.0}
+    assert resolved.world_size == 4
+    assert resolved.spec.image == "mine:2"
+
+
+def test_procs_per_node_falls_back_to_gpus_then_environment() -> None:
+    assert resolve(job(resources={"gpusPerNode": 8, "nodes": 2}), ENV).world_size == 16
+    cpu_only = Environment(storage_root="/tmp/x", default_procs_per_node=3)
+    assert resolve(job(resources={"gpusPerNode": 0}), cpu_only).world_size == 3
+
+
+def test_operator_storage_defaults_fill_blanks_only() -> None:
+    env = Environment(storage_root="s3://r", endpoint_url="http://minio:9000", secret_ref="kiln-s3")
+    assert resolve(job(), env).spec.storage.secret_ref == "kiln-s3"
+    assert resolve(job(storage={"secretRef": "mine"}), env).spec.storage.secret_ref == "mine"
+
+
+def test_resolved_job_round_trips_through_json() -> None:
+    resolved = resolve(job(), ENV)
+    assert ResolvedTrainingJob.model_validate_json(resolved.model_dump_json(by_alias=True)) == resolved
+
+
+def test_local_mode_uses_local_namespace() -> None:
+    manifest = job()
+    local = manifest.model_copy(update={"metadata": manifest.metadata.model_copy(update={"namespace": None})})
+    resolved = resolve(local, Environment(storage_root="/work/.kiln"), mode="local")
+    assert resolved.run_uri == "/work/.kiln/local/run"

@@ -1,0 +1,160 @@
+"""`kiln validate` on good and bad manifests: one line per problem, the field path, exit code 2."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kiln.cli import EXIT_INVALID, app
+
+EXAMPLES = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
+
+VALID: dict[str, Any] = {
+    "apiVersion": "kiln.dev/v1alpha1",
+    "kind": "TrainingJob",
+    "metadata": {"name": "digits"},
+    "spec": {
+        "task": "classification",
+        "model": {"architecture": "resnet18"},
+        "data": {"train": {"uri": "s3://bucket/train"}, "val": {"uri": "s3://bucket/val"}},
+    },
+}
+
+
+def run_validate(tmp_path: Path, text: str) -> tuple[int, str]:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def mutated(path: str, value: Any) -> str:
+    """VALID with the dotted `path` set to `value` (or removed when value is DELETE)."""
+    document = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return yaml.safe_dump(document)
+
+
+DELETE = object()
+
+# (mutation path, value, field path expected in the error, a word the reason must contain)
+BAD_FIELDS = [
+    ("spec.epochs", "ten", "spec.epochs", "integer"),
+    ("spec.epochs", 0, "spec.epochs", "greater than or equal to 1"),
+    ("spec.data.batchSize", -4, "spec.data.batchSize", "greater than or equal"),
+    ("spec.optimizer", {"lr": -0.1}, "spec.optimizer.lr", "greater than 0"),
+    ("spec.optimizer", {"lr": "fast"}, "spec.optimizer.lr", "number"),
+    ("spec.task", "captioning", "spec.task", "classification"),
+    ("spec.precision", "fp8", "spec.precision", "fp16"),
+    ("spec.scheduler", {"name": "linear"}, "spec.scheduler.name", "cosine"),
+    ("spec.optimzer", {"lr": 0.1}, "spec.optimzer", "unknown field"),
+    ("spec.model.layers", 12, "spec.model.layers", "unknown field"),
+    ("spec.data.train", {"format": "imagefolder"}, "spec.data.train.uri", "required"),
+    ("spec.data", {"val": {"uri": "s3://x"}}, "spec.data.train", "required"),
+    ("spec.model", {}, "spec.model.architecture", "required"),
+    ("spec.data.valSplit", 0.2, "spec.data.valSplit", "exclusive"),
+    ("spec.data.valSplit", 1.5, "spec.data.valSplit", "less than 1"),
+    ("spec.augmentation", {"labelSmoothing": 1.0}, "spec.augmentation.labelSmoothing", "less than 1"),
+    ("spec.augmentation", {"preset": "extreme"}, "spec.augmentation.preset", "heavy"),
+    ("spec.model.pretrained", True, "spec.model.pretrained", "model hub"),
+    ("spec.model.pretrained", "imagenet", "spec.model.pretrained", "s3://"),
+    ("spec.resources", {"nodes": 0}, "spec.resources.nodes", "greater than or equal to 1"),
+    ("spec.resources", {"gpusPerNode": 1.5}, "spec.resources.gpusPerNode", "integer"),
+    ("spec.runPolicy", {"maxRestarts": -1}, "spec.runPolicy.maxRestarts", "greater than or equal to 0"),
+    ("spec.runPolicy", {"retriableExitCodes": [300]}, "spec.runPolicy.retriableExitCodes[0]", "less than or equal"),
+    ("spec.loss", {"name": "focal", "weights": {"dice": 1}}, "spec.loss.weights", "exclusive"),
+    ("spec.gradAccumulation", 0, "spec.gradAccumulation", "greater than or equal to 1"),
+    ("spec.data.train", {"uri": "s3://x", "format": "coco"}, "spec.data.train.format", "does not fit the task"),
+    ("spec.validation", {"metric": "miou"}, "spec.validation.metric", "unknown classification metric"),
+    ("spec.scheduler", {"warmupEpochs": 20}, "spec.scheduler.warmupEpochs", "less than epochs"),
+    ("spec.checkpoint", {"everyEpochs": 0}, "spec.checkpoint.everyEpochs", "nothing would ever be saved"),
+    ("spec.checkpoint", {"resume": "yesterday"}, "spec.checkpoint.resume", "auto, never"),
+    ("spec.augmentation", {"transforms": [{"name": "NoSuchFlip"}]}, "spec.augmentation.transforms[0].name", "unknown"),
+    ("spec.augmentation", {"transforms": [{"args": {}}]}, "spec.augmentation.transforms[0].name", "required"),
+    ("metadata.name", "Digits_Run", "metadata.name", "pattern"),
+    ("metadata.name", "a" * 41, "metadata.name", "at most 40"),
+    ("apiVersion", "kiln.dev/v1", "apiVersion", "expected kiln.dev/v1alpha1"),
+    ("kind", "TrainJob", "kind", "expected TrainingJob or ExportJob"),
+    ("spec", DELETE, "spec", "required"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field", "reason"), BAD_FIELDS, ids=[f"{c[0]}={c[1]!r}"[:60] for c in BAD_FIELDS])
+def test_bad_manifest_names_the_field(tmp_path: Path, path: str, value: Any, field: str, reason: str) -> None:
+    code, output = run_validate(tmp_path, mutated(path, value))
+    assert code == EXIT_INVALID
+    lines = [line for line in output.splitlines() if line.strip()]
+    matching = [line for line in lines if f": {field}: " in line]
+    assert matching, f"no error names {field}:\n{output}"
+    assert any(reason in line for line in matching), output
+    assert all(line.startswith("error ") for line in lines), output
+    assert "Traceback" not in output
+
+
+def test_segmentation_rules(tmp_path: Path) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["task"] = "segmentation"
+    document["spec"]["augmentation"] = {"mixup": 0.2}
+    code, output = run_validate(tmp_path, yaml.safe_dump(document))
+    assert code == EXIT_INVALID
+    assert "spec.data.train.format: data.train.format does not fit the task" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("spec: [unclosed", "invalid YAML at line 1"),
+        ("kind: TrainingJob\n  bad: indent", "invalid YAML at line 2"),
+        ("- just\n- a list", "expected a mapping"),
+        ("", "no YAML documents"),
+    ],
+)
+def test_unparseable_files(tmp_path: Path, text: str, reason: str) -> None:
+    code, output = run_validate(tmp_path, text)
+    assert code == EXIT_INVALID
+    assert reason in output
+    assert str(tmp_path / "job.yaml") in output
+
+
+def test_missing_file_is_invalid_input(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == EXIT_INVALID
+    assert "nope.yaml: cannot read file" in result.output
+
+
+def test_every_error_of_a_file_is_reported(tmp_path: Path) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["epochs"] = -1
+    document["spec"]["optimizer"] = {"lr": 0}
+    code, output = run_validate(tmp_path, yaml.safe_dump(document))
+    assert code == EXIT_INVALID
+    assert "spec.epochs" in output
+    assert "spec.optimizer.lr" in output
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid(example: Path) -> None:
+    result = CliRunner().invoke(app, ["validate", str(example)])
+    assert result.exit_code == 0, result.output
+
+
+def test_multi_document_file_reports_document_index(tmp_path: Path) -> None:
+    bad = copy.deepcopy(VALID)
+    bad["spec"]["epochs"] = 0
+    code, output = run_validate(tmp_path, yaml.safe_dump_all([VALID, bad]))
+    assert code == EXIT_INVALID
+    assert "job.yaml#1: spec.epochs" in output
+    assert "job.yaml#0" not in output
