@@ -147,8 +147,8 @@ def crd(kind: Kind) -> Schema:
         "x-kubernetes-validations": [
             {
                 "rule": name_rule,
+                # No fieldPath: the schema leaves metadata untyped, so the apiserver cannot resolve one.
                 "message": f"metadata.name must be a DNS-1035 label of at most {MAX_JOB_NAME} characters",
-                "fieldPath": ".metadata.name",
             }
         ],
     }
