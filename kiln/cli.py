@@ -83,6 +83,55 @@ def crds(
         out.print(f"wrote {path}")
 
 
+@app.command()
+def run(file: Annotated[Path, typer.Argument(help="A TrainingJob manifest.")]) -> None:
+    """Train a TrainingJob on this machine under torchrun. Ctrl-C checkpoints; running it again resumes."""
+    from kiln.local import launch, prepare
+
+    try:
+        local_run = prepare(file, Path.cwd())
+    except InvalidManifest as exc:
+        report_invalid(exc.errors)
+        raise typer.Exit(EXIT_INVALID) from None
+    raise typer.Exit(launch(local_run, out, Path.cwd()))
+
+
+@app.command()
+def operator(  # noqa: PLR0917 (one parameter per flag)
+    image: Annotated[str | None, typer.Option(help="Default trainer image. Env: KILN_OPERATOR_IMAGE.")] = None,
+    storage_root: Annotated[
+        str | None, typer.Option(help="Default output root (s3:// or path). Env: KILN_OPERATOR_STORAGE_ROOT.")
+    ] = None,
+    checkpoint_root: Annotated[
+        str | None, typer.Option(help="Default checkpoint root. Env: KILN_OPERATOR_CHECKPOINT_ROOT.")
+    ] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="Default S3 endpoint. Env: KILN_OPERATOR_ENDPOINT_URL.")
+    ] = None,
+    secret_ref: Annotated[
+        str | None, typer.Option(help="Default S3 credentials Secret. Env: KILN_OPERATOR_SECRET_REF.")
+    ] = None,
+    namespace: Annotated[
+        list[str] | None, typer.Option("-n", "--namespace", help="Watch only these (repeatable); default all.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of /metrics, /healthz, /readyz. Env: KILN_OPERATOR_METRICS_PORT.")
+    ] = None,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON object per log line.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
+) -> None:
+    """Run the TrainingJob operator (a thin wrapper over kopf; see docs/operations.md)."""
+    from kiln.operator.runner import run as run_operator
+    from kiln.operator.settings import from_env
+
+    settings = from_env(
+        image=image, storage_root=storage_root, checkpoint_root=checkpoint_root, endpoint_url=endpoint_url,
+        secret_ref=secret_ref, namespaces=tuple(namespace) if namespace else None, metrics_port=metrics_port,
+        json_logs=json_logs or None,
+    )  # fmt: skip
+    run_operator(settings, verbose=verbose)
+
+
 def main() -> None:
     try:
         app()

@@ -1,1 +1,13 @@
+"""The Kiln operator: reconciles TrainingJobs into a ConfigMap, a headless Service and one Indexed Job per attempt.
 
+Layers, outermost first (each imports only the ones below it):
+
+- ``runner``: ``kiln operator``'s entry point; wraps ``kopf.run``.
+- ``handlers``: thin kopf handlers (parse -> resolve -> render -> apply -> status).
+- ``reconcile``: one reconcile pass, the glue between the pure parts and the API.
+- ``kube``, ``progress``, ``metrics``: the API client, the rank-0 progress poller, Prometheus.
+- ``render``, ``status``, ``failures``: pure functions, no client, clock or environment reads.
+- ``settings``, ``labels``: configuration and the label/annotation keys.
+
+Nothing here imports torch or ``kiln.trainer``.
+"""

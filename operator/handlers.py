@@ -1,0 +1,231 @@
+"""kopf handlers: thin wrappers that fetch, reconcile under a per-job lock, and report.
+
+``build_registry(settings)`` registers everything on a fresh registry and returns it with the shared
+``Context`` (API client, metrics, locks), so several operators can run in one process (tests) and nothing
+lives in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+from aiohttp import web
+from kiln.operator import labels as L
+from kiln.operator.kube import Kube, load_api_client
+from kiln.operator.metrics import Metrics, start_server
+from kiln.operator.progress import poll_progress
+from kiln.operator.reconcile import Outcome, reconcile
+from kiln.operator.settings import Settings
+from kiln.operator.status import parse_time
+from kubernetes.client.rest import ApiException
+
+from kiln.api.status import TERMINAL_PHASES, ConditionType, Phase
+
+Obj = dict[str, Any]
+TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
+TERMINAL = {p.value for p in TERMINAL_PHASES}
+RESYNC_INTERVAL_S = 60.0
+
+
+@dataclass
+class Context:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    kube: Kube | None = None
+    server: web.AppRunner | None = None
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    job_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """The last Job state reconciled per Job, to skip events that change nothing the operator reads."""
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        return self.locks.setdefault(f"{namespace}/{name}", threading.Lock())
+
+
+def run_reconcile(
+    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None, body: Obj | None = None
+) -> Outcome | None:
+    """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
+
+    ``body`` is kopf's copy when it is known to be current (create, resume); otherwise it is read fresh,
+    because another trigger may have moved the status on since kopf's event.
+    """
+    assert ctx.kube is not None
+    started, result = time.perf_counter(), "error"
+    try:
+        with ctx.lock(namespace, name):
+            body = body if body is not None else ctx.kube.get_trainingjob(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                result = "gone"
+                return None
+            outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body)
+        result = "ok"
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
+    finally:
+        ctx.metrics.reconciles.labels(kind, result).inc()
+        ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
+    _report(ctx, body, outcome)
+    return outcome
+
+
+def job_signature(job: kopf.Body | Obj) -> tuple[Any, ...]:
+    """What a reconcile reads from a Job: suspension, pod counts, true conditions, deadline."""
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    conditions = tuple(sorted(c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"))
+    counts = tuple(int(status.get(key) or 0) for key in ("active", "ready", "succeeded", "failed"))
+    return (bool(spec.get("suspend")), *counts, conditions, spec.get("activeDeadlineSeconds"))
+
+
+# A Job just created by the operator: its first events change nothing in the TrainingJob's status.
+EMPTY_JOB_COUNTS = (0, 0, 0, 0, ())
+
+
+def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
+    counters = {
+        ConditionType.CREATED: ctx.metrics.created,
+        ConditionType.SUCCEEDED: ctx.metrics.succeeded,
+        ConditionType.FAILED: ctx.metrics.failed,
+    }
+    for t in outcome.decision.transitions:
+        kopf.event(
+            cast(kopf.Body, body),
+            type="Warning" if t.warning else "Normal",
+            reason=t.reason,
+            message=f"{t.type.value}={t.status}: {t.message}"[:1024],
+        )
+        if t.status == "True" and t.type in counters:
+            counters[t.type].inc()
+    restarts = outcome.decision.status.restarts - outcome.before.restarts
+    if restarts > 0:
+        ctx.metrics.restarted.inc(restarts)
+
+
+def _is_running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.RUNNING.value
+
+
+def _is_active(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL
+
+
+def _expires(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+    return status.get("phase") in TERMINAL and (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+
+
+def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf.OperatorRegistry, Context]:
+    ctx = ctx or Context(settings=settings)
+    registry = kopf.OperatorRegistry()
+    on = kopf.on
+
+    @on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same kubeconfig / in-cluster credentials as the kubernetes client in Kube.
+        return kopf.login_via_client(**kwargs)
+
+    @on.startup(id="configure", registry=registry)
+    async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+        apply_kopf_settings(settings, ctx.settings)
+        ctx.kube = Kube(load_api_client(ctx.settings.workers))
+        ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
+        ctx.metrics.ready.set()
+        logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
+
+    @on.cleanup(id="shutdown", registry=registry)
+    async def shutdown(**_: Any) -> None:
+        ctx.metrics.ready.clear()
+        if ctx.server is not None:
+            await ctx.server.cleanup()
+
+    @on.resume(*TJ, id="reconcile", registry=registry)
+    @on.create(*TJ, id="reconcile", registry=registry)
+    @on.update(*TJ, id="reconcile", field="spec", registry=registry)
+    def on_trainingjob_change(body: kopf.Body, reason: str, namespace: str | None, name: str, **_: Any) -> None:
+        current = dict(body) if reason in ("create", "resume") else None
+        outcome = run_reconcile(ctx, "trainingjob", namespace or "", name, body=current)
+        if (
+            outcome is not None
+            and outcome.decision.status.phase == Phase.FAILED
+            and any(t.reason == "InvalidSpec" for t in outcome.decision.transitions)
+        ):
+            raise kopf.PermanentError("invalid spec; see the Failed condition")
+
+    @on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT}, id="job-event", registry=registry)
+    def on_attempt_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+        key, signature = f"{namespace}/{body['metadata']['name']}", job_signature(body)
+        previous = ctx.job_signatures.get(key)
+        if type == "DELETED":
+            ctx.job_signatures.pop(key, None)
+        else:
+            ctx.job_signatures[key] = signature
+            if previous == signature or (previous is None and signature[1:6] == EMPTY_JOB_COUNTS):
+                return  # nothing the TrainingJob's status reflects has changed (most Job updates)
+        try:
+            job_body = None if type == "DELETED" else dict(body)
+            run_reconcile(ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body)
+        except kopf.TemporaryError as exc:
+            logging.getLogger(__name__).warning("reconcile after a Job event failed, will resync: %s", exc)
+
+    @on.event(*TJ, id="track-phase", registry=registry)
+    def track_phase(type: str, uid: str, namespace: str | None, name: str, status: kopf.Status, **_: Any) -> None:
+        deleted = type == "DELETED"
+        ctx.metrics.phases.observe(uid, None if deleted else status.get("phase", Phase.PENDING.value))
+        if deleted:
+            ctx.locks.pop(f"{namespace}/{name}", None)
+
+    @kopf.timer(*TJ, interval=settings.progress_interval_s, when=_is_running, id="progress", registry=registry)
+    def poll_rank0_progress(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        assert ctx.kube is not None
+        try:
+            poll_progress(ctx.kube, dict(body), ctx.settings.progress_timeout_s)
+        except OSError as exc:  # a busy or restarting rank 0: skip this poll
+            logger.debug("progress poll failed: %s", exc)
+
+    @kopf.timer(
+        *TJ,
+        interval=RESYNC_INTERVAL_S,
+        initial_delay=RESYNC_INTERVAL_S,
+        when=_is_active,
+        id="resync",
+        registry=registry,
+    )
+    def resync(namespace: str | None, name: str, **_: Any) -> None:
+        run_reconcile(ctx, "resync", namespace or "", name)
+
+    @kopf.daemon(*TJ, when=_expires, cancellation_timeout=1.0, id="ttl", registry=registry)
+    async def expire_finished(
+        spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
+        ttl = float(spec["runPolicy"]["ttlSecondsAfterFinished"])
+        finished = parse_time(status.get("completionTime")) or datetime.now(UTC)
+        await stopped.wait(max(0.0, ttl - (datetime.now(UTC) - finished).total_seconds()))
+        if not stopped and ctx.kube is not None:
+            await asyncio.get_running_loop().run_in_executor(None, ctx.kube.delete_trainingjob, namespace or "", name)
+
+    return registry, ctx
+
+
+def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:
+    """Every kopf knob the operator changes, in one place."""
+    # Keep kopf's bookkeeping in annotations: status has a strict schema that would prune status.kopf.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kiln.dev", key="last-handled-configuration"
+    )
+    # Only explicit transition Events and warnings reach the cluster, not every "handler succeeded" line.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "kiln-operator"
+    # Blocking handlers run in this many threads (see Settings.workers).
+    settings.execution.max_workers = ours.workers
+    # Watches silently stall behind some load balancers without timeouts (nolar/kopf#585, #847): ask the
+    # server to end each watch after 5 minutes and give up on a silent connection a bit later.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60

@@ -1,0 +1,159 @@
+"""A small, thread-safe Kubernetes client over the official library: plain dicts in and out.
+
+Responses are decoded with ``json.loads`` instead of the library's model classes, which cost more CPU
+than the rest of a reconcile together. Creates are idempotent: 409 AlreadyExists adopts the existing
+object (deterministic names make that safe after an operator restart).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from kiln.operator import labels as L
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+Obj = dict[str, Any]
+
+MERGE_PATCH = "application/merge-patch+json"
+_PATHS = {
+    ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
+    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
+    ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
+    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
+    (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.TJ_PLURAL}",
+}
+
+
+def load_api_client(pool_size: int) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = max(pool_size, 4)
+    return client.ApiClient(configuration)
+
+
+def is_status(exc: BaseException, code: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status == code
+
+
+class Kube:
+    """The handful of calls the operator makes."""
+
+    def __init__(self, api: client.ApiClient, timeout_s: float = 30.0) -> None:
+        self.api, self.timeout_s = api, timeout_s
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, post = self.api.param_serialize(
+            method, path, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        response = self.api.call_api(method, url, headers, body, post, _request_timeout=self.timeout_s)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        return json.loads(data) if data else {}
+
+    def _path(self, api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+        base = _PATHS[(api_version, kind)].format(ns=namespace)
+        return f"{base}/{name}" if name else base
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return self.request("GET", self._path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_or_adopt(self, obj: Obj) -> Obj:
+        """Create; if it already exists, return the existing one (same deterministic name = same child)."""
+        meta = obj["metadata"]
+        path = self._path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        try:
+            return self.request("POST", path, obj)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        if existing is None:  # deleted in between: try once more
+            return self.request("POST", path, obj)
+        return existing
+
+    def apply_configmap(self, obj: Obj) -> Obj:
+        existing = self.create_or_adopt(obj)
+        if existing.get("data") != obj["data"]:
+            meta = obj["metadata"]
+            return self.patch("v1", "ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]})
+        return existing
+
+    def patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: Obj, *, subresource: str = ""
+    ) -> Obj:
+        path = self._path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource else "")
+        return self._retry_conflicts(lambda: self.request("PATCH", path, patch, content_type=MERGE_PATCH))
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        try:
+            self.request("DELETE", self._path(api_version, kind, namespace, name), body)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def list_objects(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[Obj]:
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in selector.items()))]
+        items = self.request("GET", self._path(api_version, kind, namespace), query=query).get("items", [])
+        # Filter again locally: cheap, and correct even against servers that ignore selectors (kmock).
+        return [i for i in items if all((i["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+
+    @staticmethod
+    def _retry_conflicts(call: Any, attempts: int = 5) -> Obj:
+        for attempt in range(attempts):
+            try:
+                return call()
+            except ApiException as exc:
+                if exc.status != 409 or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # Named shortcuts, so callers never spell API versions.
+    def get_trainingjob(self, namespace: str, name: str) -> Obj | None:
+        return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)
+
+    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self.patch(
+            f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, {"status": patch}, subresource="status"
+        )
+
+    def delete_trainingjob(self, namespace: str, name: str) -> bool:
+        return self.delete(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)
+
+    def get_job(self, namespace: str, name: str) -> Obj | None:
+        return self.get("batch/v1", "Job", namespace, name)
+
+    def delete_job(self, namespace: str, name: str) -> bool:
+        return self.delete("batch/v1", "Job", namespace, name)
+
+    def patch_job(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self.patch("batch/v1", "Job", namespace, name, patch)
+
+    def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
+        return self.list_objects("v1", "Pod", namespace, {L.TRAINING_JOB: job_name, L.ATTEMPT: str(attempt)})

@@ -1,0 +1,60 @@
+"""Label, annotation and name conventions for everything the operator creates, in one place."""
+
+from __future__ import annotations
+
+from kiln.api.base import GROUP, VERSION
+
+TJ_GROUP, TJ_VERSION, TJ_PLURAL, TJ_KIND = GROUP, VERSION, "trainingjobs", "TrainingJob"
+
+# Every child carries these.
+NAME = "app.kubernetes.io/name"
+INSTANCE = "app.kubernetes.io/instance"
+COMPONENT = "app.kubernetes.io/component"
+PART_OF = "app.kubernetes.io/part-of"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+TRAINING_JOB = "kiln.dev/training-job"
+ATTEMPT = "kiln.dev/attempt"
+
+APP_NAME = "kiln-trainer"
+MANAGER = "kiln-operator"
+
+# Set by Kubernetes itself on Indexed Job pods.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+
+# File names and ports shared with kiln.trainer (the contract in docs/design.md).
+SPEC_FILE = "trainingjob.json"
+SPEC_DIR = "/etc/kiln"
+RENDEZVOUS_PORT = 29500
+METRICS_PORT = 9400
+CONTAINER_NAME = "trainer"
+
+
+def common_labels(job_name: str, component: str) -> dict[str, str]:
+    return {
+        NAME: APP_NAME,
+        INSTANCE: job_name,
+        COMPONENT: component,
+        PART_OF: "kiln",
+        MANAGED_BY: MANAGER,
+        TRAINING_JOB: job_name,
+    }
+
+
+def configmap_name(job_name: str) -> str:
+    return f"{job_name}-spec"
+
+
+def service_name(job_name: str) -> str:
+    return f"{job_name}-workers"
+
+
+def attempt_job_name(job_name: str, attempt: int) -> str:
+    """Deterministic per attempt, so a restarted operator adopts instead of duplicating."""
+    return f"{job_name}-{attempt}"
+
+
+def attempt_selector(job_name: str, attempt: int) -> str:
+    return f"{TRAINING_JOB}={job_name},{ATTEMPT}={attempt}"

@@ -1,0 +1,66 @@
+"""Live progress: poll rank 0's ``GET /progress`` and copy it into TrainingJob.status.
+
+Pull, not push: the pods need no Kubernetes credentials (automountServiceAccountToken is off), a slow or
+dead trainer only misses a poll, and the operator rate-limits its own status writes (one patch per poll
+at most, none when nothing changed). The final numbers come from rank 0's termination message instead,
+so nothing is lost when the last poll misses the end.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from kiln.operator import labels as L
+from kiln.operator.failures import Report, parse_report
+from kiln.operator.kube import Kube
+from kiln.operator.reconcile import load_status
+from kiln.operator.status import merge_model
+
+from kiln.api.status import CheckpointStatus, Progress
+
+Obj = dict[str, Any]
+
+
+def rank0_address(pods: list[Obj]) -> str | None:
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        index = (meta.get("annotations") or {}).get(L.COMPLETION_INDEX_ANNOTATION)
+        ip = pod.get("status", {}).get("podIP")
+        if index == "0" and ip and pod.get("status", {}).get("phase") == "Running":
+            return str(ip)
+    return None
+
+
+def fetch_report(address: str, timeout_s: float) -> Report:
+    url = f"http://{address}:{L.METRICS_PORT}/progress"
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return parse_report(response.read(65536).decode("utf-8", "replace"))
+
+
+def progress_patch(status: Obj, report: Report) -> Obj:
+    """The status keys a report changes (empty when it changes nothing)."""
+    current = load_status(status)
+    patch: Obj = {}
+    if report.progress is not None:
+        progress = merge_model(current.progress, Progress, report.progress)
+        if progress is not None and progress != current.progress:
+            patch["progress"] = progress.to_dict()
+    if report.checkpoints is not None:
+        checkpoints = merge_model(current.checkpoints, CheckpointStatus, report.checkpoints)
+        if checkpoints is not None and checkpoints != current.checkpoints:
+            patch["checkpoints"] = checkpoints.to_dict()
+    return patch
+
+
+def poll_progress(kube: Kube, body: Obj, timeout_s: float) -> Obj:
+    """One poll; returns the status patch it applied. Network errors propagate to the caller."""
+    meta, status = body["metadata"], body.get("status") or {}
+    attempt = int(status.get("attempt") or 0)
+    address = rank0_address(kube.attempt_pods(meta["namespace"], meta["name"], attempt)) if attempt else None
+    if address is None:
+        return {}
+    patch = progress_patch(status, fetch_report(address, timeout_s))
+    if patch:
+        kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch)
+    return patch

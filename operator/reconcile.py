@@ -1,0 +1,135 @@
+"""One reconcile pass: observe the TrainingJob and its current attempt, decide (pure), act, write status.
+
+Idempotent by construction: child names are deterministic per attempt, creates adopt on 409, the decision
+is recomputed from what is observed, and only changed status keys are patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kiln.operator import labels as L
+from kiln.operator.failures import classify, rank0_report
+from kiln.operator.kube import Kube
+from kiln.operator.render import render_configmap, render_job, render_service
+from kiln.operator.settings import Settings
+from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status, status_patch
+
+from kiln.api.manifest import InvalidManifest, TrainingJob, parse_manifest
+from kiln.api.resolve import ResolvedTrainingJob, resolve
+from kiln.api.semantics import semantic_errors
+from kiln.api.status import TrainingJobStatus
+from kiln.api.training import RunPolicy
+
+Obj = dict[str, Any]
+_STATUS_KEYS = set(TrainingJobStatus.model_fields) | {f.alias for f in TrainingJobStatus.model_fields.values()}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    decision: Decision
+    before: TrainingJobStatus
+    patched: bool
+
+
+def load_status(raw: Obj | None) -> TrainingJobStatus:
+    """The stored status, ignoring keys this version does not know (another writer's, an older schema's)."""
+    known = {k: v for k, v in (raw or {}).items() if k in _STATUS_KEYS}
+    try:
+        return TrainingJobStatus.model_validate(known)
+    except ValueError:
+        return TrainingJobStatus()
+
+
+def resolve_body(body: Obj, settings: Settings) -> tuple[ResolvedTrainingJob | None, str | None]:
+    """Validate with the same kiln.api models as `kiln validate`; (resolved, None) or (None, errors)."""
+    document = {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
+    document["metadata"] = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    try:
+        manifest = parse_manifest(document)
+    except InvalidManifest as exc:
+        return None, "; ".join(map(str, exc.errors))
+    assert isinstance(manifest, TrainingJob)
+    errors = semantic_errors(manifest)
+    if errors:
+        return None, "; ".join(map(str, errors))
+    if settings.checkpoint_root and manifest.spec.checkpoint.uri is None:
+        namespace = manifest.metadata.namespace or "default"
+        uri = "/".join([settings.checkpoint_root.rstrip("/"), namespace, manifest.metadata.name])
+        checkpoint = manifest.spec.checkpoint.model_copy(update={"uri": uri})
+        manifest = manifest.model_copy(update={"spec": manifest.spec.model_copy(update={"checkpoint": checkpoint})})
+    return resolve(manifest, settings.environment()), None
+
+
+def observe(
+    kube: Kube, body: Obj, resolved: ResolvedTrainingJob | None, invalid: str | None, job_body: Obj | None = None
+) -> Observed:
+    meta, status = body["metadata"], load_status(body.get("status"))
+    if resolved is None:
+        return Observed(
+            generation=meta.get("generation"),
+            nodes=1,
+            run_policy=RunPolicy(),
+            status=status,
+            invalid=invalid or "invalid spec",
+        )
+    namespace, name, attempt = resolved.namespace, resolved.name, status.attempt
+    job_name = L.attempt_job_name(name, attempt)
+    job = None
+    if attempt:
+        fresh = job_body is not None and job_body.get("metadata", {}).get("name") == job_name
+        job = job_body if fresh else kube.get_job(namespace, job_name)
+    view = job_view(job)
+    failure, report = None, rank0_report([])
+    if view.finished:
+        pods = kube.attempt_pods(namespace, name, attempt)
+        report = rank0_report(pods)
+        if view.failed_reason is not None:
+            failure = classify(pods, job or {}, resolved.spec.run_policy.retriable_exit_codes)
+    return Observed(
+        generation=meta.get("generation"),
+        nodes=resolved.spec.resources.nodes,
+        run_policy=resolved.spec.run_policy,
+        status=status,
+        job=view,
+        failure=failure,
+        report=report,
+    )
+
+
+def act(
+    kube: Kube, settings: Settings, resolved: ResolvedTrainingJob | None, decision: Decision, now: datetime
+) -> None:
+    if resolved is None:
+        return
+    namespace, name = resolved.namespace, resolved.name
+    if decision.delete_attempt is not None:
+        kube.delete_job(namespace, L.attempt_job_name(name, decision.delete_attempt))
+    if decision.create_attempt is not None:
+        kube.apply_configmap(render_configmap(resolved))
+        kube.create_or_adopt(render_service(resolved))
+        deadline = job_deadline(resolved.spec.run_policy, decision.status.start_time, None, now)
+        kube.create_or_adopt(render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline))
+    if decision.job_deadline is not None:
+        job_name = L.attempt_job_name(name, decision.status.attempt)
+        kube.patch_job(namespace, job_name, {"spec": {"activeDeadlineSeconds": decision.job_deadline}})
+    for attempt in decision.cleanup_attempts:
+        kube.delete_job(namespace, L.attempt_job_name(name, attempt))
+
+
+def reconcile(
+    kube: Kube, settings: Settings, body: Obj, *, job_body: Obj | None = None, now: datetime | None = None
+) -> Outcome:
+    """Observe -> decide -> act -> patch status. Safe to repeat at any point."""
+    now = now or datetime.now(UTC)
+    resolved, invalid = resolve_body(body, settings)
+    observed = observe(kube, body, resolved, invalid, job_body)
+    decision = next_status(observed, now)
+    act(kube, settings, resolved, decision, now)
+    patch = status_patch(body.get("status") or {}, decision.status)
+    if patch:
+        meta = body["metadata"]
+        kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch)
+    return Outcome(decision=decision, before=observed.status, patched=bool(patch))

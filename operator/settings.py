@@ -1,0 +1,105 @@
+"""Operator settings: one frozen dataclass, read from the environment or from ``kiln operator``'s flags.
+
+Each field documents its unit and why its default is what it is. ``from_env`` is the only place that reads
+the environment; everything downstream receives a ``Settings`` value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from kiln.api.resolve import Environment
+
+ENV_PREFIX = "KILN_OPERATOR_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    """Trainer image for jobs that leave spec.image out. Pin a digest in production."""
+
+    storage_root: str = "s3://kiln-runs"
+    """Default output root (s3:// prefix or path); a job without spec.output.uri writes to
+    <root>/<namespace>/<name>. Namespaced, so two teams' jobs of the same name never collide."""
+
+    checkpoint_root: str | None = None
+    """Default checkpoint root; a job without spec.checkpoint.uri checkpoints to <root>/<namespace>/<name>.
+    Unset: checkpoints go under the output URI (<output>/checkpoints), next to the metrics they belong to."""
+
+    endpoint_url: str | None = None
+    """Default S3 endpoint (MinIO, Ceph) for jobs that leave spec.storage.endpointUrl out; unset means AWS."""
+
+    secret_ref: str | None = None
+    """Default name of the Secret with AWS_* credentials, looked up in each job's own namespace."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch (kopf patterns allowed, e.g. 'team-*'); empty watches the whole cluster."""
+
+    metrics_port: int = 8080
+    """Port of /metrics, /healthz and /readyz. 8080 is the Prometheus convention for controllers."""
+
+    progress_interval_s: float = 10.0
+    """Seconds between polls of rank 0's /progress while a job runs: fresh enough for `kubectl get`, and
+    at 1,000 running jobs still only 100 small HTTP requests per second, none of them to the apiserver."""
+
+    progress_timeout_s: float = 2.0
+    """Seconds to wait for one /progress answer; a busy rank 0 just misses a poll."""
+
+    run_as_user: int = 1000
+    """UID the trainer runs as (PSS restricted needs a non-root UID); the trainer image's user."""
+
+    default_procs_per_node: int = 1
+    """Processes per CPU-only pod (gpusPerNode 0) when resources.procsPerNode is left out."""
+
+    workers: int = 16
+    """Threads that run the (blocking) handlers. Each reconcile is a handful of API calls; 16 keeps a burst
+    of 1,000 new jobs flowing without holding more than 16 connections to the apiserver."""
+
+    json_logs: bool = False
+    """Log one JSON object per line, for log shippers."""
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Unused environment keys with the prefix, kept so a typo can be reported at start-up."""
+
+    def environment(self) -> Environment:
+        """The kiln.api resolve() environment these settings imply."""
+        return Environment(
+            storage_root=self.storage_root,
+            image=self.image,
+            default_procs_per_node=self.default_procs_per_node,
+            endpoint_url=self.endpoint_url,
+            secret_ref=self.secret_ref,
+        )
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw or None if "None" in str(kind) else raw
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from KILN_OPERATOR_<FIELD> variables (e.g. KILN_OPERATOR_IMAGE), then explicit overrides."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(Settings)} - {"extra"}
+    values: dict[str, object] = {}
+    extra: dict[str, str] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key.removeprefix(ENV_PREFIX).lower()
+        if name in known:
+            values[name] = _convert(name, raw)
+        else:
+            extra[key] = raw
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return Settings(**values, extra=extra)  # type: ignore[arg-type]

@@ -1,0 +1,334 @@
+"""The TrainingJob state machine, as pure functions: what was observed in, the next status and actions out.
+
+``next_status(observed, now)`` is the whole decision of one reconcile. It never calls the API; the caller
+(``reconcile.py``) gathers ``Observed`` and carries out the returned ``Decision``. Phases and conditions
+are recomputed from scratch each time, so a repeated or replayed reconcile yields the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from kiln.operator.failures import Failure, Report
+
+from kiln.api.status import (
+    TERMINAL_PHASES,
+    CheckpointStatus,
+    Condition,
+    ConditionType,
+    Phase,
+    Progress,
+    Reason,
+    TrainingJobStatus,
+    WorkerCounts,
+)
+from kiln.api.training import RunPolicy
+
+Obj = dict[str, Any]
+C, R = ConditionType, Reason
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The current attempt's batch/v1 Job, reduced to what decisions read."""
+
+    exists: bool = False
+    suspended: bool = False
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    complete: bool = False
+    failed_reason: str | None = None
+    start_time: str | None = None
+    active_deadline_seconds: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.complete or self.failed_reason is not None
+
+
+def job_view(job: Obj | None) -> JobView:
+    if not job or job.get("metadata", {}).get("deletionTimestamp"):
+        return JobView()
+    spec, status = job.get("spec", {}), job.get("status", {})
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    # A Job suspended by Kueue *after* it failed or completed stays finished.
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    return JobView(
+        exists=True,
+        suspended=bool(spec.get("suspend")),
+        active=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        complete="Complete" in conditions,
+        failed_reason=(failed.get("reason") or "Failed") if failed and "Complete" not in conditions else None,
+        start_time=status.get("startTime"),
+        active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+    )
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one decision looks at."""
+
+    generation: int | None
+    nodes: int
+    run_policy: RunPolicy
+    status: TrainingJobStatus
+    job: JobView = field(default_factory=JobView)
+    failure: Failure | None = None
+    """Why the current attempt failed (only when its Job failed)."""
+    report: Report = field(default_factory=Report)
+    """Rank 0's termination message (only once its Job finished)."""
+    invalid: str | None = None
+    """The spec's validation errors, one per line, when it is invalid."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    type: ConditionType
+    status: str
+    reason: str
+    message: str
+
+    @property
+    def warning(self) -> bool:
+        return self.status == "True" and self.type in (C.FAILED, C.RESTARTING)
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: TrainingJobStatus
+    create_attempt: int | None = None
+    """Create (or adopt) the Job of this attempt."""
+    delete_attempt: int | None = None
+    """Delete this attempt's Job; its pods get SIGTERM and checkpoint."""
+    cleanup_attempts: tuple[int, ...] = ()
+    """Delete these earlier attempts' Jobs (and their pods) now that the job is over."""
+    job_deadline: int | None = None
+    """Set the current Job's activeDeadlineSeconds to this (runPolicy.activeDeadlineSeconds changed)."""
+    transitions: tuple[Transition, ...] = ()
+
+
+class _Builder:
+    """Accumulates condition changes on a status; lastTransitionTime moves only when a status flips."""
+
+    def __init__(self, status: TrainingJobStatus, now: datetime, generation: int | None) -> None:
+        self.conditions = {c.type: c for c in status.conditions}
+        self.now, self.generation = rfc3339(now), generation
+        self.transitions: list[Transition] = []
+
+    def set(self, type_: ConditionType, status: bool, reason: Reason | str, message: str = "") -> None:
+        value = "True" if status else "False"
+        old = self.conditions.get(type_)
+        if old is None and not status:
+            return  # a condition that never held is simply absent
+        if old is not None and (old.status, old.reason, old.message) == (value, str(reason), message):
+            return
+        changed = old is None or old.status != value
+        self.conditions[type_] = Condition(
+            type=type_,
+            status=value,
+            reason=str(reason),
+            message=message,
+            last_transition_time=self.now if changed or old is None else old.last_transition_time,
+            observed_generation=self.generation,
+        )
+        if changed:
+            self.transitions.append(Transition(type_, value, str(reason), message))
+
+    def holds(self, type_: ConditionType) -> bool:
+        old = self.conditions.get(type_)
+        return old is not None and old.status == "True"
+
+    def ordered(self) -> list[Condition]:
+        return [self.conditions[t] for t in ConditionType if t in self.conditions]
+
+
+def _awaiting(run_policy: RunPolicy) -> str:
+    return f"waiting for Kueue to admit the Job (queue {run_policy.queue_name})"
+
+
+def _waiting_phase(run_policy: RunPolicy) -> Phase:
+    return Phase.QUEUED if run_policy.queue_name else Phase.PENDING
+
+
+def _workers(job: JobView) -> WorkerCounts:
+    return WorkerCounts(active=job.active, succeeded=job.succeeded, failed=job.failed)
+
+
+def job_deadline(run_policy: RunPolicy, tj_start: str | None, job_start: str | None, now: datetime) -> int | None:
+    """activeDeadlineSeconds for an attempt's Job, whose own clock starts at its startTime (or now)."""
+    if run_policy.active_deadline_seconds is None:
+        return None
+    start = parse_time(tj_start)
+    attempt_start = parse_time(job_start) or now
+    spent = (attempt_start - start).total_seconds() if start else 0.0
+    return max(1, int(run_policy.active_deadline_seconds - spent))
+
+
+def next_status(observed: Observed, now: datetime) -> Decision:
+    status = observed.status
+    if status.phase in TERMINAL_PHASES:
+        return Decision(status=status)
+    b = _Builder(status, now, observed.generation)
+    if observed.invalid is not None:
+        b.set(C.FAILED, True, R.INVALID_SPEC, observed.invalid)
+        decision = _finish(observed, b, Phase.FAILED, now)
+    else:
+        decision = _decide(observed, b, now)
+    new_status = decision.status.model_copy(
+        update={"conditions": b.ordered(), "observed_generation": observed.generation}
+    )
+    return replace(decision, status=new_status, transitions=tuple(b.transitions))
+
+
+def _decide(observed: Observed, b: _Builder, now: datetime) -> Decision:
+    status, run_policy, job = observed.status, observed.run_policy, observed.job
+    attempt = status.attempt
+    if attempt == 0 and run_policy.suspend:
+        b.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, "created suspended; no pods started")
+        return Decision(status=status.model_copy(update={"phase": Phase.SUSPENDED}))
+    if attempt == 0 or (b.holds(C.SUSPENDED) and not run_policy.suspend):
+        return _start_attempt(observed, b, attempt + 1, now)
+    if run_policy.suspend:
+        b.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, "pods stopped with SIGTERM after checkpointing")
+        b.set(C.RUNNING, False, R.SUSPENDED_BY_USER, "suspended")
+        b.set(C.QUEUED, False, R.SUSPENDED_BY_USER, "suspended")
+        stop = attempt if job.exists and not job.finished else None
+        update = {"phase": Phase.SUSPENDED, "workers": _workers(job) if stop is None else status.workers}
+        return Decision(status=status.model_copy(update=update), delete_attempt=stop)
+    if not job.exists:
+        # Someone deleted the Job, or the create has not reached the watch yet: (re)create the same
+        # attempt. Its deterministic name makes a second create an adopt, never a duplicate.
+        return Decision(status=status, create_attempt=attempt)
+    if job.failed_reason == "DeadlineExceeded":
+        limit = run_policy.active_deadline_seconds
+        b.set(C.FAILED, True, R.DEADLINE_EXCEEDED, f"runPolicy.activeDeadlineSeconds ({limit}s) passed")
+        return _finish(observed, b, Phase.FAILED, now)
+    if job.failed_reason is not None:
+        failure = observed.failure or Failure(retriable=True, message="the attempt failed")
+        return _after_failure(observed, b, failure, now)
+    if job.complete:
+        if observed.report.state == "preempted":
+            reason = "rank 0 was interrupted (SIGTERM), saved a checkpoint and exited"
+            return _after_failure(observed, b, Failure(retriable=True, message=reason), now)
+        b.set(C.SUCCEEDED, True, R.JOB_COMPLETED, f"all {observed.nodes} workers completed")
+        return _finish(observed, b, Phase.SUCCEEDED, now)
+    return _observe_running(observed, b, now)
+
+
+def _start_attempt(observed: Observed, b: _Builder, attempt: int, now: datetime) -> Decision:
+    status, run_policy = observed.status, observed.run_policy
+    update: dict[str, Any] = {"attempt": attempt, "phase": _waiting_phase(run_policy), "workers": WorkerCounts()}
+    if attempt == 1:
+        b.set(C.CREATED, True, R.CHILDREN_CREATED, "ConfigMap, headless Service and Job created")
+    if b.holds(C.SUSPENDED):
+        b.set(C.SUSPENDED, False, R.RESUMED, f"resumed as attempt {attempt} from the latest checkpoint")
+        update["start_time"] = None  # the deadline clock restarts on resume, as for batch/v1 Jobs
+    if run_policy.queue_name:
+        b.set(C.QUEUED, True, R.AWAITING_ADMISSION, _awaiting(run_policy))
+    return Decision(status=status.model_copy(update=update), create_attempt=attempt)
+
+
+def _after_failure(observed: Observed, b: _Builder, failure: Failure, now: datetime) -> Decision:
+    status, run_policy = observed.status, observed.run_policy
+    b.set(C.RUNNING, False, R.WORKER_FAILED_RETRIABLE if failure.retriable else R.WORKER_FAILED, failure.message)
+    if failure.retriable and status.restarts < run_policy.max_restarts:
+        attempt = status.attempt + 1
+        message = f"restart {status.restarts + 1}/{run_policy.max_restarts} as attempt {attempt}: {failure.message}"
+        b.set(C.RESTARTING, True, R.WORKER_FAILED_RETRIABLE, message)
+        update = {
+            "attempt": attempt,
+            "restarts": status.restarts + 1,
+            "phase": Phase.RESTARTING,
+            "workers": WorkerCounts(),
+        }
+        return Decision(status=status.model_copy(update=update), create_attempt=attempt)
+    if failure.retriable:
+        message = f"gave up after {status.restarts} restarts (runPolicy.maxRestarts): {failure.message}"
+        b.set(C.FAILED, True, R.RESTART_LIMIT, message)
+    else:
+        b.set(C.FAILED, True, R.WORKER_FAILED, failure.message)
+    return _finish(observed, b, Phase.FAILED, now)
+
+
+def _finish(observed: Observed, b: _Builder, phase: Phase, now: datetime) -> Decision:
+    status, report = observed.status, observed.report
+    reason = R.JOB_COMPLETED if phase == Phase.SUCCEEDED else R.WORKER_FAILED
+    b.set(C.RUNNING, False, reason, f"the job {phase.value.lower()}")
+    b.set(C.RESTARTING, False, reason, f"the job {phase.value.lower()}")
+    b.set(C.QUEUED, False, reason, f"the job {phase.value.lower()}")
+    update: dict[str, Any] = {"phase": phase, "completion_time": rfc3339(now), "workers": _workers(observed.job)}
+    if report.progress is not None:
+        update["progress"] = merge_model(status.progress, Progress, report.progress)
+    if report.checkpoints is not None:
+        update["checkpoints"] = merge_model(status.checkpoints, CheckpointStatus, report.checkpoints)
+    new_status = status.model_copy(update=update).model_copy(
+        update={"conditions": b.ordered(), "observed_generation": observed.generation}
+    )
+    return Decision(status=new_status, cleanup_attempts=tuple(range(1, status.attempt)))
+
+
+def _observe_running(observed: Observed, b: _Builder, now: datetime) -> Decision:
+    status, run_policy, job = observed.status, observed.run_policy, observed.job
+    update: dict[str, Any] = {"workers": _workers(job)}
+    if job.suspended:
+        # Kueue owns .spec.suspend of a queued Job: waiting for admission, or preempted back into the queue.
+        b.set(C.QUEUED, True, R.AWAITING_ADMISSION, _awaiting(run_policy))
+        b.set(C.RUNNING, False, R.AWAITING_ADMISSION, "suspended by Kueue")
+        update["phase"] = Phase.QUEUED
+        return Decision(status=status.model_copy(update=update))
+    b.set(C.QUEUED, False, R.ADMITTED, "the Job was admitted")
+    deadline = job_deadline(run_policy, status.start_time, job.start_time, now)
+    if deadline is not None and job.active_deadline_seconds == deadline:
+        deadline = None
+    if job.ready + job.succeeded >= observed.nodes:
+        b.set(C.RUNNING, True, R.PODS_RUNNING, f"{observed.nodes}/{observed.nodes} workers running")
+        b.set(C.RESTARTING, False, R.PODS_RUNNING, f"attempt {status.attempt} is running")
+        update["phase"] = Phase.RUNNING
+        update["start_time"] = status.start_time or job.start_time or rfc3339(now)
+    else:
+        update["phase"] = Phase.RESTARTING if b.holds(C.RESTARTING) else _waiting_phase_admitted(status)
+    return Decision(status=status.model_copy(update=update), job_deadline=deadline)
+
+
+def _waiting_phase_admitted(status: TrainingJobStatus) -> Phase:
+    return Phase.RUNNING if status.phase == Phase.RUNNING else Phase.PENDING
+
+
+def merge_model(current: Any, model: type[Any], reported: Obj) -> Any:
+    base = current.to_dict() if current is not None else {}
+    try:
+        return model.model_validate({**base, **reported})
+    except ValueError:
+        return current
+
+
+def status_patch(old: Obj, new: TrainingJobStatus) -> Obj:
+    """The top-level status keys that changed, as a JSON merge patch (None deletes a key)."""
+    wanted = new.to_dict()
+    patch: Obj = {key: value for key, value in wanted.items() if old.get(key) != value}
+    for key in ("startTime", "completionTime"):
+        if key in old and key not in wanted:
+            patch[key] = None
+    return patch
+
+
+def transitions_of(conditions: Sequence[Condition]) -> set[str]:
+    return {c.type.value for c in conditions if c.status == "True"}

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kiln.operator.failures import classify, parse_report, rank0_report
+
+
+def pod(
+    index: int,
+    exit_code: int | None = None,
+    message: str = "",
+    finished: str = "2026-01-01T00:00:10Z",
+    disrupted: bool = False,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "message": message, "finishedAt": finished}}
+    conditions = [{"type": "DisruptionTarget", "status": "True"}] if disrupted else []
+    return {
+        "metadata": {
+            "name": f"demo-1-{index}",
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+        },
+        "status": {
+            "phase": "Failed",
+            "conditions": conditions,
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+def test_signal_exit_is_retriable() -> None:
+    failure = classify([pod(0, 0), pod(1, 137)], {}, [])
+    assert failure.retriable and failure.exit_code == 137
+    assert "demo-1-1" in failure.message and "137" in failure.message
+
+
+def test_invalid_input_is_final_and_carries_the_termination_message() -> None:
+    message = json.dumps({"state": "failed", "reason": "data.train.uri: no such bucket", "exitCode": 2})
+    failure = classify([pod(0, 2, message)], {}, [])
+    assert not failure.retriable
+    assert "data.train.uri: no such bucket" in failure.message
+
+
+def test_listed_exit_codes_are_retriable() -> None:
+    assert classify([pod(0, 1)], {}, [1]).retriable
+    assert not classify([pod(0, 1)], {}, [3]).retriable
+
+
+def test_disruption_wins_over_later_peer_errors() -> None:
+    failure = classify([pod(0, 1, finished="2026-01-01T00:00:01Z"), pod(1, disrupted=True)], {}, [])
+    assert failure.retriable
+
+
+def test_earliest_failure_is_the_cause() -> None:
+    early, late = "2026-01-01T00:00:01Z", "2026-01-01T00:00:30Z"
+    assert classify([pod(0, 1, finished=late), pod(1, 137, finished=early)], {}, []).retriable
+    assert not classify([pod(0, 137, finished=late), pod(1, 2, finished=early)], {}, []).retriable
+    # A tie goes to the failure that retrying cannot fix.
+    assert not classify([pod(0, 137, finished=early), pod(1, 2, finished=early)], {}, []).retriable
+
+
+def test_trainer_exit_code_in_the_message_beats_torchruns_exit_1() -> None:
+    message = json.dumps({"state": "failed", "reason": "boom", "exitCode": 2})
+    assert not classify([pod(0, 1, message)], {}, [1]).retriable
+
+
+def test_pods_gone_falls_back_to_the_job_condition() -> None:
+    job = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "PodFailurePolicy",
+                    "message": "Container trainer for pod ml/demo-1-0 failed with exit code 2",
+                }
+            ]
+        }
+    }
+    failure = classify([], job, [])
+    assert not failure.retriable and "exit code 2" in failure.message
+
+
+def test_reports_parse_json_or_keep_raw_text() -> None:
+    assert parse_report('{"state": "preempted", "progress": {"epoch": 2}}').state == "preempted"
+    assert parse_report("Traceback: boom").text == "Traceback: boom"
+    assert parse_report("").state is None
+    report = rank0_report(
+        [pod(1, 0, '{"state":"completed"}'), pod(0, 0, '{"state":"completed","checkpoints":{"latest":"s3://x"}}')]
+    )
+    assert report.checkpoints == {"latest": "s3://x"}

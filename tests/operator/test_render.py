@@ -1,0 +1,155 @@
+"""Structural checks of the rendered children, with expectations written out independently."""
+
+from __future__ import annotations
+
+import json
+
+from kiln.operator.render import render_configmap, render_job, render_service
+from tj_builders import SETTINGS, body, resolved_from
+
+OWNER = {
+    "apiVersion": "kiln.dev/v1alpha1",
+    "kind": "TrainingJob",
+    "name": "demo",
+    "uid": "uid-1",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    resolved = resolved_from(body())
+    for child in (render_configmap(resolved), render_service(resolved), render_job(resolved, 1, SETTINGS)):
+        meta = child["metadata"]
+        assert meta["ownerReferences"] == [OWNER]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"]["kiln.dev/training-job"] == "demo"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "demo"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kiln-operator"
+
+
+def test_configmap_holds_the_resolved_spec_and_no_secret_values() -> None:
+    resolved = resolved_from(body(storage={"secretRef": "s3-creds"}))
+    cm = render_configmap(resolved)
+    assert cm["metadata"]["name"] == "demo-spec"
+    spec = json.loads(cm["data"]["trainingjob.json"])
+    assert spec["name"] == "demo" and spec["worldSize"] == 8
+    assert spec["spec"]["storage"]["secretRef"] == "s3-creds"
+    assert "AWS_SECRET_ACCESS_KEY" not in cm["data"]["trainingjob.json"]
+
+
+def test_service_is_headless_and_publishes_unready_pods() -> None:
+    svc = render_service(resolved_from(body()))
+    assert svc["metadata"]["name"] == "demo-workers"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"kiln.dev/training-job": "demo"}
+
+
+def test_job_is_an_indexed_gang_that_never_retries_a_single_pod() -> None:
+    job = render_job(resolved_from(body()), 3, SETTINGS)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "demo-3"
+    assert job["metadata"]["labels"]["kiln.dev/attempt"] == "3"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["backoffLimit"] == 0 and spec["suspend"] is False
+    actions = {rule["action"] for rule in spec["podFailurePolicy"]["rules"]}
+    assert actions == {"FailJob"}
+    assert "activeDeadlineSeconds" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["subdomain"] == "demo-workers"
+    assert spec["template"]["metadata"]["labels"]["kiln.dev/attempt"] == "3"
+
+
+def test_container_runs_torchrun_with_the_contract_flags_and_env() -> None:
+    job = render_job(resolved_from(body()), 1, SETTINGS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun"]
+    args = container["args"]
+    assert args[args.index("--nnodes") + 1] == "2"
+    assert args[args.index("--nproc-per-node") + 1] == "4"
+    assert args[args.index("--master-port") + 1] == "29500"
+    assert args[-4:] == ["-m", "kiln.trainer", "--spec", "/etc/kiln/trainingjob.json"]
+    env = _env(container)
+    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "4" and env["PET_MASTER_PORT"] == "29500"
+    assert env["PET_MASTER_ADDR"] == "demo-1-0.demo-workers.ml.svc"
+    assert env["PET_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert env["KILN_METRICS_PORT"] == "9400"
+    assert env["KILN_TERMINATION_LOG"] == "/dev/termination-log"
+    assert "KILN_CACHE_DIR" in env
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+
+
+def test_resources_and_placement_come_from_the_spec() -> None:
+    document = body(
+        resources={
+            "nodes": 1,
+            "gpusPerNode": 2,
+            "cpu": "4",
+            "memory": "8Gi",
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {}},
+        },
+        runPolicy={"priorityClassName": "high", "terminationGracePeriodSeconds": 300},
+    )
+    pod = render_job(resolved_from(document), 1, SETTINGS)["spec"]["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits == {"nvidia.com/gpu": "2", "cpu": "4", "memory": "8Gi"}
+    assert pod["containers"][0]["resources"]["requests"] == limits
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": {}}
+    assert pod["priorityClassName"] == "high"
+    assert pod["terminationGracePeriodSeconds"] == 300
+
+
+def test_pod_is_pss_restricted_and_needs_no_api_token() -> None:
+    pod = render_job(resolved_from(body()), 1, SETTINGS)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["runAsNonRoot"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["automountServiceAccountToken"] is False
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory"}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/dev/shm"] == "dshm" and mounts["/etc/kiln"] == "spec"
+
+
+def test_credentials_only_through_env_from_the_secret() -> None:
+    document = body(storage={"secretRef": "team-s3", "endpointUrl": "http://minio:9000"})
+    container = render_job(resolved_from(document), 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    env = _env(container)
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert not any(name.startswith("AWS_SECRET") or name == "AWS_ACCESS_KEY_ID" for name in env)
+
+
+def test_queue_name_labels_the_job_and_creates_it_suspended() -> None:
+    job = render_job(resolved_from(body(runPolicy={"queueName": "gpu-queue"})), 1, SETTINGS)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_deadline_is_passed_through_and_never_below_one_second() -> None:
+    resolved = resolved_from(body())
+    assert render_job(resolved, 1, SETTINGS, active_deadline_seconds=90)["spec"]["activeDeadlineSeconds"] == 90
+    assert render_job(resolved, 1, SETTINGS, active_deadline_seconds=-5)["spec"]["activeDeadlineSeconds"] == 1
+
+
+def test_rendering_is_deterministic() -> None:
+    resolved = resolved_from(body())
+    assert render_job(resolved, 2, SETTINGS) == render_job(resolved, 2, SETTINGS)
+    assert render_configmap(resolved) == render_configmap(resolved)
