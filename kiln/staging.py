@@ -29,13 +29,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kiln.api.training import StorageSpec
+from kiln.s3store import DEFAULT_POOL, TRANSFER_THREADS, S3Store
 from kiln.storage import (
-    DEFAULT_POOL,
     TMP_SUFFIX,
-    TRANSFER_THREADS,
     LocalStore,
     ObjectInfo,
-    S3Store,
     StorageError,
     Store,
     atomic_path,
