@@ -22,13 +22,14 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# mypy cannot follow the package-dir mapping (kiln.operator -> operator/), so it checks a symlinked tree
-# with the installed shape; otherwise every `kiln.operator`/`kiln.trainer` import would silently be Any.
+# mypy and import-linter cannot follow the package-dir mapping (kiln.operator -> operator/), so both check a
+# symlinked tree with the installed shape; otherwise every kiln.operator/kiln.trainer import would be unseen.
 typecheck: venv
 	@rm -rf build/typecheck && mkdir -p build/typecheck/kiln
 	@for entry in kiln/*; do ln -s "$(CURDIR)/$$entry" build/typecheck/kiln/; done
 	@ln -s "$(CURDIR)/operator" build/typecheck/kiln/operator && ln -s "$(CURDIR)/trainer" build/typecheck/kiln/trainer
 	cd build/typecheck && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p kiln
+	cd build/typecheck && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports --config $(CURDIR)/pyproject.toml --no-cache
 
 crds: venv
 	$(VENV)/bin/kiln crds
