@@ -1,0 +1,199 @@
+"""The local executor runs pods as processes the way a kubelet would run their containers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+
+from kiln.testing.controlplane import ControlPlane
+from kiln.testing.kube import JSON, namespaced
+from kiln.testing.processes import wait_until
+
+pytestmark = pytest.mark.controlplane
+
+# Prints what the container sees as JSON: env, cwd and the files at the given (rewritten) paths.
+REPORT = """
+import json, os, sys
+files = {path: open(path).read() for path in sys.argv[1:]}
+print(json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "files": files}))
+"""
+
+
+def run_to_completion(cluster: ControlPlane, namespace: str, pod: JSON) -> JSON:
+    cluster.kube.create(namespaced("pods", namespace), pod)
+    return cluster.wait_for_pod_phase(namespace, pod["metadata"]["name"])
+
+
+def test_env_config_and_secrets_reach_the_process(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    cluster.kube.create(
+        namespaced("configmaps", namespace),
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "settings"},
+            "data": {"epochs": "3", "config.yaml": "lr: 0.1\n"},
+        },
+    )
+    cluster.kube.create(
+        namespaced("secrets", namespace),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3"},
+            "stringData": {"key": "hunter2"},
+        },
+    )
+    pod = executor_pod(
+        "report",
+        ["python", "-c", REPORT, "/etc/kiln/config.yaml", "/var/secrets/key"],
+        env=[
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "EPOCHS", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "epochs"}}},
+            {"name": "S3_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "key"}}},
+            {"name": "GREETING", "value": "hello $(POD_NAME)"},
+            {"name": "CONFIG", "value": "/etc/kiln/config.yaml"},
+        ],
+        envFrom=[{"configMapRef": {"name": "settings"}, "prefix": "CM_"}, {"secretRef": {"name": "s3"}}],
+        volumeMounts=[{"name": "config", "mountPath": "/etc/kiln"}, {"name": "secrets", "mountPath": "/var/secrets"}],
+        workingDir="/workspace",
+    )
+    pod["spec"]["volumes"] = [
+        {"name": "config", "configMap": {"name": "settings"}},
+        {"name": "secrets", "secret": {"secretName": "s3"}},
+    ]
+
+    finished = run_to_completion(cluster, namespace, pod)
+
+    assert finished["status"]["phase"] == "Succeeded", cluster.pod_log(namespace, "report")
+    seen = json.loads(cluster.pod_log(namespace, "report"))
+    env = seen["env"]
+    assert (env["POD_NAME"], env["EPOCHS"], env["S3_KEY"]) == ("report", "3", "hunter2")
+    assert (env["GREETING"], env["CM_epochs"], env["key"]) == ("hello report", "3", "hunter2")
+    assert env["CONFIG"].endswith("/config.yaml") and env["CONFIG"] != "/etc/kiln/config.yaml"
+    assert list(seen["files"].values()) == ["lr: 0.1\n", "hunter2"]
+    assert seen["cwd"].endswith("/rootfs/workspace")
+
+
+def test_cluster_dns_names_of_the_subdomain_resolve_to_loopback(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    addresses = [
+        "--master-addr",
+        "train-0.workers",
+        "--rdzv-endpoint=train-0.workers:29500",
+        f"train-1.workers.{namespace}.svc.cluster.local",
+        f"store.{namespace}.svc:9000",
+        "example.com",
+    ]
+    pod = executor_pod("dns", ["python", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"], args=addresses)
+    pod["spec"] |= {"hostname": "train-0", "subdomain": "workers"}
+
+    run_to_completion(cluster, namespace, pod)
+
+    assert json.loads(cluster.pod_log(namespace, "dns")) == [
+        "--master-addr",
+        "127.0.0.1",
+        "--rdzv-endpoint=127.0.0.1:29500",
+        "127.0.0.1",
+        "127.0.0.1:9000",
+        "example.com",
+    ]
+
+
+def test_termination_message_and_exit_code_are_reported(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    script = "import os, sys; open(os.environ['KILN_TERMINATION_LOG'], 'w').write('loss is nan'); sys.exit(7)"
+    pod = executor_pod(
+        "fails",
+        ["python", "-c", script],
+        env=[{"name": "KILN_TERMINATION_LOG", "value": "/tmp/kiln/termination-log"}],
+        terminationMessagePath="/tmp/kiln/termination-log",
+    )
+
+    finished = run_to_completion(cluster, namespace, pod)
+
+    terminated = finished["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (finished["status"]["phase"], terminated["exitCode"]) == ("Failed", 7)
+    assert terminated["message"] == "loss is nan"
+
+
+def test_fallback_to_logs_on_error(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    pod = executor_pod(
+        "crashes",
+        ["python", "-c", "raise SystemExit('out of memory, probably')"],
+        terminationMessagePolicy="FallbackToLogsOnError",
+    )
+
+    finished = run_to_completion(cluster, namespace, pod)
+
+    terminated = finished["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["message"]) == (1, "out of memory, probably")
+
+
+def test_deletion_sends_sigterm_then_sigkill_and_removes_the_pod(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    stubborn = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM ignored', flush=True))\n"
+        "print('running', flush=True)\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    pod = executor_pod("stubborn", ["python", "-c", stubborn])
+    pod["spec"]["terminationGracePeriodSeconds"] = 2
+    cluster.kube.create(namespaced("pods", namespace), pod)
+    cluster.wait_for_pod_phase(namespace, "stubborn", "Running")
+    wait_until(lambda: "running" in cluster.pod_log(namespace, "stubborn"), timeout=30, what="the process")
+
+    started = time.monotonic()
+    cluster.kube.delete(namespaced("pods", namespace, "stubborn"))
+    wait_until(
+        lambda: not cluster.kube.exists(namespaced("pods", namespace, "stubborn")),
+        timeout=30,
+        what="the pod object to be removed",
+    )
+
+    assert time.monotonic() - started >= 2  # it sat out the grace period...
+    assert "SIGTERM ignored" in cluster.pod_log_path(namespace, "stubborn", "main").read_text()
+
+
+def test_missing_config_waits_then_runs_once_it_exists(
+    cluster: ControlPlane, namespace: str, executor_pod: Callable[..., JSON]
+) -> None:
+    pod = executor_pod(
+        "needs-config",
+        ["python", "-c", "import os; print(os.environ['LR'])"],
+        env=[{"name": "LR", "valueFrom": {"configMapKeyRef": {"name": "late", "key": "lr"}}}],
+    )
+    cluster.kube.create(namespaced("pods", namespace), pod)
+
+    def waiting_reason() -> str:
+        statuses = cluster.kube.get(namespaced("pods", namespace, "needs-config"))["status"].get("containerStatuses")
+        return str(statuses[0]["state"].get("waiting", {}).get("reason")) if statuses else ""
+
+    wait_until(lambda: waiting_reason() == "CreateContainerConfigError", timeout=30, what="CreateContainerConfigError")
+    cluster.kube.create(
+        namespaced("configmaps", namespace),
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "late"}, "data": {"lr": "0.5"}},
+    )
+
+    assert cluster.wait_for_pod_phase(namespace, "needs-config")["status"]["phase"] == "Succeeded"
+    assert cluster.pod_log(namespace, "needs-config") == "0.5\n"
