@@ -1,0 +1,114 @@
+"""Helpers for the trainer tests: tiny image datasets, resolved specs, and trainer subprocesses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from kiln.api.manifest import parse_manifest
+from kiln.api.resolve import Environment, ResolvedTrainingJob, resolve
+
+COLORS = ((220, 40, 40), (40, 200, 60), (50, 60, 220))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_images(root: Path, per_class: int, *, size: int = 16, seed: int = 0, classes: int = 3) -> Path:
+    """An imagefolder split: class k is a noisy patch of COLORS[k], easy to learn in a few steps."""
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            noise = rng.integers(-40, 40, size=(size, size, 3))
+            pixels = np.clip(np.array(COLORS[label]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    return root
+
+
+BASE_SPEC: dict[str, Any] = {
+    "task": "classification",
+    "model": {"architecture": "debug"},
+    "data": {"imageSize": 16, "batchSize": 8, "workers": 0},
+    "augmentation": {"preset": "none"},
+    "optimizer": {"name": "adamw", "lr": 0.01},
+    "scheduler": {"name": "cosine"},
+    "epochs": 2,
+    "resources": {"gpusPerNode": 0, "procsPerNode": 1},
+}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def make_job(root: Path, dataset: Path, /, name: str = "tiny", **overrides: Any) -> ResolvedTrainingJob:
+    splits = {"train": {"uri": str(dataset / "train")}, "val": {"uri": str(dataset / "val")}}
+    spec = merge(BASE_SPEC, {"data": splits})
+    spec = merge(spec, overrides)
+    manifest = {"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name}, "spec": spec}
+    return resolve(parse_manifest(manifest), Environment(storage_root=str(root / "runs")), mode="local")
+
+
+def write_spec(job: ResolvedTrainingJob, path: Path) -> Path:
+    path.write_text(job.model_dump_json(by_alias=True))
+    return path
+
+
+def trainer_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KILN_METRICS_PORT": "0",
+        "KILN_TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "KILN_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def trainer_command(spec: Path, procs: int | None) -> list[str]:
+    """``python -m kiln.trainer`` alone (procs None) or under torchrun with ``procs`` processes."""
+    if procs is None:
+        return [sys.executable, "-m", "kiln.trainer", "--spec", str(spec)]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc-per-node", str(procs), "-m", "kiln.trainer", "--spec", str(spec),
+    ]  # fmt: skip
+
+
+def run_trainer(spec: Path, env: dict[str, str], procs: int | None = None, timeout: float = 150
+                ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        trainer_command(spec, procs), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def latest_pointer(checkpoints: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((checkpoints / "latest.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def metrics_records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -1,0 +1,123 @@
+"""Building the trainer's components from a ResolvedTrainingJob, in dependency order.
+
+data (staged, read) -> model (class count from data, preprocessing from the model) -> pipelines and
+loaders -> accelerator (DDP/AMP) -> optimizer and schedule -> EMA -> checkpointer, run log, early stopping.
+Everything that can reject the input does so here, before the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from kiln.trainer.augment import eval_pipeline, train_pipeline
+from kiln.trainer.checkpoint import Checkpointer
+from kiln.trainer.data import ResumableDistributedSampler, eval_loader, localize, train_loader
+from kiln.trainer.distributed import Accelerator, World, pick_precision
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.history import EarlyStopping, RunLog
+from kiln.trainer.models import data_config
+from kiln.trainer.optim import Horizon, Schedule, create_optimizer
+from kiln.trainer.tasks import create_task
+from kiln.trainer.tasks.base import Evaluator, Objective, Task, TaskData
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.storage import open_store
+
+
+@dataclass
+class Components:
+    task: Task
+    data: TaskData
+    model: nn.Module  # prepared: on the device, maybe DDP- and compile-wrapped
+    objective: Objective
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    ema: ModelEmaV3 | None
+    train_loader: DataLoader[Any]
+    train_sampler: ResumableDistributedSampler
+    eval_loaders: dict[str, DataLoader[Any]]
+    horizon: Horizon
+    checkpointer: Checkpointer
+    run_log: RunLog
+    early_stopping: EarlyStopping | None
+
+    def evaluator(self, job: ResolvedTrainingJob, world: World) -> Evaluator:
+        return self.task.build_evaluator(job, self.data, world.device)
+
+
+def _roots(job: ResolvedTrainingJob, world: World) -> dict[str, Path]:
+    data = job.spec.data
+    sources = {"train": data.train, "val": data.val, "test": data.test}
+    return {split: localize(source, split, job, world) for split, source in sources.items() if source is not None}
+
+
+def build_components(job: ResolvedTrainingJob, world: World) -> Components:
+    spec = job.spec
+    torch.manual_seed(spec.seed)
+    task = create_task(spec.task)
+    data = task.load_data(job, _roots(job, world))
+    model = task.build_model(job, data)
+    config = data_config(model)
+    mean, std = (
+        (spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize else (config["mean"], config["std"])
+    )
+    size = spec.data.image_size
+    train_set = data.splits["train"].dataset(train_pipeline(spec.augmentation, size, mean, std))
+    mixing = spec.augmentation.mixup > 0 or spec.augmentation.cutmix > 0
+    loader, sampler = train_loader(train_set, job, world, drop_last=mixing)
+    if len(loader) == 0:
+        raise InvalidInput(f"data.train: {len(train_set)} images leave no batch for {world.world_size} processes")
+    evals = {
+        split: eval_loader(data.splits[split].dataset(eval_pipeline(size, mean, std)), job, world)
+        for split in ("val", "test")
+        if split in data.splits
+    }
+
+    accelerator = Accelerator(
+        world,
+        pick_precision(spec.precision, world.device),
+        grad_accumulation=spec.grad_accumulation,
+        grad_clip=spec.grad_clip,
+        channels_last=spec.channels_last,
+        compile_model=spec.compile,
+    )
+    ema = ModelEmaV3(model, decay=spec.ema.decay, device=world.device) if spec.ema.enabled else None
+    prepared = accelerator.prepare(model)
+    optimizer = create_optimizer(spec.optimizer, model)
+    steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation)
+    horizon = Horizon(
+        total_steps=steps_per_epoch * spec.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=round(spec.scheduler.warmup_epochs * steps_per_epoch),
+    )
+    mode = spec.validation.mode or "max"
+    schedule = Schedule(spec.scheduler, optimizer, horizon, spec.optimizer.lr, mode)
+    assert spec.checkpoint.uri is not None and spec.output.uri is not None, "resolve() fills both URIs"
+    checkpointer = Checkpointer(spec.checkpoint, open_store(spec.checkpoint.uri, spec.storage), mode=mode)
+    stopping = spec.early_stopping
+    early = EarlyStopping(stopping.patience, stopping.min_delta, stopping.mode or mode) if stopping else None
+    return Components(
+        task=task,
+        data=data,
+        model=prepared,
+        objective=task.build_objective(job, data),
+        accelerator=accelerator,
+        optimizer=optimizer,
+        schedule=schedule,
+        ema=ema,
+        train_loader=loader,
+        train_sampler=sampler,
+        eval_loaders=evals,
+        horizon=horizon,
+        checkpointer=checkpointer,
+        run_log=RunLog(open_store(spec.output.uri, spec.storage)),
+        early_stopping=early,
+    )

@@ -1,0 +1,147 @@
+"""Task-independent data plumbing: bringing a split to the node, decoding images, sampling and loading.
+
+Task plugins parse their own formats (imagefolder, csv, masks, boxes) into datasets; this module gives them
+a local path for each split and turns their datasets into DataLoaders that shard correctly under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kiln.trainer.distributed import World, barrier
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.preemption import ignore_termination_in_worker
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.api.training import DataSource
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+DEFAULT_CACHE = Path.home() / ".cache" / "kiln" / "data"
+
+
+def _is_file_uri(uri: str) -> bool:
+    """A URI naming one file (a csv or an annotations json) rather than a folder."""
+    return Path(uri.rstrip("/")).suffix.lower() in {".csv", ".json"}
+
+
+def cache_root(job: ResolvedTrainingJob) -> Path:
+    configured = job.spec.data.staging.cache_dir or os.environ.get("KILN_CACHE_DIR")
+    return Path(configured) if configured else DEFAULT_CACHE
+
+
+def localize(source: DataSource, split: str, job: ResolvedTrainingJob, world: World) -> Path:
+    """A local path for a split: S3 data is staged once per node into the cache, local paths are used in place."""
+    from kiln import storage
+
+    uri = source.uri
+    staging = job.spec.data.staging
+    if not uri.startswith("s3://"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise InvalidInput(f"data.{split}.uri: {uri} does not exist")
+        return path
+    if staging.mode == "direct":
+        raise InvalidInput(f"data.staging.mode: direct reads local paths only; {uri} needs copy or auto")
+    folder_uri, _, filename = uri.rstrip("/").rpartition("/") if _is_file_uri(uri) else (uri, "", "")
+    dest = storage.cache_dir_for(folder_uri, cache_root(job))
+    try:
+        local = storage.stage_once_per_node(
+            folder_uri,
+            dest,
+            job.spec.storage,
+            local_rank=world.local_rank,
+            wait=barrier,
+            parallelism=staging.parallelism,
+        )
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"data.{split}.uri: staging {uri} failed: {exc}") from exc
+    path = local / filename if filename else local
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        raise InvalidInput(f"data.{split}.uri: {uri} holds no objects")
+    return path
+
+
+def load_image(path: Path) -> np.ndarray:
+    """RGB uint8 HxWx3; a corrupt or unreadable file is an invalid-input error naming it."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidInput(f"corrupt or unreadable image {path}: {exc}") from exc
+
+
+class ResumableDistributedSampler(DistributedSampler[Any]):
+    """DistributedSampler (shuffled per ``set_epoch``) that can skip the batches a resumed epoch already did."""
+
+    def __init__(self, dataset: Sized, world: World, *, seed: int, drop_last: bool) -> None:
+        super().__init__(
+            dataset,  # type: ignore[arg-type]
+            num_replicas=world.world_size,
+            rank=world.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self._skip = 0
+
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        super().set_epoch(epoch)
+        self._skip = skip_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self._skip :])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self._skip, 0)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sharding without padding: rank r takes r, r+W, r+2W, ... so every sample counts once."""
+
+    def __init__(self, size: int, world: World) -> None:
+        self._indices = list(range(world.rank, size, world.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+
+def _loader(
+    dataset: Dataset[Any], sampler: Sampler[int], job: ResolvedTrainingJob, world: World, *, drop_last: bool
+) -> DataLoader[Any]:
+    workers = job.spec.data.workers
+    return DataLoader(
+        dataset,
+        batch_size=job.spec.data.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=world.device.type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_termination_in_worker,
+        generator=torch.Generator().manual_seed(job.spec.seed + world.rank),
+    )
+
+
+def train_loader(
+    dataset: Dataset[Any], job: ResolvedTrainingJob, world: World, *, drop_last: bool = False
+) -> tuple[DataLoader[Any], ResumableDistributedSampler]:
+    size = len(dataset)  # type: ignore[arg-type]
+    per_rank = math.ceil(size / world.world_size)
+    drop_last = drop_last and per_rank >= job.spec.data.batch_size
+    sampler = ResumableDistributedSampler(dataset, world, seed=job.spec.seed, drop_last=False)  # type: ignore[arg-type]
+    return _loader(dataset, sampler, job, world, drop_last=drop_last), sampler
+
+
+def eval_loader(dataset: Dataset[Any], job: ResolvedTrainingJob, world: World) -> DataLoader[Any]:
+    return _loader(dataset, ShardSampler(len(dataset), world), job, world, drop_last=False)  # type: ignore[arg-type]

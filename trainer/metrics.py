@@ -1,0 +1,79 @@
+"""Metrics that stay correct under DDP: every rank accumulates counts, the counts are all-reduced (summed),
+and only then are ratios taken. No per-rank average is ever averaged again.
+"""
+
+from __future__ import annotations
+
+import torch
+from kiln.trainer.distributed import all_reduce_sum
+
+
+def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 from a confusion matrix (rows: true class, columns: predicted).
+
+    Like scikit-learn with its default labels, the macro average runs over the classes that occur as a true
+    or a predicted label; an undefined precision or recall (no predictions, no support) counts as 0.
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    support = confusion.sum(dim=1)
+    predicted = confusion.sum(dim=0)
+    present = (support > 0) | (predicted > 0)
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
+    recall = torch.where(support > 0, true_positive / support.clamp(min=1), torch.zeros_like(support))
+    denominator = precision + recall
+    f1 = torch.where(
+        denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(precision)
+    )
+    total = confusion.sum().clamp(min=1)
+    classes = present.sum().clamp(min=1)
+    return {
+        "accuracy": float(true_positive.sum() / total),
+        "precision": float(precision[present].sum() / classes),
+        "recall": float(recall[present].sum() / classes),
+        "f1": float(f1[present].sum() / classes),
+    }
+
+
+class ClassificationMetrics:
+    """Loss, top-1/top-5 accuracy, macro precision/recall/F1 and the confusion matrix, accumulated as counts."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.top_k = min(5, num_classes)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        # [loss sum, sample count, top-k hits]
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self._reduced = False
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor | float = 0.0) -> None:
+        predictions = logits.argmax(dim=1)
+        index = targets * self.num_classes + predictions
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view_as(self.confusion)
+        top_k = logits.topk(self.top_k, dim=1).indices
+        hits = (top_k == targets[:, None]).any(dim=1).sum()
+        self.totals += torch.stack(
+            [
+                torch.as_tensor(loss_sum, dtype=torch.float64, device=self.totals.device),
+                torch.tensor(float(len(targets)), dtype=torch.float64, device=self.totals.device),
+                hits.double(),
+            ]
+        )
+
+    def reduce(self) -> ClassificationMetrics:
+        """Sum the counts over every rank (once); every rank then computes the same numbers."""
+        if not self._reduced:
+            flat = torch.cat([self.confusion.flatten(), self.totals])
+            all_reduce_sum(flat)
+            self.confusion = flat[: self.num_classes**2].view(self.num_classes, self.num_classes)
+            self.totals = flat[self.num_classes**2 :]
+            self._reduced = True
+        return self
+
+    def compute(self) -> dict[str, float]:
+        loss_sum, count, hits = self.totals.tolist()
+        metrics = metrics_from_confusion(self.confusion)
+        metrics["top5"] = hits / max(count, 1)
+        metrics["loss"] = loss_sum / max(count, 1)
+        return metrics

@@ -1,0 +1,158 @@
+"""Building the network: Kiln's own tiny flavors, any timm architecture, or a user's plugin; then weights.
+
+Resolution order for ``model.architecture``: ``model.source`` (a plugin) when given, else a Kiln flavor
+(``MODELS``), else a timm model name (checked with ``timm.is_model``). Pretrained weights load only from an
+explicit URI; there is no model hub at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry, unknown_name_message
+from torch import nn
+
+from kiln.api.training import ModelSpec, StorageSpec
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "kiln.models"
+ModelFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    factory: ModelFactory
+    description: str
+
+
+MODELS: Registry[ModelInfo] = Registry("model")
+
+
+class DebugCNN(nn.Module):
+    """Three conv blocks and a linear head: trains in seconds on CPU, for tests and small demos."""
+
+    def __init__(self, num_classes: int, width: int = 32, in_chans: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            )
+
+        self.features = nn.Sequential(
+            block(in_chans, width, 1), block(width, width * 2, 2), block(width * 2, width * 4, 2)
+        )
+        self.head = nn.Linear(width * 4, num_classes)
+        # timm-style metadata: preprocessing comes from the model, not from config.
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "classifier": "head"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+MODELS.register(ModelInfo("debug", lambda num_classes: DebugCNN(num_classes, width=8), "tiny CNN for tests"))
+MODELS.register(ModelInfo("debug_small", lambda num_classes: DebugCNN(num_classes, width=32), "small CNN for demos"))
+
+
+def _timm_factory(name: str) -> ModelFactory:
+    if not timm.is_model(name):
+        known = [*MODELS.names(), *timm.list_models()]
+        raise InvalidInput(unknown_name_message("model.architecture (a timm name or a Kiln flavor)", name, known))
+    return lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _plugin_factory(source: str) -> ModelFactory:
+    """'pkg.module:factory', or the name of an entry point in group kiln.models. Import errors are not hidden."""
+    if ":" in source:
+        module_name, _, attr = source.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise InvalidInput(f"model.source: cannot import {module_name!r}: {exc}") from exc
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise InvalidInput(f"model.source: {module_name} has no callable {attr!r}")
+        return factory
+    matches = entry_points(group=ENTRY_POINT_GROUP, name=source)
+    if not matches:
+        names = [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+        raise InvalidInput(unknown_name_message(f"model.source entry point (group {ENTRY_POINT_GROUP})", source, names))
+    loaded: ModelFactory = next(iter(matches)).load()
+    return loaded
+
+
+def model_factory(spec: ModelSpec) -> ModelFactory:
+    if spec.source:
+        return _plugin_factory(spec.source)
+    if spec.architecture in MODELS:
+        return MODELS.get(spec.architecture).factory
+    return _timm_factory(spec.architecture)
+
+
+def build_model(spec: ModelSpec, num_classes: int, storage: StorageSpec | None = None, **kwargs: Any) -> nn.Module:
+    model = model_factory(spec)(num_classes=num_classes, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise InvalidInput(f"model.source: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.pretrained:
+        load_pretrained(model, spec.pretrained, storage)
+    return model
+
+
+def _read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tensor]:
+    if uri.startswith("s3://"):
+        from kiln import storage as store_module
+
+        parent, _, key = uri.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / key
+            store_module.open_store(parent, storage).download_file(key, local)
+            return _read_weights(str(local), storage)
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise InvalidInput(f"model.pretrained: {uri} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):  # a Kiln checkpoint or a common training-script layout
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_pretrained(model: nn.Module, uri: str, storage: StorageSpec | None = None) -> None:
+    """Load matching weights; tensors whose shape differs (a new classifier head) keep their initialization."""
+    if not uri.startswith(("s3://", "/", ".", "file://")):
+        raise InvalidInput(
+            f"model.pretrained: {uri!r} is not an s3:// URI or a file; there is no model hub at run time"
+        )
+    weights = _read_weights(uri, storage)
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise InvalidInput(f"model.pretrained: no tensor in {uri} matches the model's parameters")
+    skipped = sorted(set(weights) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s (%d skipped: %s)", len(usable), uri, len(skipped), ", ".join(skipped[:5]))
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """Mean and std the model was trained with (timm's pretrained_cfg), ImageNet's by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "mean": tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)),
+        "std": tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)),
+    }

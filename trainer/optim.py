@@ -1,0 +1,187 @@
+"""Optimizers and learning-rate schedules, each resolved by name through a registry.
+
+Every schedule is a per-optimizer-step factor on ``optimizer.lr``: a linear warmup from ``warmupLr``, then
+the named decay. ``plateau`` is a factor too (it shrinks by ``gamma`` after ``patience`` validations
+without improvement), so all schedules share one ``LambdaLR`` and one checkpoint format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from kiln.trainer.registry import Registry
+from timm.optim import create_optimizer_v2, list_optimizers
+from torch import nn
+
+from kiln.api.training import OptimizerSpec, SchedulerSpec
+
+Factor = Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    name: str
+    cls: type[torch.optim.Optimizer] | None
+    has_momentum: bool
+    has_betas: bool
+    description: str
+
+
+OPTIMIZERS: Registry[OptimizerInfo] = Registry("optimizer")
+OPTIMIZERS.register(OptimizerInfo("sgd", torch.optim.SGD, True, False, "SGD with Nesterov momentum"))
+OPTIMIZERS.register(OptimizerInfo("adam", torch.optim.Adam, False, True, "Adam"))
+OPTIMIZERS.register(OptimizerInfo("adamw", torch.optim.AdamW, False, True, "Adam with decoupled weight decay"))
+OPTIMIZERS.register(OptimizerInfo("rmsprop", torch.optim.RMSprop, True, False, "RMSprop"))
+for _name in list_optimizers(with_description=False):
+    if isinstance(_name, str) and _name not in OPTIMIZERS:
+        OPTIMIZERS.register(OptimizerInfo(_name, None, False, False, "timm create_optimizer_v2"))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Biases and norm weights (1-d tensors) are exempt from weight decay."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def create_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+    info = OPTIMIZERS.get(spec.name)
+    if info.cls is None:
+        return create_optimizer_v2(
+            model, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum
+        )
+    kwargs: dict[str, Any] = {"lr": spec.lr}
+    if info.has_momentum:
+        kwargs["momentum"] = spec.momentum
+    if info.has_betas:
+        kwargs["betas"] = tuple(spec.betas)
+    if info.name == "sgd":
+        kwargs["nesterov"] = spec.momentum > 0
+    return info.cls(_param_groups(model, spec.weight_decay), **kwargs)
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """What a schedule needs to know about the run, in optimizer steps."""
+
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    name: str
+    decay: Callable[[SchedulerSpec, Horizon, float], Factor]  # (spec, horizon, peak lr) -> factor after warmup
+    description: str
+    own_warmup: bool = False  # the decay includes its own ramp-up (onecycle)
+    on_plateau: bool = False  # reacts to the validation metric
+
+
+def _cosine(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    floor = spec.min_lr / lr
+    span = max(h.total_steps - h.warmup_steps, 1)
+    return lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min((step - h.warmup_steps) / span, 1.0)))
+
+
+def _step(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    return lambda step: spec.gamma ** (step // (spec.step_epochs * h.steps_per_epoch))
+
+
+def _multistep(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    bounds = [m * h.steps_per_epoch for m in spec.milestones]
+    return lambda step: spec.gamma ** sum(step >= b for b in bounds)
+
+
+def _exponential(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    return lambda step: spec.gamma ** (step / h.steps_per_epoch)
+
+
+def _constant(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    return lambda step: 1.0
+
+
+def _onecycle(spec: SchedulerSpec, h: Horizon, lr: float) -> Factor:
+    """Cosine up from lr/25 over the warmup (30% of the run by default), then cosine down to minLr."""
+    rise = h.warmup_steps or max(int(0.3 * h.total_steps), 1)
+    start, floor = 1 / 25, spec.min_lr / lr
+
+    def factor(step: int) -> float:
+        if step < rise:
+            return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / rise))
+        progress = min((step - rise) / max(h.total_steps - rise, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+SCHEDULERS: Registry[SchedulerInfo] = Registry("scheduler")
+for _info in (
+    SchedulerInfo("cosine", _cosine, "cosine decay to minLr"),
+    SchedulerInfo("step", _step, "multiply by gamma every stepEpochs"),
+    SchedulerInfo("multistep", _multistep, "multiply by gamma at each milestone epoch"),
+    SchedulerInfo("exponential", _exponential, "multiply by gamma every epoch, smoothly"),
+    SchedulerInfo("plateau", _constant, "multiply by gamma after patience stale validations", on_plateau=True),
+    SchedulerInfo("onecycle", _onecycle, "one cycle: cosine up, then cosine down", own_warmup=True),
+    SchedulerInfo("none", _constant, "constant learning rate after warmup"),
+):
+    SCHEDULERS.register(_info)
+
+
+class Schedule:
+    """Warmup, then the named decay, times the plateau scale; stepped once per optimizer step."""
+
+    def __init__(self, spec: SchedulerSpec, optimizer: torch.optim.Optimizer, horizon: Horizon, lr: float, mode: str):
+        self.spec, self.horizon, self.mode = spec, horizon, mode
+        self.info = SCHEDULERS.get(spec.name)
+        self._decay = self.info.decay(spec, horizon, lr)
+        self._warmup_start = min(spec.warmup_lr / lr, 1.0)
+        self.plateau_scale, self.plateau_bad = 1.0, 0
+        self.plateau_best: float | None = None
+        self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        warm = self.horizon.warmup_steps
+        if step < warm and not self.info.own_warmup:
+            return self._warmup_start + (1 - self._warmup_start) * step / warm
+        return self._decay(step) * self.plateau_scale
+
+    def step(self) -> None:
+        self.lambda_lr.step()
+
+    def observe(self, metric: float | None) -> None:
+        """After each validation: count validations without improvement, for plateau."""
+        if not self.info.on_plateau or metric is None:
+            return
+        better = self.plateau_best is None or (
+            metric > self.plateau_best if self.mode == "max" else metric < self.plateau_best
+        )
+        if better:
+            self.plateau_best, self.plateau_bad = metric, 0
+            return
+        self.plateau_bad += 1
+        if self.plateau_bad > self.spec.patience:
+            self.plateau_scale *= self.spec.gamma
+            self.plateau_bad = 0
+
+    @property
+    def last_lr(self) -> float:
+        return float(self.lambda_lr.get_last_lr()[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_epoch": self.lambda_lr.last_epoch,
+            "plateau": [self.plateau_scale, self.plateau_best, self.plateau_bad],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau_scale, self.plateau_best, self.plateau_bad = state["plateau"]
+        self.lambda_lr.last_epoch = state["last_epoch"] - 1
+        self.lambda_lr.step()

@@ -1,0 +1,113 @@
+"""The contract between the engine and a task plugin (classification now; segmentation and detection next).
+
+The engine owns the loop, DDP, AMP, checkpoints and observability. A task owns what differs between
+problems: how a split's layout is read, which network is built, how a batch becomes a loss, and which
+metrics and per-image predictions come out of evaluation. Batches are dicts of tensors with at least
+``image`` and ``index``; everything else in them is the task's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry
+from torch import nn
+from torch.utils.data import Dataset
+
+from kiln.api.resolve import ResolvedTrainingJob
+
+Batch = dict[str, Any]
+Pipeline = Callable[..., dict[str, Any]]  # an albumentations Compose: pipeline(image=..., [mask=...]) -> dict
+SPLITS = ("train", "val", "test")
+
+
+class SplitData(Protocol):
+    """One split, read but not yet decoded: it becomes a Dataset once the preprocessing pipeline is known."""
+
+    root: Path
+
+    def __len__(self) -> int: ...
+
+    def dataset(self, pipeline: Pipeline) -> Dataset[Batch]: ...
+
+    def describe(self, index: int) -> str:
+        """How the item at ``index`` is named in the predictions file (its path relative to the split root)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TaskData:
+    splits: Mapping[str, SplitData]
+    num_classes: int
+    class_names: tuple[str, ...] = field(default=())
+
+
+class Objective(Protocol):
+    """Batch handling for training: the forward pass (with mixup and the like) and the loss."""
+
+    def forward(self, model: nn.Module, batch: Batch, *, training: bool) -> Any: ...
+
+    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor: ...
+
+
+class Evaluator(Protocol):
+    """Metrics over a whole split, reduced over every rank, plus the rows of the predictions file."""
+
+    def update(self, outputs: Any, batch: Batch, loss: torch.Tensor) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+    def prediction_rows(self, outputs: Any, batch: Batch, data: SplitData) -> list[dict[str, Any]]: ...
+
+
+class Task(Protocol):
+    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData: ...
+
+    def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module: ...
+
+    def build_objective(self, job: ResolvedTrainingJob, data: TaskData) -> Objective: ...
+
+    def build_evaluator(self, job: ResolvedTrainingJob, data: TaskData, device: torch.device) -> Evaluator: ...
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    factory: Callable[[], Task]
+    description: str
+
+
+TASKS: Registry[TaskInfo] = Registry("task")
+
+
+def create_task(name: str) -> Task:
+    if name not in TASKS:
+        raise InvalidInput(
+            f"task {name!r} is not implemented by this trainer yet; available: {', '.join(TASKS.names())}"
+        )
+    return TASKS.get(name).factory()
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    name: str
+    build: Callable[[ResolvedTrainingJob, TaskData], Callable[[Any, Batch], torch.Tensor]]
+    description: str
+
+
+def weighted_loss(
+    registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData
+) -> Callable[[Any, Batch], torch.Tensor]:
+    """``loss_weights`` ({name: weight}) as one callable summing the weighted terms."""
+    terms = [(registry.get(name).build(job, data), weight) for name, weight in job.loss_weights.items()]
+
+    def total(outputs: Any, batch: Batch) -> torch.Tensor:
+        values = [weight * term(outputs, batch) for term, weight in terms]
+        return values[0] if len(values) == 1 else torch.stack(values).sum()
+
+    return total

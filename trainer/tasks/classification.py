@@ -1,0 +1,130 @@
+"""The classification task: timm classifiers, cross-entropy with mixup/cutmix and label smoothing,
+top-1/top-5/macro-F1 metrics and per-image predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.metrics import ClassificationMetrics
+from kiln.trainer.models import build_model
+from kiln.trainer.registry import Registry
+from kiln.trainer.tasks.base import Batch, LossInfo, SplitData, TaskData, weighted_loss
+from kiln.trainer.tasks.classification_data import FORMATS, LabelledImages, class_order, hold_out, index_samples
+from timm.data import Mixup
+from torch import nn
+
+from kiln.api.resolve import ResolvedTrainingJob
+
+
+def _cross_entropy(job: ResolvedTrainingJob, data: TaskData) -> Callable[[Any, Batch], torch.Tensor]:
+    class_weights = job.spec.loss.class_weights
+    if class_weights is not None and len(class_weights) != data.num_classes:
+        raise InvalidInput(f"loss.classWeights has {len(class_weights)} entries for {data.num_classes} classes")
+    weight = torch.tensor(class_weights) if class_weights else None
+    smoothing = job.spec.augmentation.label_smoothing
+
+    def loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        target = batch["target"]
+        w = weight.to(logits.device) if weight is not None else None
+        # Soft (mixed) targets already carry the smoothing; hard ones get it here.
+        return F.cross_entropy(
+            logits.float(), target, weight=w, label_smoothing=smoothing if target.dim() == 1 else 0.0
+        )
+
+    return loss
+
+
+LOSSES: Registry[LossInfo] = Registry("classification loss")
+LOSSES.register(LossInfo("cross_entropy", _cross_entropy, "cross-entropy, with label smoothing and class weights"))
+
+
+class ClassificationObjective:
+    def __init__(self, job: ResolvedTrainingJob, data: TaskData) -> None:
+        aug = job.spec.augmentation
+        self.mixup = (
+            Mixup(
+                mixup_alpha=aug.mixup,
+                cutmix_alpha=aug.cutmix,
+                label_smoothing=aug.label_smoothing,
+                num_classes=data.num_classes,
+            )
+            if aug.mixup > 0 or aug.cutmix > 0
+            else None
+        )
+        self._loss = weighted_loss(LOSSES, job, data)
+
+    def forward(self, model: nn.Module, batch: Batch, *, training: bool) -> torch.Tensor:
+        if training and self.mixup is not None and len(batch["image"]) % 2 == 0:
+            batch["image"], batch["target"] = self.mixup(batch["image"], batch["target"])
+        return model(batch["image"])
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self._loss(outputs, batch)
+
+
+class ClassificationEvaluator:
+    def __init__(self, data: TaskData, device: torch.device) -> None:
+        self.class_names = data.class_names
+        self.metrics = ClassificationMetrics(data.num_classes, device)
+
+    def update(self, outputs: torch.Tensor, batch: Batch, loss: torch.Tensor) -> None:
+        self.metrics.update(outputs.float(), batch["target"], loss.detach().double() * len(batch["target"]))
+
+    def compute(self) -> dict[str, float]:
+        return self.metrics.reduce().compute()
+
+    @property
+    def confusion(self) -> list[list[int]]:
+        return [[int(v) for v in row] for row in self.metrics.confusion.tolist()]
+
+    def prediction_rows(self, outputs: torch.Tensor, batch: Batch, data: SplitData) -> list[dict[str, Any]]:
+        probabilities = outputs.float().softmax(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        rows = []
+        for index, label, pred, conf in zip(
+            batch["index"].tolist(), batch["target"].tolist(), predicted.tolist(), confidence.tolist(), strict=True
+        ):
+            rows.append(
+                {
+                    "path": data.describe(index),
+                    "label": self.class_names[label],
+                    "prediction": self.class_names[pred],
+                    "confidence": round(conf, 6),
+                    "correct": int(label == pred),
+                }
+            )
+        return rows
+
+
+class ClassificationTask:
+    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData:
+        spec = job.spec
+        sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
+        raw = {split: FORMATS.get(sources[split].format).read(root, split) for split, root in roots.items()}  # type: ignore[union-attr]
+        classes = class_order({name for _, name in raw["train"]})
+        declared = spec.model.num_classes
+        if declared is not None and declared != len(classes):
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise InvalidInput(f"model.numClasses is {declared} but data.train has {len(classes)} classes ({shown})")
+        splits: dict[str, LabelledImages] = {
+            split: index_samples(samples, classes, roots[split], split) for split, samples in raw.items()
+        }
+        if spec.data.val_split is not None:
+            splits["train"], splits["val"] = hold_out(splits["train"], spec.data.val_split, spec.seed)
+        return TaskData(splits=splits, num_classes=len(classes), class_names=tuple(classes))
+
+    def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module:
+        return build_model(job.spec.model, data.num_classes, job.spec.storage)
+
+    def build_objective(self, job: ResolvedTrainingJob, data: TaskData) -> ClassificationObjective:
+        return ClassificationObjective(job, data)
+
+    def build_evaluator(
+        self, job: ResolvedTrainingJob, data: TaskData, device: torch.device
+    ) -> ClassificationEvaluator:
+        return ClassificationEvaluator(data, device)

@@ -1,0 +1,308 @@
+"""The training loop. ``Trainer.train()`` is its outline; every verb in it belongs to a component."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from kiln.trainer.components import Components, build_components
+from kiln.trainer.distributed import World, any_rank, broadcast_object, gather_objects, unwrap
+from kiln.trainer.observability import TrainerMetrics
+from kiln.trainer.preemption import PreemptionFlag
+from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, Snapshot, State, now_rfc3339
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.api.status import CheckpointStatus, Progress
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_STEPS = 10
+CHECKPOINT_FORMAT = 1
+
+
+class Trainer:
+    def __init__(
+        self,
+        job: ResolvedTrainingJob,
+        world: World,
+        *,
+        preemption: PreemptionFlag | None = None,
+        reporter: ProgressReporter | None = None,
+        metrics: TrainerMetrics | None = None,
+    ) -> None:
+        self.job, self.spec, self.world = job, job.spec, world
+        self.preemption = preemption or PreemptionFlag()
+        self.reporter: ProgressReporter = reporter or NullReporter()
+        self.metrics = metrics or TrainerMetrics()
+        self.c: Components = build_components(job, world)
+        self.epoch = 0  # the epoch in progress (0-based); equals spec.epochs when done
+        self.batch = 0  # micro-batches of that epoch already trained
+        self.step = 0  # optimizer steps, across restarts
+        self.latest_metrics: dict[str, float] = {}
+        self.state: State = "running"
+        self.stopped_early = False
+        self.eta = EtaClock(0)
+        self.final: dict[str, Any] = {}  # test metrics and the predictions URI, for summary.json
+
+    # -- the outline --------------------------------------------------------------------------------------
+    def train(self) -> State:
+        self.resume()
+        self.c.run_log.load()
+        self.eta = EtaClock(self.step)
+        while self.should_continue():
+            if not self.train_epoch():
+                self.save_checkpoint(score=None)
+                self.finish("preempted")
+                return self.state
+            self.epoch, self.batch = self.epoch + 1, 0
+            score = self.validate_if_due()
+            self.record_epoch()
+            if self.c.checkpointer.due_at_epoch(self.epoch, last=self.epoch == self.spec.epochs or self.stopped_early):
+                self.save_checkpoint(score=score)
+            if any_rank(self.preemption.requested, self.world.device):
+                self.save_checkpoint(score=score)
+                self.finish("preempted")
+                return self.state
+        self.evaluate_best()
+        self.finish("completed")
+        return self.state
+
+    def should_continue(self) -> bool:
+        return self.epoch < self.spec.epochs and not self.stopped_early
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """One pass over the training split from ``self.batch`` on; False when preempted mid-epoch."""
+        c = self.c
+        c.model.train()
+        c.train_sampler.set_epoch(self.epoch, skip_samples=self.batch * self.spec.data.batch_size)
+        remaining = len(c.train_loader)
+        loss_sum, loss_count = torch.zeros((), device=self.world.device), 0
+        tick = time.perf_counter()
+        for index, batch in enumerate(c.train_loader):
+            data_wait = time.perf_counter() - tick
+            loss = self.train_step(batch, last=index == remaining - 1)
+            loss_sum += loss.detach()
+            loss_count += 1
+            self.batch += 1
+            if not c.accelerator.stepped:
+                tick = time.perf_counter()
+                continue
+            self.step += 1
+            if self.step % LOG_EVERY_STEPS == 0 or index == remaining - 1:
+                self.observe_step(loss_sum / loss_count, time.perf_counter() - tick, data_wait, len(batch["image"]))
+                loss_sum, loss_count = torch.zeros((), device=self.world.device), 0
+            if any_rank(self.preemption.requested, self.world.device):
+                return False
+            if c.checkpointer.due_at_step(self.step) and index != remaining - 1:
+                self.save_checkpoint(score=None)
+            tick = time.perf_counter()
+        return True
+
+    def train_step(self, batch: dict[str, Any], *, last: bool) -> torch.Tensor:
+        c = self.c
+        batch = self.to_device(batch)
+        with c.accelerator.accumulate(c.model, last=last), c.accelerator.autocast():
+            outputs = c.objective.forward(c.model, batch, training=True)
+            loss = c.objective.loss(outputs, batch)
+        c.accelerator.backward(loss, last=last)
+        if c.accelerator.step(c.model, c.optimizer, last=last):
+            c.schedule.step()
+            if c.ema is not None:
+                c.ema.update(unwrap(c.model), step=self.step)
+        return loss
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: self.c.accelerator.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def observe_step(self, loss: torch.Tensor, seconds: float, data_wait: float, batch_size: int) -> None:
+        images_per_second = batch_size * self.world.world_size / max(seconds, 1e-9)
+        value = float(loss.item())
+        self.latest_metrics.update(
+            {"train/loss": value, "train/lr": self.c.schedule.last_lr, "train/images_per_sec": images_per_second}
+        )
+        self.metrics.observe_step(
+            loss=value,
+            lr=self.c.schedule.last_lr,
+            step=self.step,
+            seconds=seconds,
+            data_wait=data_wait,
+            samples_per_second=images_per_second,
+        )
+        self.report()
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, *, predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        c = self.c
+        model = c.ema.module if c.ema is not None else unwrap(c.model)
+        model.eval()
+        evaluator = c.evaluator(self.job, self.world)
+        rows: list[dict[str, Any]] = []
+        for raw in c.eval_loaders[split]:
+            batch = self.to_device(raw)
+            with c.accelerator.autocast():
+                outputs = c.objective.forward(model, batch, training=False)
+                loss = c.objective.loss(outputs, batch)
+            evaluator.update(outputs, batch, loss)
+            if predictions:
+                rows.extend(evaluator.prediction_rows(outputs, batch, c.data.splits[split]))
+        c.model.train()
+        all_rows = [row for part in gather_objects(rows) for row in part] if predictions else []
+        return evaluator.compute(), all_rows
+
+    def validate_if_due(self) -> float | None:
+        last = self.epoch == self.spec.epochs
+        if "val" not in self.c.eval_loaders or not (self.epoch % self.spec.validation.every == 0 or last):
+            return None
+        metrics, _ = self.evaluate("val")
+        self.latest_metrics.update({f"val/{k}": v for k, v in metrics.items()})
+        self.metrics.observe_validation(metrics)
+        score = metrics[self.metric_name(self.spec.validation.metric)]
+        self.c.schedule.observe(score)
+        stopping = self.spec.early_stopping
+        if self.c.early_stopping is not None and stopping is not None:
+            self.stopped_early = self.c.early_stopping.observe(metrics[self.metric_name(stopping.metric)])
+            if self.stopped_early:
+                log.info("early stopping: no improvement in %d validations", self.c.early_stopping.patience)
+        log.info("epoch %d validation: %s", self.epoch, _fmt(metrics))
+        return score
+
+    @staticmethod
+    def metric_name(metric: str | None) -> str:
+        return (metric or "accuracy").removeprefix("val/")
+
+    def evaluate_best(self) -> None:
+        """Evaluate the test split (else val) with the best checkpoint's weights; write per-image predictions."""
+        split = "test" if "test" in self.c.eval_loaders else "val"
+        if split not in self.c.eval_loaders:
+            return
+        best = broadcast_object(self.c.checkpointer.best)  # only rank 0 tracks saves and retention
+        if best is not None:
+            state = self.c.checkpointer.load_entry(best)
+            unwrap(self.c.model).load_state_dict(state["model"])
+            if self.c.ema is not None and state.get("ema") is not None:
+                self.c.ema.module.load_state_dict(state["ema"])
+        metrics, rows = self.evaluate(split, predictions=True)
+        self.final = {"evaluation": {"split": split, "checkpoint": self.c.checkpointer.uri(best), "metrics": metrics}}
+        if self.world.is_main:
+            self.final["predictions"] = self.c.run_log.write_predictions(f"predictions-{split}.csv", rows)
+            log.info("%s on the best checkpoint: %s", split, _fmt(metrics))
+
+    # -- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        c = self.c
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.world.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": unwrap(c.model).state_dict(),
+            "optimizer": c.optimizer.state_dict(),
+            "schedule": c.schedule.state_dict(),
+            "accelerator": c.accelerator.state_dict(),
+            "ema": c.ema.module.state_dict() if c.ema is not None else None,
+            "early_stopping": c.early_stopping.state_dict() if c.early_stopping is not None else None,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "rng": gather_objects(rng),
+            "metrics": dict(self.latest_metrics),
+            "spec": self.job.model_dump(mode="json", by_alias=True),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c = self.c
+        unwrap(c.model).load_state_dict(state["model"])
+        c.optimizer.load_state_dict(state["optimizer"])
+        c.schedule.load_state_dict(state["schedule"])
+        c.accelerator.load_state_dict(state["accelerator"])
+        if c.ema is not None and state.get("ema") is not None:
+            c.ema.module.load_state_dict(state["ema"])
+        if c.early_stopping is not None and state.get("early_stopping") is not None:
+            c.early_stopping.load_state_dict(state["early_stopping"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.latest_metrics = dict(state.get("metrics", {}))
+        rng = state.get("rng") or []
+        if len(rng) == self.world.world_size:
+            own = rng[self.world.rank]
+            random.setstate(own["python"])
+            np.random.set_state(own["numpy"])
+            torch.set_rng_state(own["torch"])
+            if "cuda" in own and torch.cuda.is_available():
+                torch.cuda.set_rng_state(own["cuda"], self.world.device)
+
+    def resume(self) -> None:
+        resume = self.spec.checkpoint.resume
+        state = self.c.checkpointer.load_latest() if resume != "never" else None
+        if state is None and resume not in ("auto", "never"):
+            # A new job started from another job's checkpoint: its weights, none of its progress.
+            unwrap(self.c.model).load_state_dict(self.c.checkpointer.load_uri(resume, self.spec.storage)["model"])
+            log.info("initialized the weights from %s", resume)
+            return
+        if state is not None:
+            self.load_state_dict(state)
+            log.info("resumed at epoch %d, batch %d, step %d", self.epoch, self.batch, self.step)
+
+    def save_checkpoint(self, *, score: float | None) -> None:
+        state = self.state_dict()  # every rank: the RNG states are gathered
+        uri = self.c.checkpointer.save(state, epoch=self.epoch, step=self.step, score=score)
+        if uri is not None:
+            self.metrics.checkpoint_save_seconds.set(self.c.checkpointer.save_seconds)
+        self.report()
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        total = self.c.horizon.total_steps
+        metric = self.metric_name(self.spec.validation.metric)
+        value = self.latest_metrics.get(f"val/{metric}")
+        best = self.c.checkpointer.best
+        return Snapshot(
+            state=self.state,
+            progress=Progress(
+                epoch=self.epoch,
+                total_epochs=self.spec.epochs,
+                step=self.step,
+                percent=round(min(100.0, 100.0 * self.step / max(total, 1)), 2),
+                eta_seconds=0.0 if self.state == "completed" else self.eta.eta_seconds(self.step, total),
+                metrics={k: round(v, 6) for k, v in self.latest_metrics.items()},
+                metric=f"{metric}={value:.4f}" if value is not None else None,
+                updated_at=now_rfc3339(),
+            ),
+            checkpoints=CheckpointStatus(
+                latest=self.c.checkpointer.uri(self.c.checkpointer.latest),
+                best=self.c.checkpointer.uri(best),
+                best_metric=best.score if best is not None else None,
+            ),
+        )
+
+    def report(self) -> None:
+        if self.world.is_main:
+            self.reporter.report(self.snapshot())
+
+    def record_epoch(self) -> None:
+        self.metrics.epoch.set(self.epoch)
+        self.metrics.observe_memory(self.world.device)
+        if self.world.is_main:
+            record = {"epoch": self.epoch, "step": self.step, "time": now_rfc3339(), **self.latest_metrics}
+            self.c.run_log.append(record)
+            self.write_summary()
+        self.report()
+
+    def write_summary(self) -> None:
+        if self.world.is_main:
+            summary = {"job": f"{self.job.namespace}/{self.job.name}", **self.snapshot().to_dict(), **self.final}
+            self.c.run_log.write_summary(summary)
+
+    def finish(self, state: State) -> None:
+        self.state = state
+        self.write_summary()
+        self.report()
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
