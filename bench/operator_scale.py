@@ -2,7 +2,17 @@
 
 Creates N TrainingJobs at once and measures, per job: CR created -> its attempt Job created, and
 CR created -> condition Running=True; then the time until all are Succeeded, and the operator's peak RSS
-and CPU seconds (from /proc). Usage:
+and CPU seconds (from /proc).
+
+Timestamps are client-side monotonic clocks in this process: "created" is when the create call returned
+(the object is committed), "Job seen" when a raw watch on Jobs delivered it. Object timestamps
+(creationTimestamp) have 1 s granularity and are never used. The apiserver's request counters
+(apiserver_request_total) are read before the creates and after the last Succeeded, so the report says how
+many requests of each verb and resource the run cost, per TrainingJob; writes to TrainingJobs and the
+operator's Events are the operator's own. The VM is shared (control plane, operator, this client, and
+whatever else runs there): the load average and the machine's busy CPU share during the run are reported.
+
+Usage:
 
     .venv/bin/python bench/operator_scale.py --jobs 200 [--jobs 1000]
 """
@@ -19,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,28 +62,62 @@ def trainingjob(name: str) -> dict[str, Any]:
 
 
 class Watcher(threading.Thread):
-    """Stamps, from a watch stream, when each object first shows up or reaches a condition."""
+    """Stamps, from a raw watch stream, when each object first shows up or reaches a condition.
 
-    def __init__(self, kubeconfig: Path, kind: str, stamp: Any) -> None:
+    Raw JSON lines, not the client library's models: decoding 200 Jobs into V1Job objects costs CPU that
+    the shared cores need, and would delay the stamp it is measuring.
+    """
+
+    def __init__(self, kubeconfig: Path, path: str, stamp: Any) -> None:
         super().__init__(daemon=True)
-        self.kubeconfig, self.kind, self.stamp = kubeconfig, kind, stamp
+        self.kubeconfig, self.path, self.stamp = kubeconfig, path, stamp
+        self.ready = threading.Event()
 
     def run(self) -> None:
-        from kubernetes import client, config, watch
+        from kubernetes import config
 
         api = config.new_client_from_config(config_file=str(self.kubeconfig))
-        if self.kind == "jobs":
-            lister, kwargs = client.BatchV1Api(api).list_namespaced_job, {"namespace": NAMESPACE}
-        else:
-            lister = client.CustomObjectsApi(api).list_namespaced_custom_object
-            kwargs = {"group": "kiln.dev", "version": "v1alpha1", "namespace": NAMESPACE, "plural": "trainingjobs"}
         while True:
             try:
-                for event in watch.Watch().stream(lister, timeout_seconds=300, **kwargs):
-                    obj = event["object"]
-                    self.stamp(time.monotonic(), obj if isinstance(obj, dict) else api.sanitize_for_serialization(obj))
-            except Exception:  # the stream ends with the cluster; any other gap is re-listed above
+                response = api.call_api(
+                    *api.param_serialize(
+                        "GET", self.path, query_params=[("watch", "true"), ("timeoutSeconds", "600")],
+                        header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                    ),
+                    _request_timeout=None,
+                )  # fmt: skip
+                self.ready.set()
+                buffer = b""
+                for chunk in response.response.stream(64 * 1024, decode_content=False):
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            at = time.monotonic()
+                            self.stamp(at, json.loads(line)["object"])
+            except Exception:  # the stream ends with the cluster; any other gap is re-watched
                 time.sleep(0.5)
+
+
+def apiserver_requests(kube: KubeClient) -> Counter[tuple[str, str]]:
+    """apiserver_request_total summed by (verb, resource[/subresource]), from the apiserver's /metrics."""
+    response = kube._pool.request("GET", f"{kube.server}/metrics", headers=kube._headers)
+    tally: Counter[tuple[str, str]] = Counter()
+    for line in response.data.decode().splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.rindex("}")].split(","))
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        tally[(labels.get("verb", ""), resource)] += int(float(line.rsplit(" ", 1)[1]))
+    return tally
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -107,66 +152,102 @@ def run(jobs: int, nodes: int) -> dict[str, Any]:
         time.sleep(3)
         rss_idle, _ = proc_stats(operator.pid)
 
+        sent: dict[str, float] = {}
         created: dict[str, float] = {}
         job_seen: dict[str, float] = {}
         running: dict[str, float] = {}
         succeeded: dict[str, float] = {}
 
         def on_job(at: float, obj: dict[str, Any]) -> None:
-            owner = obj["metadata"].get("labels", {}).get("kiln.dev/training-job")
+            owner = (obj["metadata"].get("labels") or {}).get("kiln.dev/training-job")
             if owner:
                 job_seen.setdefault(owner, at)
 
         def on_tj(at: float, obj: dict[str, Any]) -> None:
             name = obj["metadata"]["name"]
-            for condition in obj.get("status", {}).get("conditions", []):
+            for condition in (obj.get("status") or {}).get("conditions", []):
                 if condition["status"] == "True" and condition["type"] == "Running":
                     running.setdefault(name, at)
                 if condition["status"] == "True" and condition["type"] == "Succeeded":
                     succeeded.setdefault(name, at)
 
-        watchers = [Watcher(cluster.kubeconfig, "jobs", on_job), Watcher(cluster.kubeconfig, "tj", on_tj)]
+        tj_path = f"/apis/kiln.dev/v1alpha1/namespaces/{NAMESPACE}/trainingjobs"
+        watchers = [
+            Watcher(cluster.kubeconfig, f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", on_job),
+            Watcher(cluster.kubeconfig, tj_path, on_tj),
+        ]
         for watcher in watchers:
             watcher.start()
+            watcher.ready.wait(30)
         time.sleep(1)
 
-        tj_path = f"/apis/kiln.dev/v1alpha1/namespaces/{NAMESPACE}/trainingjobs"
         client = KubeClient(cluster.kubeconfig)
+        requests_before, cpu_before, load_before = apiserver_requests(client), machine_cpu(), os.getloadavg()
+        operator_cpu_before = proc_stats(operator.pid)[1]
 
         def create(index: int) -> None:
             name = f"bench-{index:04d}"
+            sent[name] = time.monotonic()
             client.create(tj_path, trainingjob(name))
             created[name] = time.monotonic()
 
         started = time.monotonic()
+        # 16 threads over KubeClient's 4 pooled connections: a burst as from several kubectl users.
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(create, range(jobs)))
         created_all = time.monotonic() - started
         wait_until(lambda: len(succeeded) >= jobs, timeout=600, interval=0.5, what="all Succeeded",
                    on_tick=lambda: None)  # fmt: skip
         all_done = time.monotonic() - started
+        cpu_after, load_after = machine_cpu(), os.getloadavg()
+        requests = apiserver_requests(client) - requests_before
         rss_peak, cpu = proc_stats(operator.pid)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             reconciles = [line for line in response.read().decode().splitlines()
                           if line.startswith(PREFIXES)]  # fmt: skip
+        events = client.get(f"/api/v1/namespaces/{NAMESPACE}/events")["items"]
+        operator_events = sum(1 for e in events if e.get("reportingComponent") == "kiln-operator"
+                              or (e.get("source") or {}).get("component") == "kiln-operator")  # fmt: skip
         operator.terminate()
         operator.wait(timeout=30)
 
         to_job = [job_seen[n] - created[n] for n in created if n in job_seen]
         to_running = [running[n] - created[n] for n in created if n in running]
+        create_calls = [created[n] - sent[n] for n in created]
+        writes = {f"{verb} {res}": n for (verb, res), n in sorted(requests.items())
+                  if verb in ("POST", "PATCH", "PUT", "DELETE") and n}  # fmt: skip
+        reads = {f"{verb} {res}": n for (verb, res), n in sorted(requests.items())
+                 if verb in ("GET", "LIST") and n}  # fmt: skip
+        tj_writes = sum(n for (verb, res), n in requests.items()
+                        if verb in ("PATCH", "PUT") and res.startswith("trainingjobs"))  # fmt: skip
+        busy = (cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1])
         return {
             "jobs": jobs,
             "kwok_nodes": nodes,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "loadavg_1m_before": round(load_before[0], 2),
+                "loadavg_1m_after": round(load_after[0], 2),
+                "busy_cpu_share_during_run": round(busy, 2),
+            },
             "create_all_s": round(created_all, 2),
+            "create_call_p50_s": round(statistics.median(create_calls), 3),
+            "create_call_p99_s": round(percentile(create_calls, 99), 3),
             "cr_to_job_p50_s": round(statistics.median(to_job), 3),
             "cr_to_job_p99_s": round(percentile(to_job, 99), 3),
+            "cr_to_job_max_s": round(max(to_job), 3),
+            "jobs_observed": len(to_job),
             "cr_to_running_p50_s": round(statistics.median(to_running), 3) if to_running else None,
             "cr_to_running_p99_s": round(percentile(to_running, 99), 3) if to_running else None,
             "running_observed": len(to_running),
             "all_succeeded_s": round(all_done, 1),
             "operator_rss_idle_mb": round(rss_idle, 1),
             "operator_rss_peak_mb": round(rss_peak, 1),
-            "operator_cpu_s": round(cpu, 1),
+            "operator_cpu_s": round(cpu - operator_cpu_before, 1),
+            "operator_tj_patches_per_job": round(tj_writes / jobs, 2),
+            "operator_events_per_job": round(operator_events / jobs, 2),
+            "apiserver_writes": writes,
+            "apiserver_reads": reads,
             "reconciles": reconciles,
         }
     finally:

@@ -7,30 +7,27 @@ lives in module globals.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
 from aiohttp import web
 from kiln.operator import labels as L
+from kiln.operator.background import Background, Schedule
 from kiln.operator.kube import Kube, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
-from kiln.operator.status import parse_time
 from kubernetes.client.rest import ApiException
 
-from kiln.api.status import TERMINAL_PHASES, ConditionType, Phase
+from kiln.api.status import ConditionType, Phase
 
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
-TERMINAL = {p.value for p in TERMINAL_PHASES}
 RESYNC_INTERVAL_S = 60.0
 
 
@@ -43,6 +40,12 @@ class Context:
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     job_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     """The last Job state reconciled per Job, to skip events that change nothing the operator reads."""
+    schedule: Schedule = field(init=False)
+    """Every TrainingJob seen, for the periodic work (resync, progress polls, TTL) in ``background``."""
+    background: Background | None = None
+
+    def __post_init__(self) -> None:
+        self.schedule = Schedule(RESYNC_INTERVAL_S, self.settings.progress_interval_s)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         return self.locks.setdefault(f"{namespace}/{name}", threading.Lock())
@@ -107,18 +110,6 @@ def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
         ctx.metrics.restarted.inc(restarts)
 
 
-def _is_running(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == Phase.RUNNING.value
-
-
-def _is_active(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL
-
-
-def _expires(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
-    return status.get("phase") in TERMINAL and (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
-
-
 def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf.OperatorRegistry, Context]:
     ctx = ctx or Context(settings=settings)
     registry = kopf.OperatorRegistry()
@@ -132,14 +123,18 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     @on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
         apply_kopf_settings(settings, ctx.settings)
-        ctx.kube = Kube(load_api_client(ctx.settings.workers))
+        ctx.kube = Kube(load_api_client(ctx.settings.workers * 3), fanout=ctx.settings.workers * 2)
         ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
+        ctx.background = Background(ctx.schedule, _periodic_actions(ctx))
+        ctx.background.start(settings.execution.executor)
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
 
     @on.cleanup(id="shutdown", registry=registry)
     async def shutdown(**_: Any) -> None:
         ctx.metrics.ready.clear()
+        if ctx.background is not None:
+            await ctx.background.stop()
         if ctx.server is not None:
             await ctx.server.cleanup()
 
@@ -173,42 +168,36 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             logging.getLogger(__name__).warning("reconcile after a Job event failed, will resync: %s", exc)
 
     @on.event(*TJ, id="track-phase", registry=registry)
-    def track_phase(type: str, uid: str, namespace: str | None, name: str, status: kopf.Status, **_: Any) -> None:
+    async def track_phase(type: str, body: kopf.Body, uid: str, namespace: str | None, name: str, **_: Any) -> None:
+        # async: runs on the event loop, so the schedule needs no lock and no worker thread is taken.
         deleted = type == "DELETED"
+        status = body.get("status") or {}
         ctx.metrics.phases.observe(uid, None if deleted else status.get("phase", Phase.PENDING.value))
+        ctx.schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:
             ctx.locks.pop(f"{namespace}/{name}", None)
 
-    @kopf.timer(*TJ, interval=settings.progress_interval_s, when=_is_running, id="progress", registry=registry)
-    def poll_rank0_progress(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    return registry, ctx
+
+
+def _periodic_actions(ctx: Context) -> dict[str, Any]:
+    """What Background runs when due: each takes (namespace, name, latest body) and may block."""
+
+    def resync(namespace: str, name: str, _: Obj) -> None:
+        run_reconcile(ctx, "resync", namespace, name)
+
+    def progress(namespace: str, name: str, body: Obj) -> None:
         assert ctx.kube is not None
         try:
-            poll_progress(ctx.kube, dict(body), ctx.settings.progress_timeout_s)
+            poll_progress(ctx.kube, body, ctx.settings.progress_timeout_s)
         except OSError as exc:  # a busy or restarting rank 0: skip this poll
-            logger.debug("progress poll failed: %s", exc)
+            logging.getLogger(__name__).debug("progress poll of %s/%s failed: %s", namespace, name, exc)
 
-    @kopf.timer(
-        *TJ,
-        interval=RESYNC_INTERVAL_S,
-        initial_delay=RESYNC_INTERVAL_S,
-        when=_is_active,
-        id="resync",
-        registry=registry,
-    )
-    def resync(namespace: str | None, name: str, **_: Any) -> None:
-        run_reconcile(ctx, "resync", namespace or "", name)
+    def expire(namespace: str, name: str, _: Obj) -> None:
+        assert ctx.kube is not None
+        ctx.kube.delete_trainingjob(namespace, name)
 
-    @kopf.daemon(*TJ, when=_expires, cancellation_timeout=1.0, id="ttl", registry=registry)
-    async def expire_finished(
-        spec: kopf.Spec, status: kopf.Status, namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
-    ) -> None:
-        ttl = float(spec["runPolicy"]["ttlSecondsAfterFinished"])
-        finished = parse_time(status.get("completionTime")) or datetime.now(UTC)
-        await stopped.wait(max(0.0, ttl - (datetime.now(UTC) - finished).total_seconds()))
-        if not stopped and ctx.kube is not None:
-            await asyncio.get_running_loop().run_in_executor(None, ctx.kube.delete_trainingjob, namespace or "", name)
-
-    return registry, ctx
+    return {"resync": resync, "progress": progress, "expire": expire}
 
 
 def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:
@@ -218,6 +207,10 @@ def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kiln.dev", key="last-handled-configuration"
     )
+    # kopf waits this long for the watch to deliver its own annotation patch before handling newer events;
+    # a saturated apiserver took > 5 s (the default) in the 200-job benchmark, and kopf then re-ran the
+    # create handler on the stale event (128 of 200 jobs: an extra reconcile, GET and PATCH each).
+    settings.persistence.consistency_timeout = 30
     # Only explicit transition Events and warnings reach the cluster, not every "handler succeeded" line.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "kiln-operator"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kiln.operator import labels as L
@@ -45,8 +47,19 @@ def is_status(exc: BaseException, code: int) -> bool:
 class Kube:
     """The handful of calls the operator makes."""
 
-    def __init__(self, api: client.ApiClient, timeout_s: float = 30.0) -> None:
+    def __init__(self, api: client.ApiClient, timeout_s: float = 30.0, fanout: int = 8) -> None:
         self.api, self.timeout_s = api, timeout_s
+        self._fanout = ThreadPoolExecutor(max_workers=fanout, thread_name_prefix="kiln-kube")
+
+    def concurrently(self, *calls: Callable[[], Obj]) -> list[Obj]:
+        """Run independent calls at once (one round trip of wall time, not one per call); re-raise the first
+        error after all have finished, so a retry never races a call still in flight."""
+        futures = [self._fanout.submit(call) for call in calls]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [f.result() for f in futures]
 
     def request(
         self,

@@ -108,10 +108,16 @@ def act(
     if decision.delete_attempt is not None:
         kube.delete_job(namespace, L.attempt_job_name(name, decision.delete_attempt))
     if decision.create_attempt is not None:
-        kube.apply_configmap(render_configmap(resolved))
-        kube.create_or_adopt(render_service(resolved))
+        # Independent creates, sent together: the Job's pods wait for the ConfigMap volume as kubelet
+        # retries mounts, and the Service only gives the pods DNS names, which they resolve later.
+        configmap, service = render_configmap(resolved), render_service(resolved)
         deadline = job_deadline(resolved.spec.run_policy, decision.status.start_time, None, now)
-        kube.create_or_adopt(render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline))
+        job = render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline)
+        kube.concurrently(
+            lambda: kube.apply_configmap(configmap),
+            lambda: kube.create_or_adopt(service),
+            lambda: kube.create_or_adopt(job),
+        )
     if decision.job_deadline is not None:
         job_name = L.attempt_job_name(name, decision.status.attempt)
         kube.patch_job(namespace, job_name, {"spec": {"activeDeadlineSeconds": decision.job_deadline}})

@@ -1,0 +1,121 @@
+"""Per-TrainingJob periodic work without kopf timers or daemons: resync, rank-0 progress polls, TTL deletes.
+
+kopf puts a finalizer on every object that a timer or daemon matches, so that it can stop them before the
+object goes: one PATCH to add it, one to remove it, a lost handling cycle (the create handler waits for
+the finalizer's own watch event) and deletes that hang while the operator is down. None of that is needed
+here: the children are cleaned up by ownerReferences, and every periodic action tolerates a TrainingJob
+that is already gone. So one asyncio task walks an in-memory table of TrainingJobs, kept current by the
+``track-phase`` event handler, and hands due work to the handlers' thread pool.
+
+``Schedule`` is the pure part (what is due when); ``Background`` runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kiln.operator.status import parse_time
+
+from kiln.api.status import TERMINAL_PHASES, Phase
+
+Obj = dict[str, Any]
+TERMINAL = {p.value for p in TERMINAL_PHASES}
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    body: Obj
+    next_resync: float
+    next_progress: float = 0.0
+    next_expire: float = 0.0
+    """No TTL delete before this (monotonic s): one delete in flight, and a failed one retried 5 s later."""
+
+    @property
+    def phase(self) -> str:
+        return str((self.body.get("status") or {}).get("phase") or Phase.PENDING.value)
+
+    def expires_at(self) -> datetime | None:
+        """When a finished job with runPolicy.ttlSecondsAfterFinished is due for deletion, else None."""
+        ttl = ((self.body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None or self.phase not in TERMINAL:
+            return None
+        finished = parse_time((self.body.get("status") or {}).get("completionTime")) or datetime.now(UTC)
+        return finished + timedelta(seconds=float(ttl))
+
+
+class Schedule:
+    """The TrainingJobs this operator sees and when each one's periodic work is next due (monotonic s)."""
+
+    def __init__(self, resync_interval_s: float, progress_interval_s: float) -> None:
+        self.resync_interval_s, self.progress_interval_s = resync_interval_s, progress_interval_s
+        self.entries: dict[tuple[str, str], Entry] = {}
+
+    def observe(self, namespace: str, name: str, body: Obj | None, now: float) -> None:
+        """Record the latest body from a watch event; None (deleted) forgets the job."""
+        key = (namespace, name)
+        if body is None:
+            self.entries.pop(key, None)
+        elif key in self.entries:
+            self.entries[key].body = body
+        else:
+            self.entries[key] = Entry(body=body, next_resync=now + self.resync_interval_s)
+
+    def due(self, now: float, wall: datetime) -> Iterator[tuple[str, tuple[str, str], Obj]]:
+        """("resync" | "progress" | "expire", key, body) for every action due now, advancing its clock."""
+        for key, entry in list(self.entries.items()):
+            phase = entry.phase
+            if phase not in TERMINAL and now >= entry.next_resync:
+                entry.next_resync = now + self.resync_interval_s
+                yield "resync", key, entry.body
+            if phase == Phase.RUNNING.value and now >= entry.next_progress:
+                entry.next_progress = now + self.progress_interval_s
+                yield "progress", key, entry.body
+            expires = entry.expires_at()
+            if expires is not None and wall >= expires and now >= entry.next_expire:
+                entry.next_expire = now + 5.0
+                yield "expire", key, entry.body
+
+
+Action = Callable[[str, str, Obj], object]
+
+
+class Background:
+    """Runs a Schedule: every tick, starts each due action in the executor, at most one per job at a time."""
+
+    def __init__(self, schedule: Schedule, actions: dict[str, Action], tick_s: float = 0.5) -> None:
+        self.schedule, self.actions, self.tick_s = schedule, actions, tick_s
+        self.busy: set[tuple[str, tuple[str, str]]] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, executor: Executor | None) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(executor), name="kiln-background")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _run(self, executor: Executor | None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for kind, key, body in self.schedule.due(time.monotonic(), datetime.now(UTC)):
+                if (kind, key) in self.busy:
+                    continue
+                self.busy.add((kind, key))
+                future = loop.run_in_executor(executor, self.actions[kind], key[0], key[1], body)
+                future.add_done_callback(functools.partial(self._done, (kind, key)))
+            await asyncio.sleep(self.tick_s)
+
+    def _done(self, key: tuple[str, tuple[str, str]], future: asyncio.Future[object]) -> None:
+        self.busy.discard(key)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s of %s/%s failed, will retry: %s", key[0], *key[1], future.exception())

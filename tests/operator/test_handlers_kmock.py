@@ -1,0 +1,210 @@
+"""Fast tier: the operator's real kopf registry, in-process, against kmock's in-memory KubernetesEmulator.
+
+kmock stores objects as plain JSON and streams watch events, but runs no controllers and sets no uid,
+resourceVersion or generation: the tests create TrainingJobs with those metadata fields filled in, and play
+the Job controller themselves by patching a Job's status (and creating a failed pod) over HTTP, so the
+operator sees the change through its watch exactly as it would from a real apiserver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+import pytest_asyncio
+from kiln.operator import labels as L
+from kiln.operator.handlers import Context, build_registry
+from kiln.operator.settings import Settings
+from tj_builders import body
+
+from kiln.testing.processes import free_port
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
+
+NS = "ml"
+TJ = "/apis/kiln.dev/v1alpha1/namespaces/ml/trainingjobs"
+JOBS = "/apis/batch/v1/namespaces/ml/jobs"
+SETTINGS = Settings(image="kiln/trainer:test", storage_root="s3://runs")
+
+
+def kubeconfig(path: Path, server: str) -> Path:
+    """A plain-HTTP kubeconfig: both kopf's login and the operator's kubernetes client read it."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+        "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+        "current-context": "kmock",
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest_asyncio.fixture
+async def operator(
+    kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Context]:
+    kmock.resources.load_bundled()  # the built-in kinds (jobs, pods, configmaps, services, events)
+    kmock.resources["kiln.dev/v1alpha1/trainingjobs"] = kmock.ResourceInfo(
+        kind="TrainingJob",
+        singular="trainingjob",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+        subresources={"status"},
+    )
+    path = kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    # The kubernetes library reads $KUBECONFIG once, at import.
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    registry, ctx = build_registry(Settings(**{**SETTINGS.__dict__, "metrics_port": free_port()}))
+    task = asyncio.create_task(
+        # Cluster-wide: with namespaces=[...] kopf lists /api/v1/namespaces, a path kmock 0.8 fails to parse
+        # (ValueError in kmock._internal.parsing.parse_path, answered as HTTP 500).
+        kopf.operator(registry=registry, standalone=True, clusterwide=True)
+    )
+    await until(ctx.metrics.ready.is_set, "operator ready")
+    try:
+        yield ctx
+    finally:
+        # Cancelled, not stopped with a stop_flag: a graceful kopf stop waits 5 s on kmock's open watch
+        # streams. The cleanup hook is skipped then, so stop what it would have stopped.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+        if ctx.background is not None:
+            await ctx.background.stop()
+        if ctx.server is not None:
+            await ctx.server.cleanup()
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def send(server: kmock.KubernetesEmulator, method: str, path: str, payload: dict[str, Any]) -> None:
+    async with aiohttp.ClientSession(base_url=str(server.url)) as session:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with session.request(method, path, json=payload, headers=headers) as response:
+            assert response.status < 300, await response.text()
+
+
+def stored(server: kmock.KubernetesEmulator, resource: str, name: str) -> dict[str, Any] | None:
+    for (res, namespace, obj_name), obj in server.objects.items():
+        if str(res.plural) == resource and namespace == NS and obj_name == name and not obj.deleted:
+            return dict(obj.raw)
+    return None
+
+
+def phase_of(server: kmock.KubernetesEmulator, name: str = "demo") -> str | None:
+    tj = stored(server, "trainingjobs", name) or {}
+    return (tj.get("status") or {}).get("phase")
+
+
+def events(server: kmock.KubernetesEmulator) -> list[dict[str, Any]]:
+    """Events as posted: kopf names them by generateName, which kmock 0.8 stores under one key (409s)."""
+    return [r.data for r in server["post"] if r.resource is not None and str(r.resource.plural) == "events"]
+
+
+async def create_tj(server: kmock.KubernetesEmulator, **spec: Any) -> dict[str, Any]:
+    document = body(uid="uid-demo", **spec)  # kmock sets no uid/generation: the body carries them
+    document["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 1}
+    await send(server, "POST", TJ, document)
+    return document
+
+
+async def test_valid_trainingjob_gets_its_children_and_status_created(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    await create_tj(kmock)
+    job = await until(lambda: stored(kmock, "jobs", L.attempt_job_name("demo", 1)), "the attempt Job")
+    await until(lambda: phase_of(kmock) == "Pending", "phase Pending")
+    configmap, service = (
+        stored(kmock, "configmaps", L.configmap_name("demo")),
+        stored(kmock, "services", L.service_name("demo")),
+    )
+    assert configmap is not None and service is not None
+    for child in (configmap, service, job):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "TrainingJob",
+            "demo",
+            "uid-demo",
+            True,
+        )
+        assert child["metadata"]["labels"]["kiln.dev/training-job"] == "demo"
+    tj = stored(kmock, "trainingjobs", "demo") or {}
+    conditions = {c["type"]: c for c in tj["status"]["conditions"]}
+    assert conditions["Created"]["status"] == "True" and tj["status"]["attempt"] == 1
+    assert [e["reason"] for e in events(kmock)] == ["ChildrenCreated"]
+    assert "finalizers" not in tj["metadata"]  # no kopf timer/daemon asks for one
+
+
+async def test_invalid_trainingjob_fails_with_the_field_path_an_event_and_no_children(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    await create_tj(kmock, epochs=0)
+    await until(lambda: phase_of(kmock) == "Failed", "phase Failed")
+    tj = stored(kmock, "trainingjobs", "demo") or {}
+    failed = next(c for c in tj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.epochs" in failed["message"]
+    await until(lambda: [e for e in events(kmock) if e["reason"] == "InvalidSpec"], "an InvalidSpec Event")
+    assert not [key for key in kmock.objects if str(key[0].plural) in ("jobs", "configmaps", "services")]
+
+
+async def test_a_complete_job_makes_the_trainingjob_succeeded(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    await create_tj(kmock)
+    job = L.attempt_job_name("demo", 1)
+    await until(lambda: phase_of(kmock) == "Pending", "phase Pending")
+    complete = [{"type": "Complete", "status": "True", "reason": "CompletionsReached"}]
+    await send(kmock, "PATCH", f"{JOBS}/{job}/status", {"status": {"succeeded": 2, "conditions": complete}})
+    await until(lambda: phase_of(kmock) == "Succeeded", "phase Succeeded")
+    tj = stored(kmock, "trainingjobs", "demo") or {}
+    assert tj["status"]["completionTime"] and tj["status"]["workers"]["succeeded"] == 2
+    assert [e["reason"] for e in events(kmock)][-1] == "JobCompleted"
+
+
+async def test_exit_137_restarts_the_gang_as_a_new_attempt(kmock: kmock.KubernetesEmulator, operator: Context) -> None:
+    await create_tj(kmock)
+    first = L.attempt_job_name("demo", 1)
+    await until(lambda: stored(kmock, "jobs", first), "attempt 1")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{first}-0-abcde",
+            "namespace": NS,
+            "labels": {L.TRAINING_JOB: "demo", L.ATTEMPT: "1"},
+            "annotations": {L.COMPLETION_INDEX_ANNOTATION: "0"},
+        },
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": 137, "finishedAt": "2026-01-01T00:00:00Z"}}}
+            ],
+        },
+    }
+    await send(kmock, "POST", f"/api/v1/namespaces/{NS}/pods", pod)
+    failed = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+    await send(kmock, "PATCH", f"{JOBS}/{first}/status", {"status": {"failed": 1, "conditions": failed}})
+    await until(lambda: stored(kmock, "jobs", L.attempt_job_name("demo", 2)), "attempt 2's Job")
+    await until(lambda: phase_of(kmock) == "Restarting", "phase Restarting")
+    status = (stored(kmock, "trainingjobs", "demo") or {})["status"]
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["status"] == "True" and "137" in restarting["message"]
