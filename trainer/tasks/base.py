@@ -29,7 +29,10 @@ SPLITS = ("train", "val", "test")
 class SplitData(Protocol):
     """One split, read but not yet decoded: it becomes a Dataset once the preprocessing pipeline is known."""
 
-    root: Path
+    @property
+    def root(self) -> Path:
+        """The split's directory (staged or local)."""
+        ...
 
     def __len__(self) -> int: ...
 
