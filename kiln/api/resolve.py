@@ -102,7 +102,10 @@ def resolve(
         early_stopping = early_stopping.model_copy(
             update={"metric": watched, "mode": early_stopping.mode or metric_mode(watched)}
         )
-    procs = spec.resources.procs_per_node or spec.resources.gpus_per_node or env.default_procs_per_node
+    # In a cluster each GPU gets a process; on a laptop the GPU request means nothing, so kiln run's
+    # environment (the CPU count) decides unless the spec says otherwise.
+    per_node_devices = spec.resources.gpus_per_node if mode == "cluster" else 0
+    procs = spec.resources.procs_per_node or per_node_devices or env.default_procs_per_node
     resolved_spec = spec.model_copy(
         update={
             "validation": validation,

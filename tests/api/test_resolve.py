@@ -79,6 +79,12 @@ def test_procs_per_node_falls_back_to_gpus_then_environment() -> None:
     assert resolve(job(resources={"gpusPerNode": 0}), cpu_only).world_size == 3
 
 
+def test_local_mode_ignores_the_gpu_request_for_process_count() -> None:
+    laptop = Environment(storage_root="/tmp/x", default_procs_per_node=2)
+    assert resolve(job(resources={"gpusPerNode": 4}), laptop, mode="local").world_size == 2
+    assert resolve(job(resources={"procsPerNode": 3}), laptop, mode="local").world_size == 3
+
+
 def test_operator_storage_defaults_fill_blanks_only() -> None:
     env = Environment(storage_root="s3://r", endpoint_url="http://minio:9000", secret_ref="kiln-s3")
     assert resolve(job(), env).spec.storage.secret_ref == "kiln-s3"
