@@ -55,11 +55,6 @@ def resolve_body(body: Obj, settings: Settings) -> tuple[ResolvedTrainingJob | N
     errors = semantic_errors(manifest)
     if errors:
         return None, "; ".join(map(str, errors))
-    if settings.checkpoint_root and manifest.spec.checkpoint.uri is None:
-        namespace = manifest.metadata.namespace or "default"
-        uri = "/".join([settings.checkpoint_root.rstrip("/"), namespace, manifest.metadata.name])
-        checkpoint = manifest.spec.checkpoint.model_copy(update={"uri": uri})
-        manifest = manifest.model_copy(update={"spec": manifest.spec.model_copy(update={"checkpoint": checkpoint})})
     return resolve(manifest, settings.environment()), None
 
 

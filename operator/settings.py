@@ -69,6 +69,7 @@ class Settings:
         """The kiln.api resolve() environment these settings imply."""
         return Environment(
             storage_root=self.storage_root,
+            checkpoint_root=self.checkpoint_root,
             image=self.image,
             default_procs_per_node=self.default_procs_per_node,
             endpoint_url=self.endpoint_url,

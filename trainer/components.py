@@ -74,7 +74,8 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     mixing = spec.augmentation.mixup > 0 or spec.augmentation.cutmix > 0
     loader, sampler = train_loader(train_set, job, world, drop_last=mixing)
     if len(loader) == 0:
-        raise InvalidInput(f"data.train: {len(data.splits['train'])} images leave no batch for {world.world_size} processes")
+        train_images = len(data.splits["train"])
+        raise InvalidInput(f"data.train: {train_images} images leave no batch for {world.world_size} processes")
     evals = {
         split: eval_loader(data.splits[split].dataset(eval_pipeline(size, mean, std)), job, world)
         for split in ("val", "test")

@@ -43,9 +43,12 @@ class Environment:
     """Where a job runs, which decides the defaults the spec leaves open.
 
     ``storage_root`` is a local directory or s3:// prefix; jobs get <root>/<namespace>/<name>.
+    ``checkpoint_root``, when set, puts checkpoints under <checkpoint_root>/<namespace>/<name> instead of
+    <run>/checkpoints (for clusters that keep checkpoints in a bucket with its own lifecycle).
     """
 
     storage_root: str
+    checkpoint_root: str | None = None
     image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
     default_procs_per_node: int = 1
     endpoint_url: str | None = None
@@ -91,6 +94,11 @@ def resolve(
     namespace = job.metadata.namespace or ("local" if mode == "local" else "default")
     defaults = TASK_DEFAULTS[spec.task]
     run_uri = spec.output.uri or _join(env.storage_root, namespace, job.metadata.name)
+    checkpoint_uri = (
+        _join(env.checkpoint_root, namespace, job.metadata.name)
+        if env.checkpoint_root
+        else _join(run_uri, "checkpoints")
+    )
 
     metric = spec.validation.metric or defaults.metric
     validation = spec.validation.model_copy(
@@ -111,9 +119,7 @@ def resolve(
             "validation": validation,
             "early_stopping": early_stopping,
             "output": spec.output.model_copy(update={"uri": run_uri}),
-            "checkpoint": spec.checkpoint.model_copy(
-                update={"uri": spec.checkpoint.uri or _join(run_uri, "checkpoints")}
-            ),
+            "checkpoint": spec.checkpoint.model_copy(update={"uri": spec.checkpoint.uri or checkpoint_uri}),
             "resources": spec.resources.model_copy(update={"procs_per_node": procs}),
             "image": spec.image or env.image,
             "storage": spec.storage.model_copy(

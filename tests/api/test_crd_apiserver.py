@@ -31,9 +31,7 @@ def kiln_crds(cluster: ControlPlane) -> Iterator[None]:
 
 
 def apply(cluster: ControlPlane, namespace: str, document: dict[str, Any], *flags: str) -> tuple[int, str]:
-    result = cluster.kubectl(
-        "apply", "-n", namespace, "-f", "-", *flags, input=json.dumps(document), check=False
-    )
+    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", *flags, input=json.dumps(document), check=False)
     return result.returncode, result.stdout + result.stderr
 
 

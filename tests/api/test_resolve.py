@@ -50,6 +50,13 @@ def test_uris_follow_namespace_and_name() -> None:
     assert resolved.spec.checkpoint.uri == "s3://kiln-runs/team-a/run/checkpoints"
 
 
+def test_checkpoint_root_moves_checkpoints_only() -> None:
+    env = Environment(storage_root="s3://runs", checkpoint_root="s3://ckpts/")
+    resolved = resolve(job(), env)
+    assert resolved.spec.checkpoint.uri == "s3://ckpts/team-a/run"
+    assert resolved.run_uri == "s3://runs/team-a/run"
+
+
 def test_explicit_values_win() -> None:
     resolved = resolve(
         job(

@@ -92,7 +92,10 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "field", "reason"), BAD_FIELDS, ids=[f"{c[0]}={c[1]!r}"[:60] for c in BAD_FIELDS])
+CASE_IDS = [f"{path}={value!r}"[:60] for path, value, _, _ in BAD_FIELDS]
+
+
+@pytest.mark.parametrize(("path", "value", "field", "reason"), BAD_FIELDS, ids=CASE_IDS)
 def test_bad_manifest_names_the_field(tmp_path: Path, path: str, value: Any, field: str, reason: str) -> None:
     code, output = run_validate(tmp_path, mutated(path, value))
     assert code == EXIT_INVALID
