@@ -129,6 +129,8 @@ def _describe(outcome: PodOutcome) -> str:
         what = f"pod {outcome.name} was disrupted ({outcome.pod_reason or 'DisruptionTarget'})"
     else:
         what = f"pod {outcome.name} (rank {outcome.index}) exited with code {outcome.exit_code}"
+        if (reported := effective_exit_code(outcome)) != outcome.exit_code:
+            what += f" (the trainer's exit code: {reported})"
     text = parse_report(outcome.message).text if outcome.message else ""
     return f"{what}: {text}" if text else what
 

@@ -63,7 +63,10 @@ def test_earliest_failure_is_the_cause() -> None:
 
 def test_trainer_exit_code_in_the_message_beats_torchruns_exit_1() -> None:
     message = json.dumps({"state": "failed", "reason": "boom", "exitCode": 2})
-    assert not classify([pod(0, 1, message)], {}, [1]).retriable
+    failure = classify([pod(0, 1, message)], {}, [1])
+    assert not failure.retriable and failure.exit_code == 2
+    # The message says why exit 1, listed as retriable, was not retried.
+    assert "exited with code 1 (the trainer's exit code: 2): boom" in failure.message
 
 
 def test_pods_gone_falls_back_to_the_job_condition() -> None:

@@ -15,6 +15,8 @@ from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID
 from kiln.trainer.train import main
 from trainer_testkit import make_job, run_trainer, trainer_env, write_images, write_spec
 
+from kiln.testing.s3 import S3Server
+
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
@@ -99,6 +101,19 @@ def test_unreachable_s3_endpoint(tmp_path: Path, data: Path) -> None:
     )
     assert code == EXIT_FAILED  # an outage is worth retrying, unlike a bad spec
     assert "s3://nowhere/train" in message["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_empty_s3_prefix_is_invalid_input(tmp_path: Path, data: Path, s3_server: S3Server, s3_bucket: str) -> None:
+    """A URI with nothing under it is a wrong spec (exit 2), not an outage worth retrying (exit 1)."""
+    code, message = run_in_process(
+        tmp_path,
+        data,
+        data={"train": {"uri": f"s3://{s3_bucket}/nothing/train"}},
+        storage={"endpointUrl": s3_server.endpoint_url},
+    )
+    assert code == EXIT_INVALID and message["exitCode"] == EXIT_INVALID
+    assert f"data.train.uri: s3://{s3_bucket}/nothing/train holds no objects" in message["reason"]
 
 
 @pytest.mark.slow

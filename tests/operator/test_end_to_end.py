@@ -1,0 +1,189 @@
+"""One true end-to-end run: operator, control plane, local pod executor, real torchrun, moto S3.
+
+A TrainingJob with two nodes lands on the local executor node; the executor runs both pods of the Indexed Job
+as real ``torchrun ... -m kiln.trainer`` processes that rendezvous on 127.0.0.1, stage a tiny digits
+imagefolder from S3 (moto), train ``debug_small`` for two epochs and checkpoint back to S3. The operator polls
+rank 0's /progress while it runs and reads the final state from rank 0's termination message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import OperatorProcess
+
+from kiln.testing.controlplane import ControlPlane
+from kiln.testing.kube import namespaced
+from kiln.testing.nodes import executor_node_selector, pod_tolerations_for_executor
+from kiln.testing.s3 import S3Server
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(300)]
+
+NAME = "digits"
+PER_CLASS = {"train": 30, "val": 10}  # 300 training and 100 validation images
+
+
+def upload_digits(s3: S3Server, bucket: str, tmp_path: Path) -> int:
+    """The demo's digits imagefolder, a few per class, under s3://bucket/digits/{train,val}/<class>/."""
+    from kiln.trainer.demo import materialize
+
+    local = materialize(tmp_path / "digits")
+    count = 0
+    for split, per_class in PER_CLASS.items():
+        for folder in sorted((local / split).iterdir()):
+            for image in sorted(folder.glob("*.png"))[:per_class]:
+                s3.client().upload_file(str(image), bucket, f"digits/{split}/{folder.name}/{image.name}")
+                count += 1
+    return count
+
+
+def create_secret(cluster: ControlPlane, namespace: str, s3: S3Server) -> dict[str, str]:
+    values = {key: s3.env[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    cluster.kube.create(
+        namespaced("secrets", namespace),
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"}, "stringData": values},
+    )
+    return values
+
+
+def manifest(namespace: str, bucket: str, s3: S3Server) -> dict[str, Any]:
+    return {
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": NAME, "namespace": namespace},
+        "spec": {
+            "task": "classification",
+            "model": {"architecture": "debug_small"},
+            "data": {
+                "train": {"uri": f"s3://{bucket}/digits/train", "format": "imagefolder"},
+                "val": {"uri": f"s3://{bucket}/digits/val", "format": "imagefolder"},
+                "imageSize": 16,
+                "batchSize": 16,
+                "workers": 0,
+            },
+            "epochs": 2,
+            "validation": {"every": 1, "metric": "accuracy"},
+            "checkpoint": {"uri": f"s3://{bucket}/runs/{NAME}/checkpoints", "everyEpochs": 1},
+            "output": {"uri": f"s3://{bucket}/runs/{NAME}/output"},
+            "resources": {
+                "nodes": 2,
+                "procsPerNode": 1,
+                "gpusPerNode": 0,
+                "nodeSelector": executor_node_selector(),
+                "tolerations": pod_tolerations_for_executor(),
+            },
+            "storage": {"endpointUrl": s3.endpoint_url, "region": "us-east-1", "secretRef": "s3-creds"},
+            "runPolicy": {"maxRestarts": 0, "terminationGracePeriodSeconds": 10},
+        },
+    }
+
+
+def get_tj(cluster: ControlPlane, namespace: str) -> dict[str, Any]:
+    return cluster.kube.get(f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/trainingjobs/{NAME}")
+
+
+def diagnostics(cluster: ControlPlane, namespace: str, operator: OperatorProcess) -> str:
+    """Everything needed to see why a run went wrong: the status, the pods' logs, the operator's log."""
+    parts = [json.dumps(get_tj(cluster, namespace).get("status"), indent=1)]
+    for pod in cluster.kube.get(namespaced("pods", namespace))["items"]:
+        name = pod["metadata"]["name"]
+        path = cluster.pod_log_path(namespace, name)
+        log = path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+        parts.append(f"--- pod {name}: {json.dumps(pod.get('status', {}))[:2000]}\n{log}")
+    parts.append("--- operator log\n" + operator.log()[-4000:])
+    return "\n".join(parts)
+
+
+def watch_until_finished(cluster: ControlPlane, namespace: str, timeout: float) -> tuple[dict[str, Any], int]:
+    """Poll the TrainingJob until it finishes; return its last state and the largest step seen while Running."""
+    deadline = time.monotonic() + timeout
+    live_step = 0
+    while time.monotonic() < deadline:
+        tj = get_tj(cluster, namespace)
+        status = tj.get("status") or {}
+        if status.get("phase") == "Running":
+            live_step = max(live_step, int((status.get("progress") or {}).get("step") or 0))
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return tj, live_step
+        time.sleep(0.2)
+    return get_tj(cluster, namespace), live_step
+
+
+def s3_exists(s3: S3Server, uri: str) -> bool:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return any(item["Key"] == key for item in listed.get("Contents", []))
+
+
+def test_trainingjob_trains_on_the_local_executor_with_s3(
+    cluster: ControlPlane,
+    kiln_operator: OperatorProcess,
+    namespace: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    assert upload_digits(s3_server, s3_bucket, tmp_path) == 400
+    secrets = create_secret(cluster, namespace, s3_server)
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest(namespace, s3_bucket, s3_server)))
+
+    tj, live_step = watch_until_finished(cluster, namespace, timeout=240)
+    assert tj["status"]["phase"] == "Succeeded", diagnostics(cluster, namespace, kiln_operator)
+    wait = cluster.kubectl("wait", "--for=condition=Succeeded", f"tj/{NAME}", "-n", namespace, "--timeout=10s",
+                           check=False)  # fmt: skip
+    assert wait.returncode == 0, wait.stderr
+
+    status = tj["status"]
+    assert status["attempt"] == 1 and status["restarts"] == 0, status
+    assert status["workers"]["succeeded"] == 2, status
+    progress = status["progress"]
+    assert progress["epoch"] == 2 and progress["totalEpochs"] == 2 and progress["step"] > 0, progress
+    assert progress["percent"] == 100.0, progress
+    assert "val/accuracy" in progress["metrics"] and progress["metric"].startswith("accuracy="), progress
+    checkpoints = status["checkpoints"]
+    for key in ("latest", "best"):
+        uri = checkpoints[key]
+        assert uri.startswith(f"s3://{s3_bucket}/runs/{NAME}/checkpoints/"), checkpoints
+        assert s3_exists(s3_server, uri), f"{key} checkpoint {uri} is not in the bucket"
+    assert isinstance(checkpoints["bestMetric"], float), checkpoints
+    assert s3_exists(s3_server, f"s3://{s3_bucket}/runs/{NAME}/output/metrics.jsonl")
+
+    # Live progress reached the status while the job ran, not only at the end (polled every second; two
+    # epochs on CPU take several seconds, so at least one poll lands mid-run).
+    assert live_step > 0, "no progress observed while Running"
+
+    # The credentials reach the pods as environment only: never the ConfigMap, the status or the Events.
+    config_map = cluster.kube.get(namespaced("configmaps", namespace, f"{NAME}-spec"))
+    events = cluster.kube.get(namespaced("events", namespace))["items"]
+    for where, document in (("ConfigMap", config_map), ("status", get_tj(cluster, namespace)["status"]),
+                            ("Events", events)):  # fmt: skip
+        text = json.dumps(document)
+        for name, value in secrets.items():
+            assert value not in text, f"{name} leaked into the {where}"
+    # It names the Secret, so the pods can reference it.
+    assert json.loads(config_map["data"]["trainingjob.json"])["spec"]["storage"]["secretRef"] == "s3-creds"
+
+
+def test_invalid_data_fails_without_a_restart_even_when_exit_1_is_retriable(
+    cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str, s3_server: S3Server, s3_bucket: str
+) -> None:
+    """torchrun turns the trainer's exit 2 (invalid input) into 1; the termination message keeps the 2."""
+    create_secret(cluster, namespace, s3_server)
+    document = manifest(namespace, s3_bucket, s3_server)
+    document["spec"]["data"]["train"]["uri"] = f"s3://{s3_bucket}/nothing/train"
+    document["spec"]["runPolicy"] = {"maxRestarts": 2, "retriableExitCodes": [1], "terminationGracePeriodSeconds": 10}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+
+    tj, _ = watch_until_finished(cluster, namespace, timeout=120)
+    assert tj["status"]["phase"] == "Failed", diagnostics(cluster, namespace, kiln_operator)
+    status = tj["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "WorkerFailed", failed
+    assert "holds no objects" in failed["message"] and "nothing/train" in failed["message"], failed
+    assert "exited with code 1 (the trainer's exit code: 2)" in failed["message"], failed
+    assert status["attempt"] == 1 and status["restarts"] == 0, status
