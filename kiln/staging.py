@@ -32,6 +32,7 @@ from kiln.api.training import StorageSpec
 from kiln.s3store import DEFAULT_POOL, TRANSFER_THREADS, S3Store
 from kiln.storage import (
     TMP_SUFFIX,
+    EmptySourceError,
     LocalStore,
     ObjectInfo,
     StorageError,
@@ -139,7 +140,7 @@ def stage(
     store = _open_source(uri, storage, parallelism)
     listing = store.list()
     if not listing:
-        raise StorageError(f"{store.uri}: no objects under this prefix")
+        raise EmptySourceError(f"{store.uri}: no objects under this prefix")
     _check_keys(store.uri, listing)
     manifest = Manifest.of(source_id(uri), listing)
     dest.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kiln.staging import cache_dir_for, stage, stage_once_per_node
 
 __all__ = [
+    "EmptySourceError",
     "LocalStore",
     "ObjectInfo",
     "ObjectNotFoundError",
@@ -61,6 +62,10 @@ class StorageError(Exception):
 
 class ObjectNotFoundError(StorageError, FileNotFoundError):
     """The key does not exist. Also a FileNotFoundError, so ``except FileNotFoundError`` works too."""
+
+
+class EmptySourceError(StorageError):
+    """A prefix to stage lists no objects: a wrong URI, which no retry will fix."""
 
 
 def scrub(text: str) -> str:

@@ -61,25 +61,15 @@ def localize(source: DataSource, split: str, job: ResolvedTrainingJob, world: Wo
             wait=barrier,
             parallelism=staging.parallelism,
         )
+    except storage.EmptySourceError as exc:
+        # Nothing to stage is a wrong URI, not an outage: retrying cannot help (exit 2, not 1).
+        raise InvalidInput(f"data.{split}.uri: {uri} holds no objects") from exc
     except storage.StorageError as exc:
-        if _is_empty(folder_uri, job):
-            # Nothing to stage is a wrong URI, not an outage: retrying cannot help (exit 2, not 1).
-            raise InvalidInput(f"data.{split}.uri: {uri} holds no objects") from exc
         raise storage.StorageError(f"data.{split}.uri: staging {uri} failed: {exc}") from exc
     path = local / filename if filename else local
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise InvalidInput(f"data.{split}.uri: {uri} holds no objects")
     return path
-
-
-def _is_empty(uri: str, job: ResolvedTrainingJob) -> bool:
-    """Whether ``uri`` lists no objects; False when it cannot be listed (the staging error stands)."""
-    from kiln import storage
-
-    try:
-        return not storage.open_store(uri, job.spec.storage).list()
-    except storage.StorageError:
-        return False
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln.staging import LOCK, MARKER, cache_dir_for, is_staged, stage, stage_once_per_node
-from kiln.storage import TMP_SUFFIX, StorageError, Store, open_store
+from kiln.storage import TMP_SUFFIX, EmptySourceError, StorageError, Store, open_store
 from kiln.testing.s3 import S3Server
 
 FILES = {f"class{c}/img{i:03d}.jpg": bytes([c, i]) * (100 + 37 * i) for c in range(3) for i in range(12)}
@@ -149,7 +149,7 @@ def test_verification_catches_a_size_mismatch(source: tuple[str, S3Server | None
 
 
 def test_an_empty_prefix_is_an_error(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match=rf"^s3://{s3_bucket}/nothing: no objects under this prefix$"):
+    with pytest.raises(EmptySourceError, match=rf"^s3://{s3_bucket}/nothing: no objects under this prefix$"):
         stage(f"s3://{s3_bucket}/nothing/", tmp_path / "cache", s3_server.storage())
 
 
