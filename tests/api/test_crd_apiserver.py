@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,6 @@ from tests.api.test_validate_cli import VALID
 pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="module")
-def kiln_crds(cluster: ControlPlane) -> Iterator[None]:
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        cluster.kubectl("apply", "--server-side", "-f", str(path))
-    for name in ("trainingjobs.kiln.dev", "exportjobs.kiln.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    yield
 
 
 def apply(cluster: ControlPlane, namespace: str, document: dict[str, Any], *flags: str) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -22,18 +20,6 @@ from kiln.testing.processes import free_port, wait_until
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "helm/kiln/files/operator-rbac-rules.yaml"
 OPERATOR_NAMESPACE = "kiln-system"
-
-
-def crd_documents() -> list[dict[str, Any]]:
-    """The generated CRDs, exactly as committed."""
-    return [yaml.safe_load(path.read_text()) for path in sorted((REPO / "crds").glob("*.yaml"))]
-
-
-@pytest.fixture(scope="session")
-def kiln_crds(cluster: ControlPlane) -> None:
-    for crd in crd_documents():
-        cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=30s")
 
 
 @pytest.fixture(scope="session")
