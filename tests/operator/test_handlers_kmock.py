@@ -149,6 +149,8 @@ async def test_valid_trainingjob_gets_its_children_and_status_created(
     tj = stored(kmock, "trainingjobs", "demo") or {}
     conditions = {c["type"]: c for c in tj["status"]["conditions"]}
     assert conditions["Created"]["status"] == "True" and tj["status"]["attempt"] == 1
+    # The Event is posted after the status patch, so it may trail the phase by a moment.
+    await until(lambda: events(kmock), "the Created Event")
     assert [e["reason"] for e in events(kmock)] == ["ChildrenCreated"]
     assert "finalizers" not in tj["metadata"]  # no kopf timer/daemon asks for one
 
@@ -176,6 +178,7 @@ async def test_a_complete_job_makes_the_trainingjob_succeeded(
     await until(lambda: phase_of(kmock) == "Succeeded", "phase Succeeded")
     tj = stored(kmock, "trainingjobs", "demo") or {}
     assert tj["status"]["completionTime"] and tj["status"]["workers"]["succeeded"] == 2
+    await until(lambda: any(e["reason"] == "JobCompleted" for e in events(kmock)), "the JobCompleted Event")
     assert [e["reason"] for e in events(kmock)][-1] == "JobCompleted"
 
 
