@@ -59,6 +59,19 @@ def _roots(job: ResolvedTrainingJob, world: World) -> dict[str, Path]:
     return {split: localize(source, split, job, world) for split, source in sources.items() if source is not None}
 
 
+def _check_metrics(job: ResolvedTrainingJob, names: tuple[str, ...], *, has_val: bool) -> None:
+    """Metric names are only looked up after the first validation; a typo must fail before the first step."""
+    spec = job.spec
+    watched = {"validation.metric": spec.validation.metric}
+    if spec.early_stopping is not None:
+        if not has_val:
+            raise InvalidInput("earlyStopping needs validation data: set data.val or data.valSplit")
+        watched["earlyStopping.metric"] = spec.early_stopping.metric
+    for field, metric in watched.items():
+        if metric is not None and metric.removeprefix("val/") not in names:
+            raise InvalidInput(f"{field}: unknown metric {metric!r}; {spec.task} reports {', '.join(names)}")
+
+
 def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     spec = job.spec
     torch.manual_seed(spec.seed)
@@ -105,6 +118,7 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     checkpointer = Checkpointer(spec.checkpoint, open_store(spec.checkpoint.uri, spec.storage), mode=mode)
     stopping = spec.early_stopping
     early = EarlyStopping(stopping.patience, stopping.min_delta, stopping.mode or mode) if stopping else None
+    _check_metrics(job, task.build_evaluator(job, data, world.device).metric_names, has_val="val" in evals)
     return Components(
         task=task,
         data=data,

@@ -97,6 +97,14 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running stats). DDP broadcasts them before each forward,
+    but the forward then updates them from the local batch, so after training they differ per rank."""
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

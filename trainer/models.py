@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from kiln.trainer.errors import InvalidInput
@@ -23,6 +24,11 @@ from kiln.trainer.registry import Registry, unknown_name_message
 from torch import nn
 
 from kiln.api.training import ModelSpec, StorageSpec
+
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,11 @@ def _plugin_factory(source: str) -> ModelFactory:
     if not matches:
         names = [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
         raise InvalidInput(unknown_name_message(f"model.source entry point (group {ENTRY_POINT_GROUP})", source, names))
-    loaded: ModelFactory = next(iter(matches)).load()
+    entry = next(iter(matches))
+    try:
+        loaded: ModelFactory = entry.load()
+    except ImportError as exc:  # the same verdict as 'module:factory': the image lacks what the plugin needs
+        raise InvalidInput(f"model.source: entry point {source!r} ({entry.value}) cannot be imported: {exc}") from exc
     return loaded
 
 
@@ -117,7 +127,10 @@ def _read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tens
         parent, _, key = uri.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / key
-            store_module.open_store(parent, storage).download_file(key, local)
+            try:
+                store_module.open_store(parent, storage).download_file(key, local)
+            except store_module.ObjectNotFoundError as exc:  # a wrong URI, not an outage: retrying cannot help
+                raise InvalidInput(f"model.pretrained: {exc}") from exc
             return _read_weights(str(local), storage)
     path = Path(uri.removeprefix("file://"))
     if not path.is_file():
@@ -126,7 +139,10 @@ def _read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tens
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only keeps arbitrary code out; Kiln's own checkpoints also hold numpy RNG states, so the numpy
+    # array types are allowed too (without them model.pretrained could not name a Kiln checkpoint).
+    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):  # a Kiln checkpoint or a common training-script layout
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -31,9 +31,17 @@ class Snapshot:
     state: State = "running"
     progress: Progress = field(default_factory=Progress)
     checkpoints: CheckpointStatus = field(default_factory=CheckpointStatus)
+    stop_reason: str | None = None  # why a completed run ended before its last epoch (early stopping)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "progress": self.progress.to_dict(), "checkpoints": self.checkpoints.to_dict()}
+        payload: dict[str, Any] = {
+            "state": self.state,
+            "progress": self.progress.to_dict(),
+            "checkpoints": self.checkpoints.to_dict(),
+        }
+        if self.stop_reason:
+            payload["stopReason"] = self.stop_reason
+        return payload
 
 
 class ProgressReporter(Protocol):

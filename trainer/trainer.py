@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from kiln.trainer.components import Components, build_components
-from kiln.trainer.distributed import World, any_rank, broadcast_object, gather_objects, unwrap
+from kiln.trainer.distributed import World, any_rank, broadcast_buffers, broadcast_object, gather_objects, unwrap
 from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, Snapshot, State, now_rfc3339
@@ -44,7 +44,7 @@ class Trainer:
         self.step = 0  # optimizer steps, across restarts
         self.latest_metrics: dict[str, float] = {}
         self.state: State = "running"
-        self.stopped_early = False
+        self.stop_reason: str | None = None  # set when early stopping ends the run before spec.epochs
         self.eta = EtaClock(0)
         self.final: dict[str, Any] = {}  # test metrics and the predictions URI, for summary.json
 
@@ -61,7 +61,7 @@ class Trainer:
             self.epoch, self.batch = self.epoch + 1, 0
             score = self.validate_if_due()
             self.record_epoch()
-            if self.c.checkpointer.due_at_epoch(self.epoch, last=self.epoch == self.spec.epochs or self.stopped_early):
+            if self.c.checkpointer.due_at_epoch(self.epoch, last=not self.should_continue()):
                 self.save_checkpoint(score=score)
             if any_rank(self.preemption.requested, self.world.device):
                 self.save_checkpoint(score=score)
@@ -72,7 +72,7 @@ class Trainer:
         return self.state
 
     def should_continue(self) -> bool:
-        return self.epoch < self.spec.epochs and not self.stopped_early
+        return self.epoch < self.spec.epochs and self.stop_reason is None
 
     # -- training -----------------------------------------------------------------------------------------
     def train_epoch(self) -> bool:
@@ -140,6 +140,7 @@ class Trainer:
     def evaluate(self, split: str, *, predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
         c = self.c
         model = c.ema.module if c.ema is not None else unwrap(c.model)
+        broadcast_buffers(model)  # every rank evaluates exactly the weights rank 0 checkpoints
         model.eval()
         evaluator = c.evaluator(self.job, self.world)
         rows: list[dict[str, Any]] = []
@@ -166,9 +167,14 @@ class Trainer:
         self.c.schedule.observe(score)
         stopping = self.spec.early_stopping
         if self.c.early_stopping is not None and stopping is not None:
-            self.stopped_early = self.c.early_stopping.observe(metrics[self.metric_name(stopping.metric)])
-            if self.stopped_early:
-                log.info("early stopping: no improvement in %d validations", self.c.early_stopping.patience)
+            watched = self.metric_name(stopping.metric)
+            if self.c.early_stopping.observe(metrics[watched]):
+                self.stop_reason = (
+                    f"early stopping: {watched} did not improve by more than {stopping.min_delta:g} for "
+                    f"{stopping.patience} validation(s); best {self.c.early_stopping.best:.4f}, stopped at epoch "
+                    f"{self.epoch} of {self.spec.epochs}"
+                )
+                log.info("%s", self.stop_reason)
         log.info("epoch %d validation: %s", self.epoch, _fmt(metrics))
         return score
 
@@ -207,6 +213,7 @@ class Trainer:
             "accelerator": c.accelerator.state_dict(),
             "ema": c.ema.module.state_dict() if c.ema is not None else None,
             "early_stopping": c.early_stopping.state_dict() if c.early_stopping is not None else None,
+            "stop_reason": self.stop_reason,  # a restart after the decision must not train on
             "epoch": self.epoch,
             "batch": self.batch,
             "step": self.step,
@@ -226,6 +233,7 @@ class Trainer:
         if c.early_stopping is not None and state.get("early_stopping") is not None:
             c.early_stopping.load_state_dict(state["early_stopping"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.stop_reason = state.get("stop_reason")
         self.latest_metrics = dict(state.get("metrics", {}))
         rng = state.get("rng") or []
         if len(rng) == self.world.world_size:
@@ -242,6 +250,8 @@ class Trainer:
         if state is None and resume not in ("auto", "never"):
             # A new job started from another job's checkpoint: its weights, none of its progress.
             unwrap(self.c.model).load_state_dict(self.c.checkpointer.load_uri(resume, self.spec.storage)["model"])
+            if self.c.ema is not None:  # built before these weights arrived; it would average towards noise
+                self.c.ema.set(unwrap(self.c.model))
             log.info("initialized the weights from %s", resume)
             return
         if state is not None:
@@ -278,6 +288,7 @@ class Trainer:
                 best=self.c.checkpointer.uri(best),
                 best_metric=best.score if best is not None else None,
             ),
+            stop_reason=self.stop_reason,
         )
 
     def report(self) -> None:

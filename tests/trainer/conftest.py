@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_testkit import REPO, trainer_command, write_images
+from trainer_testkit import REPO, trainer_command, trainer_env, write_images
 
 from kiln.testing.s3 import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
@@ -43,3 +43,15 @@ def start_trainer() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """tmp_path for an in-process ``main()``, which installs signal handlers and reads the environment:
+    keep both from leaking into other tests."""
+    for key, value in trainer_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield tmp_path
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

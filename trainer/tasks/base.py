@@ -61,6 +61,11 @@ class Objective(Protocol):
 class Evaluator(Protocol):
     """Metrics over a whole split, reduced over every rank, plus the rows of the predictions file."""
 
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys ``compute`` returns, known before any data is seen (specs are checked against them)."""
+        ...
+
     def update(self, outputs: Any, batch: Batch, loss: torch.Tensor) -> None: ...
 
     def compute(self) -> dict[str, float]: ...

@@ -68,6 +68,8 @@ class ClassificationObjective:
 
 
 class ClassificationEvaluator:
+    metric_names = ("accuracy", "precision", "recall", "f1", "top5", "loss")
+
     def __init__(self, data: TaskData, device: torch.device) -> None:
         self.class_names = data.class_names
         self.metrics = ClassificationMetrics(data.num_classes, device)

@@ -1,0 +1,102 @@
+"""The csv data format end to end, and early stopping (metric, mode, patience, minDelta), in one process."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+from inprocess import run_main, summary
+from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
+from trainer_testkit import make_job, metrics_records, write_images
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def to_csv(imagefolder: Path, dest: Path, *, names: dict[str, str]) -> Path:
+    """Move an imagefolder split into dest/images/ and describe it as path,label rows in dest/labels.csv."""
+    rows = []
+    for image in sorted(imagefolder.rglob("*.png")):
+        target = dest / "images" / f"{image.parent.name}-{image.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+        rows.append([str(target.relative_to(dest)), names[image.parent.name]])
+    with (dest / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return dest
+
+
+def test_csv_format_trains_validates_and_names_classes(isolated: Path, tiny_data: Path) -> None:
+    names = {"class0": "red", "class1": "green", "class2": "blue"}
+    train = to_csv(tiny_data / "train", isolated / "csv-train", names=names)
+    val = to_csv(tiny_data / "val", isolated / "csv-val", names=names)
+    job = make_job(
+        isolated, tiny_data, epochs=3,
+        data={"train": {"uri": str(train / "labels.csv"), "format": "csv"},  # the file itself
+              "val": {"uri": str(val), "format": "csv"}},  # a folder holding exactly one .csv
+    )  # fmt: skip
+    code, message = run_main(isolated, job)
+    assert code == EXIT_OK, message
+    result = summary(job)
+    assert result["state"] == "completed" and result["evaluation"]["split"] == "val"
+    assert result["evaluation"]["metrics"]["accuracy"] >= 0.9
+    with (Path(job.run_uri) / "predictions-val.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 15
+    assert {row["label"] for row in rows} == {"red", "green", "blue"}
+    assert all(row["path"].startswith("images/") for row in rows)  # relative to the csv, as written
+
+
+def test_csv_row_naming_a_missing_image_is_invalid_input(isolated: Path, tiny_data: Path) -> None:
+    folder = isolated / "broken"
+    folder.mkdir()
+    (folder / "labels.csv").write_text("path,label\nnope.png,red\n")
+    job = make_job(isolated, tiny_data, epochs=1, data={"train": {"uri": str(folder), "format": "csv"}})
+    code, message = run_main(isolated, job)
+    assert code == EXIT_INVALID
+    assert "row 1: nope.png does not exist" in message["reason"]
+
+
+def test_early_stopping_ends_the_run_and_says_why(isolated: Path, tiny_data: Path) -> None:
+    # val/loss must drop by 10 to count as an improvement: the first validation sets the bar, the second
+    # misses it, and patience 1 stops the run at epoch 2 of 20.
+    job = make_job(
+        isolated, tiny_data, epochs=20, earlyStopping={"metric": "val/loss", "patience": 1, "minDelta": 10.0}
+    )
+    assert job.spec.early_stopping is not None and job.spec.early_stopping.mode == "min"
+    code, message = run_main(isolated, job)
+    assert code == EXIT_OK, message
+    assert [r["epoch"] for r in metrics_records(Path(job.run_uri))] == [1, 2]
+    result = summary(job)
+    assert result["state"] == "completed" and result["progress"]["epoch"] == 2
+    reason = "early stopping: loss did not improve by more than 10 for 1 validation(s)"
+    assert result["stopReason"].startswith(reason)
+    assert message["state"] == "completed" and message["stopReason"] == result["stopReason"]
+    assert result["checkpoints"]["latest"] is not None  # the last epoch is checkpointed like a final one
+
+
+def test_early_stopping_with_patience_left_runs_every_epoch(isolated: Path, tiny_data: Path) -> None:
+    job = make_job(isolated, tiny_data, epochs=3, earlyStopping={"patience": 3})  # watches accuracy, max
+    code, message = run_main(isolated, job)
+    assert code == EXIT_OK, message
+    assert [r["epoch"] for r in metrics_records(Path(job.run_uri))] == [1, 2, 3]
+    assert "stopReason" not in summary(job) and "stopReason" not in message
+
+
+def test_unknown_early_stopping_metric_is_rejected_before_training(isolated: Path, tiny_data: Path) -> None:
+    job = make_job(isolated, tiny_data, epochs=2, earlyStopping={"metric": "val/acuracy", "mode": "max"})
+    code, message = run_main(isolated, job)
+    assert code == EXIT_INVALID
+    assert "earlyStopping.metric" in message["reason"] and "accuracy" in message["reason"]
+    assert not (Path(job.run_uri) / "metrics.jsonl").exists()
+
+
+def test_early_stopping_without_validation_data_is_rejected(isolated: Path, tmp_path: Path) -> None:
+    data = write_images(tmp_path / "only-train" / "train", 4, size=8).parent
+    job = make_job(isolated, data, epochs=2, data={"val": None}, earlyStopping={"patience": 2})
+    code, message = run_main(isolated, job)
+    assert code == EXIT_INVALID
+    assert "earlyStopping" in message["reason"]
