@@ -35,15 +35,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from kiln.api.manifest import parse_manifest
+from kiln.api.resolve import Environment, resolve
 from kiln.trainer.demo import materialize
 from kiln.trainer.distributed import World
 from kiln.trainer.models import build_model
 from kiln.trainer.progress import LatestSnapshot
 from kiln.trainer.trainer import Trainer
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-
-from kiln.api.manifest import parse_manifest
-from kiln.api.resolve import Environment, resolve
 
 SEED = 0
 LR = 1e-3

@@ -192,6 +192,8 @@ def launch(run: LocalRun, console: Console, cwd: Path) -> int:
         console.print(f"[green]{state}[/green] latest checkpoint {checkpoints.get('latest')}", highlight=False)
         if state == "preempted":
             console.print("run the same command again to resume", highlight=False)
+        if message.get("stopReason"):
+            console.print(f"stopped early: {message['stopReason']}", highlight=False)
     return code
 
 

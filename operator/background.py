@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kiln.operator.status import parse_time
-
 from kiln.api.status import TERMINAL_PHASES, Phase
+from kiln.operator.status import parse_time
 
 Obj = dict[str, Any]
 TERMINAL = {p.value for p in TERMINAL_PHASES}

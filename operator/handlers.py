@@ -15,6 +15,9 @@ from typing import Any, cast
 
 import kopf
 from aiohttp import web
+from kubernetes.client.rest import ApiException
+
+from kiln.api.status import ConditionType, Phase
 from kiln.operator import labels as L
 from kiln.operator.background import Background, Schedule
 from kiln.operator.kube import Kube, load_api_client
@@ -22,9 +25,6 @@ from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
-from kubernetes.client.rest import ApiException
-
-from kiln.api.status import ConditionType, Phase
 
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)

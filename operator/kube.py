@@ -13,9 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kiln.operator import labels as L
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+from kiln.operator import labels as L
 
 Obj = dict[str, Any]
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import urllib.request
 from typing import Any
 
+from kiln.api.status import CheckpointStatus, Progress
 from kiln.operator import labels as L
 from kiln.operator.failures import Report, parse_report
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import load_status
 from kiln.operator.status import merge_model
-
-from kiln.api.status import CheckpointStatus, Progress
 
 Obj = dict[str, Any]
 

@@ -10,18 +10,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kiln.api.manifest import InvalidManifest, TrainingJob, parse_manifest
+from kiln.api.resolve import ResolvedTrainingJob, resolve
+from kiln.api.semantics import semantic_errors
+from kiln.api.status import TrainingJobStatus
+from kiln.api.training import RunPolicy
 from kiln.operator import labels as L
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
 from kiln.operator.render import render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status, status_patch
-
-from kiln.api.manifest import InvalidManifest, TrainingJob, parse_manifest
-from kiln.api.resolve import ResolvedTrainingJob, resolve
-from kiln.api.semantics import semantic_errors
-from kiln.api.status import TrainingJobStatus
-from kiln.api.training import RunPolicy
 
 Obj = dict[str, Any]
 _STATUS_KEYS = set(TrainingJobStatus.model_fields) | {f.alias for f in TrainingJobStatus.model_fields.values()}

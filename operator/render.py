@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.operator import labels as L
-from kiln.operator.settings import Settings
-
 from kiln.api.base import API_VERSION
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.operator import labels as L
+from kiln.operator.settings import Settings
 
 Obj = dict[str, Any]
 

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import kopf
+
 from kiln.operator.handlers import build_registry
 from kiln.operator.settings import Settings
 

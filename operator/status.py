@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln.operator.failures import Failure, Report
-
 from kiln.api.status import (
     TERMINAL_PHASES,
     CheckpointStatus,
@@ -26,6 +24,7 @@ from kiln.api.status import (
     WorkerCounts,
 )
 from kiln.api.training import RunPolicy
+from kiln.operator.failures import Failure, Report
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason

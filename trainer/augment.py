@@ -13,10 +13,10 @@ from typing import Any
 
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
-from kiln.trainer.errors import InvalidInput
-from kiln.trainer.registry import Registry
 
 from kiln.api.training import AugmentationSpec, Transform
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry
 
 
 @dataclass(frozen=True)

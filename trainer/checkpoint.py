@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kiln.trainer.distributed import broadcast_object, is_main_process
 
 from kiln.api.training import CheckpointSpec, StorageSpec
 from kiln.storage import StorageError, Store, open_store
+from kiln.trainer.distributed import broadcast_object, is_main_process
 
 log = logging.getLogger(__name__)
 

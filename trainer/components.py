@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.storage import open_store
 from kiln.trainer.augment import eval_pipeline, train_pipeline
 from kiln.trainer.checkpoint import Checkpointer
 from kiln.trainer.data import ResumableDistributedSampler, eval_loader, localize, train_loader
@@ -23,12 +29,6 @@ from kiln.trainer.models import data_config
 from kiln.trainer.optim import Horizon, Schedule, create_optimizer
 from kiln.trainer.tasks import create_task
 from kiln.trainer.tasks.base import Evaluator, Objective, Task, TaskData
-from timm.utils import ModelEmaV3
-from torch import nn
-from torch.utils.data import DataLoader
-
-from kiln.api.resolve import ResolvedTrainingJob
-from kiln.storage import open_store
 
 
 @dataclass

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from kiln.trainer.distributed import World, barrier
-from kiln.trainer.errors import InvalidInput
-from kiln.trainer.preemption import ignore_termination_in_worker
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.training import DataSource
+from kiln.trainer.distributed import World, barrier
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.preemption import ignore_termination_in_worker
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 DEFAULT_CACHE = Path.home() / ".cache" / "kiln" / "data"

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from kiln.trainer.errors import InvalidInput
 from torch import nn
+
+from kiln.trainer.errors import InvalidInput
 
 T = TypeVar("T")
 

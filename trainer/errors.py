@@ -2,7 +2,8 @@
 
 Exit codes (the operator's retry policy reads them):
   0  finished, or preempted with a checkpoint saved (SIGTERM)
-  1  any other failure: worth retrying (S3 outage, a node lost, out of memory, ...)
+  1  any other failure (S3 outage, a bug, out of memory, ...). The operator does not retry it unless
+     runPolicy.retriableExitCodes lists 1; signals (exit >= 128) and disruptions are always retried.
   2  invalid input: a bad spec, bad data or an unknown name; retrying cannot help
 """
 

@@ -5,6 +5,7 @@ and only then are ratios taken. No per-rank average is ever averaged again.
 from __future__ import annotations
 
 import torch
+
 from kiln.trainer.distributed import all_reduce_sum
 
 

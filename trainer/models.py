@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from kiln.trainer.errors import InvalidInput
-from kiln.trainer.registry import Registry, unknown_name_message
 from torch import nn
 
 from kiln.api.training import ModelSpec, StorageSpec
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry, unknown_name_message
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2

@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
-from kiln.trainer.progress import LatestSnapshot
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+
+from kiln.trainer.progress import LatestSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kiln.trainer.registry import Registry
 from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
 
 from kiln.api.training import OptimizerSpec, SchedulerSpec
+from kiln.trainer.registry import Registry
 
 Factor = Callable[[int], float]
 

@@ -12,14 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.distributed import close_distributed, init_distributed
 from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidInput, one_line
 from kiln.trainer.observability import StatusServer, TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import LatestSnapshot, failure_message, termination_message, write_termination_log
-from pydantic import ValidationError
-
-from kiln.api.resolve import ResolvedTrainingJob
 
 log = logging.getLogger("kiln.trainer")
 

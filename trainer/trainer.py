@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.api.status import CheckpointStatus, Progress
 from kiln.trainer.components import Components, build_components
 from kiln.trainer.distributed import World, any_rank, broadcast_buffers, broadcast_object, gather_objects, unwrap
 from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, Snapshot, State, now_rfc3339
-
-from kiln.api.resolve import ResolvedTrainingJob
-from kiln.api.status import CheckpointStatus, Progress
 
 log = logging.getLogger(__name__)
 

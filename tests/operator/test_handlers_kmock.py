@@ -20,11 +20,11 @@ import kmock
 import kopf
 import pytest
 import pytest_asyncio
+from tj_builders import body
+
 from kiln.operator import labels as L
 from kiln.operator.handlers import Context, build_registry
 from kiln.operator.settings import Settings
-from tj_builders import body
-
 from kiln.testing.processes import free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]

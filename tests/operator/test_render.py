@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from kiln.operator.render import render_configmap, render_job, render_service
 from tj_builders import SETTINGS, body, resolved_from
+
+from kiln.operator.render import render_configmap, render_job, render_service
 
 OWNER = {
     "apiVersion": "kiln.dev/v1alpha1",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from kiln.operator.failures import Failure, Report
-from kiln.operator.status import JobView, Observed, job_deadline, job_view, next_status, status_patch
-
 from kiln.api.status import ConditionType, Phase, TrainingJobStatus
 from kiln.api.training import RunPolicy
+from kiln.operator.failures import Failure, Report
+from kiln.operator.status import JobView, Observed, job_deadline, job_view, next_status, status_patch
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

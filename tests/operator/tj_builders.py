@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kiln.operator.settings import Settings
-
 from kiln.api import parse_manifest, resolve
 from kiln.api.manifest import TrainingJob
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.operator.settings import Settings
 
 SETTINGS = Settings(image="kiln/trainer:test", storage_root="s3://runs", secret_ref="s3-creds")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kiln.trainer.distributed import World
-from kiln.trainer.train import main
-from kiln.trainer.trainer import Trainer
 from trainer_testkit import make_job, write_spec
 
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.distributed import World
+from kiln.trainer.train import main
+from kiln.trainer.trainer import Trainer
 
 CPU = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

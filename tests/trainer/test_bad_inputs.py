@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID
-from kiln.trainer.train import main
 from trainer_testkit import make_job, run_trainer, trainer_env, write_images, write_spec
 
 from kiln.testing.s3 import S3Server
+from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID
+from kiln.trainer.train import main
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from kiln.trainer.checkpoint import BEST, LATEST, Checkpointer, entry_name
 
 from kiln.api.training import CheckpointSpec
 from kiln.storage import Store, open_store
 from kiln.testing.s3 import S3Server
+from kiln.trainer.checkpoint import BEST, LATEST, Checkpointer, entry_name
 
 
 def checkpointer(store: Store, keep_last: int = 2, keep_best: int = 1, mode: str = "max") -> Checkpointer:

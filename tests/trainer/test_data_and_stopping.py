@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from inprocess import run_main, summary
-from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
 from trainer_testkit import make_job, metrics_records, write_images
+
+from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
 
 pytestmark = pytest.mark.timeout(60)
 

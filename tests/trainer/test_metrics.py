@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from kiln.trainer.metrics import ClassificationMetrics, metrics_from_confusion
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+
+from kiln.trainer.metrics import ClassificationMetrics, metrics_from_confusion
 
 CLASSES = 6
 

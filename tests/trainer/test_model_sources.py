@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from inprocess import build_trainer, run_main
-from kiln.trainer.distributed import unwrap
-from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
-from kiln.trainer.models import DebugCNN
 from trainer_testkit import make_job
 
 from kiln.storage import open_store
 from kiln.testing.s3 import S3Server
+from kiln.trainer.distributed import unwrap
+from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
+from kiln.trainer.models import DebugCNN
 
 pytestmark = pytest.mark.timeout(60)
 

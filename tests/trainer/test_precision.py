@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from inprocess import CPU, build_trainer, run_main
+from trainer_testkit import make_job
+
 from kiln.trainer.distributed import pick_precision
 from kiln.trainer.errors import EXIT_INVALID, EXIT_OK, InvalidInput
-from trainer_testkit import make_job
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+from kiln.api.training import AugmentationSpec, ModelSpec, OptimizerSpec, SchedulerSpec, Transform
 from kiln.trainer.augment import PRESETS, train_pipeline, transforms_registry
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.models import MODELS, build_model, load_pretrained
 from kiln.trainer.optim import OPTIMIZERS, SCHEDULERS, Horizon, Schedule, create_optimizer
 from kiln.trainer.registry import Registry, UnknownName
 from kiln.trainer.tasks import TASKS
-
-from kiln.api.training import AugmentationSpec, ModelSpec, OptimizerSpec, SchedulerSpec, Transform
 
 
 @dataclass(frozen=True)

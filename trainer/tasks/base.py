@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from kiln.trainer.errors import InvalidInput
-from kiln.trainer.registry import Registry
 from torch import nn
 from torch.utils.data import Dataset
 
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry
 
 Batch = dict[str, Any]
 Pipeline = Callable[..., dict[str, Any]]  # an albumentations Compose: pipeline(image=..., [mask=...]) -> dict

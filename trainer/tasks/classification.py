@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from torch import nn
+
+from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.metrics import ClassificationMetrics
 from kiln.trainer.models import build_model
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, LossInfo, SplitData, TaskData, weighted_loss
 from kiln.trainer.tasks.classification_data import FORMATS, LabelledImages, class_order, hold_out, index_samples
-from timm.data import Mixup
-from torch import nn
-
-from kiln.api.resolve import ResolvedTrainingJob
 
 
 def _cross_entropy(job: ResolvedTrainingJob, data: TaskData) -> Callable[[Any, Batch], torch.Tensor]:

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
+
 from kiln.trainer.data import IMAGE_SUFFIXES, load_image
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
-from torch.utils.data import Dataset
 
 Sample = tuple[Path, str]  # (image path, class name)
 
