@@ -39,8 +39,6 @@ from kiln.testing.kube import KubeClient, namespaced
 from kiln.testing.processes import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "operator"))
-from conftest import crd_documents  # noqa: E402
 
 NAMESPACE = "bench"
 PREFIXES = ("kiln_operator_reconcile_total", "kiln_operator_reconcile_duration_seconds_sum")
@@ -137,9 +135,7 @@ def proc_stats(pid: int) -> tuple[float, float]:
 def run(jobs: int, nodes: int) -> dict[str, Any]:
     cluster = ControlPlane(ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False)).start()
     try:
-        for crd in crd_documents():
-            cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
-            cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}")
+        cluster.install_crds(sorted((REPO / "crds").glob("*.yaml")))
         cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                    "metadata": {"name": NAMESPACE}})  # fmt: skip
         wait_until(lambda: cluster.kube.exists(namespaced("serviceaccounts", NAMESPACE, "default")), timeout=30,

@@ -10,11 +10,9 @@ Kiln's own CRDs, as committed in crds/, are installed once per session by ``kiln
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kiln.testing.controlplane import ControlPlane
 
@@ -25,7 +23,4 @@ CRDS = Path(__file__).parents[1] / "crds"
 
 @pytest.fixture(scope="session")
 def kiln_crds(cluster: ControlPlane) -> None:
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd['metadata']['name']}", "--timeout=60s")
+    cluster.install_crds(sorted(CRDS.glob("*.yaml")))

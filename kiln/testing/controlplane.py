@@ -19,10 +19,12 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kiln.testing import components, executor_layout
 from kiln.testing.binaries import ControlPlaneUnavailable, find_bin_dir
@@ -230,6 +232,13 @@ class ControlPlane:
             check=check,
             timeout=timeout,
         )
+
+    def install_crds(self, paths: Iterable[Path]) -> None:
+        """Apply CRD manifests and wait until each is Established (served)."""
+        for path in paths:
+            name = yaml.safe_load(path.read_text())["metadata"]["name"]
+            self.kubectl("apply", "--server-side", "-f", str(path))
+            self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
 
     def service_account_kubeconfig(
         self, namespace: str, name: str, *, expiration_seconds: int = 3600, path: Path | None = None
