@@ -15,8 +15,8 @@ plain window next to it. The first ``--warmup`` pairs are discarded. The figure 
 min/max; the 1-minute load average is sampled at every window, since other processes on a shared machine
 move both numbers.
 
-    .venv/bin/python bench/trainer_overhead.py [--model debug_small] [--image-size 24] [--batch-size 64]
-        [--steps 40] [--pairs 30] [--warmup 3]
+    .venv/bin/python bench/trainer_overhead.py [--model resnet10t] [--image-size 16] [--batch-size 32]
+        [--threads 1] [--steps 40] [--pairs 30] [--warmup 3]
 
 Prints one JSON line. Target: median ratio >= 0.97.
 """
@@ -115,14 +115,19 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="debug_small")
-    parser.add_argument("--image-size", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=64)
+    # The demo's own model and input size: what `make demo` actually trains.
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps windows steady)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per window (a multiple of 10)")
     parser.add_argument("--pairs", type=int, default=30, help="Kiln/plain window pairs, warm-up included")
     parser.add_argument("--warmup", type=int, default=3, help="leading pairs not counted")
     args = parser.parse_args()
     os.environ.setdefault("KILN_METRICS_PORT", "0")
+    # With both cores given to intra-op threads, every stray process stalls a window; one thread leaves the
+    # other core for the rest of the machine and cuts the spread of paired ratios several times.
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = kiln_trainer(args, materialize(), Path(tmp))
         cached = InMemory(trainer.c.train_loader.dataset)
