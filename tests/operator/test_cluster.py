@@ -141,6 +141,23 @@ def test_happy_path_on_kwok_gpu_nodes(cluster: ControlPlane, kiln_operator: Oper
     assert "kiln_operator_trainingjobs_created_total" in metrics
 
 
+def test_worker_pods_pass_pod_security_restricted(
+    cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str
+) -> None:
+    # The real PodSecurity admission plugin judges the rendered pods: a violation would leave the Job
+    # without pods (FailedCreate) instead of running them.
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    cluster.kube.patch(f"/api/v1/namespaces/{namespace}", {"metadata": {"labels": labels}}, content_type=MERGE)
+    create_tj(cluster, namespace)
+    pods = attempt_pods(cluster, namespace, 1)
+    assert len(pods) == 2
+    assert all(not p["spec"].get("automountServiceAccountToken", True) for p in pods)
+    wait_phase(cluster, namespace, "Succeeded", timeout=60)
+
+
 def test_apiserver_rejects_invalid_and_immutable_changes(
     cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str
 ) -> None:
