@@ -13,6 +13,7 @@ import yaml
 
 from kiln.api import TrainingJob, parse_manifest
 from kiln.testing.controlplane import ControlPlane
+from kiln.testing.processes import wait_until
 from tests.api.test_validate_cli import VALID
 
 pytestmark = pytest.mark.controlplane
@@ -34,6 +35,12 @@ def test_crds_are_structural_and_established(cluster: ControlPlane, kiln_crds: N
 
 
 def test_kubectl_explain_shows_field_descriptions(cluster: ControlPlane, kiln_crds: None) -> None:
+    # The apiserver publishes a new CRD's OpenAPI a moment after it is Established.
+    wait_until(
+        lambda: cluster.kubectl("explain", "trainingjob.spec.optimizer.lr", check=False).returncode == 0,
+        timeout=30,
+        what="the TrainingJob schema in the published OpenAPI",
+    )
     explained = cluster.kubectl("explain", "trainingjob.spec.optimizer.lr").stdout
     assert "Peak learning rate, reached after warmup." in explained
     assert "Restarts, suspension, deadlines" in cluster.kubectl("explain", "tj.spec.runPolicy").stdout
