@@ -239,6 +239,12 @@ class ControlPlane:
             name = yaml.safe_load(path.read_text())["metadata"]["name"]
             self.kubectl("apply", "--server-side", "-f", str(path))
             self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+            # Discovery, which kubectl resolves kinds with, lags a moment behind Established.
+            wait_until(
+                lambda name=name: self.kubectl("get", name, "-A", check=False).returncode == 0,
+                timeout=30,
+                what=f"{name} in discovery",
+            )
 
     def service_account_kubeconfig(
         self, namespace: str, name: str, *, expiration_seconds: int = 3600, path: Path | None = None
