@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import shutil
 import signal
 import ssl
@@ -240,11 +241,10 @@ class ControlPlane:
             self.kubectl("apply", "--server-side", "-f", str(path))
             self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
             # Discovery, which kubectl resolves kinds with, lags a moment behind Established.
-            wait_until(
-                lambda name=name: self.kubectl("get", name, "-A", check=False).returncode == 0,
-                timeout=30,
-                what=f"{name} in discovery",
-            )
+            wait_until(functools.partial(self._discovered, name), timeout=30, what=f"{name} in discovery")
+
+    def _discovered(self, resource: str) -> bool:
+        return self.kubectl("get", resource, "-A", check=False).returncode == 0
 
     def service_account_kubeconfig(
         self, namespace: str, name: str, *, expiration_seconds: int = 3600, path: Path | None = None
