@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from conftest import OperatorProcess
+from operator_process import OperatorProcess
 from tj_builders import body
 
 from kiln.testing.controlplane import ControlPlane

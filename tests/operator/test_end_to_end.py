@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import OperatorProcess
+from operator_process import OperatorProcess
 
 from kiln.testing.controlplane import ControlPlane
 from kiln.testing.kube import namespaced

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 from trainer_testkit import REPO, trainer_command, trainer_env, write_images
 
-from kiln.testing.s3 import s3_bucket, s3_server  # noqa: F401  (fixtures)
-
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
