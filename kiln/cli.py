@@ -16,7 +16,6 @@ import typer
 from rich.console import Console
 
 from kiln.api import InvalidManifest, ManifestError, load_manifests
-from kiln.api.semantics import semantic_errors
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -47,9 +46,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Manifests to chec
         except InvalidManifest as exc:
             errors.extend(exc.errors)
             continue
-        for manifest in manifests:
-            errors.extend(semantic_errors(manifest, str(path)))
-            checked += 1
+        checked += len(manifests)
     if errors:
         report_invalid(errors)
         raise typer.Exit(EXIT_INVALID)

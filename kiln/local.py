@@ -30,7 +30,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from kiln.api.manifest import InvalidManifest, load_training_job
 from kiln.api.resolve import Environment, ResolvedTrainingJob, resolve
-from kiln.api.semantics import semantic_errors
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 POLL_SECONDS = 0.5
@@ -70,9 +69,6 @@ def free_port() -> int:
 def prepare(manifest: Path, cwd: Path) -> LocalRun:
     """Validate, resolve and write the spec; InvalidManifest on any problem with the manifest."""
     job = load_training_job(manifest)
-    errors = semantic_errors(job, str(manifest))
-    if errors:
-        raise InvalidManifest(errors)
     state = (cwd / STATE_DIR).absolute()
     env = Environment(storage_root=str(state), default_procs_per_node=os.cpu_count() or 1)
     resolved = resolve(job, env, mode="local")

@@ -12,7 +12,6 @@ from typing import Any
 
 from kiln.api.manifest import InvalidManifest, TrainingJob, parse_manifest
 from kiln.api.resolve import ResolvedTrainingJob, resolve
-from kiln.api.semantics import semantic_errors
 from kiln.api.status import TrainingJobStatus
 from kiln.api.training import RunPolicy
 from kiln.operator import labels as L
@@ -51,9 +50,6 @@ def resolve_body(body: Obj, settings: Settings) -> tuple[ResolvedTrainingJob | N
     except InvalidManifest as exc:
         return None, "; ".join(map(str, exc.errors))
     assert isinstance(manifest, TrainingJob)
-    errors = semantic_errors(manifest)
-    if errors:
-        return None, "; ".join(map(str, errors))
     return resolve(manifest, settings.environment()), None
 
 

@@ -115,7 +115,7 @@ def _is_union_tag(part: int | str) -> bool:
 
 
 def parse_manifest(document: Any, source: str = "") -> Manifest:
-    """Validate one decoded YAML/JSON document into a TrainingJob or ExportJob."""
+    """Validate one decoded YAML/JSON document into a TrainingJob or ExportJob: schema, then semantic rules."""
     if not isinstance(document, dict):
         raise InvalidManifest([ManifestError(source, "", "expected a mapping with apiVersion, kind and spec")])
     kind = document.get("kind")
@@ -124,9 +124,16 @@ def parse_manifest(document: Any, source: str = "") -> Manifest:
         expected = " or ".join(KINDS)
         raise InvalidManifest([ManifestError(source, "kind", f"expected {expected}, got {kind!r}")])
     try:
-        return model.model_validate(document)
+        manifest = model.model_validate(document)
     except ValidationError as exc:
         raise InvalidManifest(_errors_from(exc, source)) from None
+    # Semantic rules run here, behind every entry point (CLI, kiln run, operator), so none can skip them.
+    from kiln.api.semantics import semantic_errors  # semantics reads the models defined in this module
+
+    errors = semantic_errors(manifest, source)
+    if errors:
+        raise InvalidManifest(errors)
+    return manifest
 
 
 def iter_documents(path: Path) -> Iterator[tuple[str, Any]]:

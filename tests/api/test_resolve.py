@@ -20,7 +20,7 @@ def job(task: str = "classification", **spec: Any) -> TrainingJob:
         "spec": {
             "task": task,
             "model": {"architecture": "unet", "encoder": "resnet34"},
-            "data": {"train": {"uri": "s3://d/train", "format": formats[task]}},
+            "data": {"train": {"uri": "s3://d/train", "format": formats[task]}, "valSplit": 0.1},
             **spec,
         },
     }
