@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from kiln.api.manifest import parse_manifest
+from kiln.api.parse import parse_manifest
 from kiln.api.resolve import Environment, resolve
 from kiln.trainer.demo import materialize
 from kiln.trainer.distributed import World

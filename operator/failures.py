@@ -11,12 +11,13 @@ Everything else is final: exit 2 (invalid input) and 1 (a bug, bad data) never h
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.api import contract
+from kiln.api.contract import TrainerReport, is_retriable_exit, parse_report
 from kiln.operator import labels as L
 
 Obj = dict[str, Any]
@@ -26,39 +27,12 @@ _EXIT_CODE_IN_MESSAGE = re.compile(r"exit code (\d+)")
 _DISRUPTION_REASONS = frozenset({"Evicted", "NodeLost", "Preempting", "Shutdown", "Terminated", "NodeShutdown"})
 
 
-@dataclass(frozen=True)
-class Report:
-    """What rank 0 said last: the JSON of /progress or of its termination message, or raw text."""
-
-    state: str | None = None
-    progress: Obj | None = None
-    checkpoints: Obj | None = None
-    reason: str | None = None
-    raw: str | None = None
-
-    @property
-    def text(self) -> str:
-        return self.reason or self.raw or ""
-
-
-def parse_report(text: str | None) -> Report:
-    """Parse a termination message or /progress body; anything that is not the JSON shape is kept as text."""
-    if not text or not text.strip():
-        return Report()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return Report(raw=text.strip()[:MESSAGE_LIMIT])
-    if not isinstance(data, dict):
-        return Report(raw=text.strip()[:MESSAGE_LIMIT])
-    progress, checkpoints = data.get("progress"), data.get("checkpoints")
-    reason = data.get("reason")
-    return Report(
-        state=data.get("state") if isinstance(data.get("state"), str) else None,
-        progress=progress if isinstance(progress, dict) else None,
-        checkpoints=checkpoints if isinstance(checkpoints, dict) else None,
-        reason=str(reason)[:MESSAGE_LIMIT] if reason else None,
-    )
+def message_text(message: str) -> str:
+    """What a termination message says: the report's reason, or the raw text (a log tail) when it is none."""
+    report = parse_report(message)
+    if report is not None:
+        return (report.reason or "")[:MESSAGE_LIMIT]
+    return message.strip()[:MESSAGE_LIMIT]
 
 
 @dataclass(frozen=True)
@@ -76,7 +50,7 @@ class PodOutcome:
 
 def _terminated(pod: Obj) -> Obj:
     for status in pod.get("status", {}).get("containerStatuses") or []:
-        if status.get("name") == L.CONTAINER_NAME:
+        if status.get("name") == contract.CONTAINER_NAME:
             return (
                 (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated") or {}
             )
@@ -104,12 +78,12 @@ def pod_outcome(pod: Obj) -> PodOutcome:
     )
 
 
-def rank0_report(pods: Iterable[Obj]) -> Report:
-    """Rank 0's termination message, parsed."""
+def rank0_report(pods: Iterable[Obj]) -> TrainerReport | None:
+    """Rank 0's termination message, parsed; None when it left none (or not the trainer's JSON)."""
     for outcome in map(pod_outcome, pods):
         if outcome.index == 0 and outcome.message:
             return parse_report(outcome.message)
-    return Report()
+    return None
 
 
 @dataclass(frozen=True)
@@ -120,10 +94,6 @@ class Failure:
     pods: tuple[str, ...] = field(default_factory=tuple)
 
 
-def is_retriable_exit(code: int, retriable_exit_codes: Iterable[int]) -> bool:
-    return code >= 128 or code in set(retriable_exit_codes)
-
-
 def _describe(outcome: PodOutcome) -> str:
     if outcome.exit_code is None:
         what = f"pod {outcome.name} was disrupted ({outcome.pod_reason or 'DisruptionTarget'})"
@@ -131,7 +101,7 @@ def _describe(outcome: PodOutcome) -> str:
         what = f"pod {outcome.name} (rank {outcome.index}) exited with code {outcome.exit_code}"
         if (reported := effective_exit_code(outcome)) != outcome.exit_code:
             what += f" (the trainer's exit code: {reported})"
-    text = parse_report(outcome.message).text if outcome.message else ""
+    text = message_text(outcome.message) if outcome.message else ""
     return f"{what}: {text}" if text else what
 
 
@@ -171,12 +141,10 @@ def classify(pods: Iterable[Obj], job: Obj, retriable_exit_codes: Iterable[int])
 def effective_exit_code(outcome: PodOutcome) -> int:
     """The trainer's own exit code when its termination message carries one (torchrun turns every child
     failure into 1), else the container's."""
-    try:
-        reported = json.loads(outcome.message).get("exitCode") if outcome.message.startswith("{") else None
-    except (ValueError, AttributeError):
-        reported = None
-    if isinstance(reported, int) and reported > 0 and (outcome.exit_code or 0) < 128:
-        return reported
+    report = parse_report(outcome.message)
+    reported = report.exit_code if report is not None else None
+    if reported is not None and reported > 0 and (outcome.exit_code or 0) < 128:
+        return int(reported)
     return outcome.exit_code or 0
 
 

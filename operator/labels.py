@@ -24,12 +24,7 @@ COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 
-# File names and ports shared with kiln.trainer (the contract in docs/design.md).
-SPEC_FILE = "trainingjob.json"
-SPEC_DIR = "/etc/kiln"
-RENDEZVOUS_PORT = 29500
-METRICS_PORT = 9400
-CONTAINER_NAME = "trainer"
+# File names, ports and env names shared with the trainer live in kiln.api.contract.
 
 
 def common_labels(job_name: str, component: str) -> dict[str, str]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import urllib.request
 from typing import Any
 
+from kiln.api import contract
+from kiln.api.contract import TrainerReport, parse_report
 from kiln.api.status import CheckpointStatus, Progress
 from kiln.operator import labels as L
-from kiln.operator.failures import Report, parse_report
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import load_status
 from kiln.operator.status import merge_model
@@ -31,22 +32,24 @@ def rank0_address(pods: list[Obj]) -> str | None:
     return None
 
 
-def fetch_report(address: str, timeout_s: float) -> Report:
-    url = f"http://{address}:{L.METRICS_PORT}/progress"
+def fetch_report(address: str, timeout_s: float) -> TrainerReport | None:
+    url = f"http://{address}:{contract.METRICS_PORT}/progress"
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return parse_report(response.read(65536).decode("utf-8", "replace"))
 
 
-def progress_patch(status: Obj, report: Report) -> Obj:
+def progress_patch(status: Obj, report: TrainerReport | None) -> Obj:
     """The status keys a report changes (empty when it changes nothing)."""
     current = load_status(status)
     patch: Obj = {}
+    if report is None:
+        return patch
     if report.progress is not None:
-        progress = merge_model(current.progress, Progress, report.progress)
+        progress = merge_model(current.progress, Progress, report.progress.to_dict())
         if progress is not None and progress != current.progress:
             patch["progress"] = progress.to_dict()
     if report.checkpoints is not None:
-        checkpoints = merge_model(current.checkpoints, CheckpointStatus, report.checkpoints)
+        checkpoints = merge_model(current.checkpoints, CheckpointStatus, report.checkpoints.to_dict())
         if checkpoints is not None and checkpoints != current.checkpoints:
             patch["checkpoints"] = checkpoints.to_dict()
     return patch

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln.api.manifest import InvalidManifest, TrainingJob, parse_manifest
-from kiln.api.resolve import ResolvedTrainingJob, resolve
-from kiln.api.status import TrainingJobStatus
+from kiln.api.manifest import InvalidManifest
+from kiln.api.resolve import ResolvedTrainingJob, parse_and_resolve
+from kiln.api.status import TERMINAL_PHASES, TrainingJobStatus
 from kiln.api.training import RunPolicy
 from kiln.operator import labels as L
+from kiln.operator.changes import AppliedSpec, applied_spec
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
 from kiln.operator.render import render_configmap, render_job, render_service
@@ -46,11 +47,9 @@ def resolve_body(body: Obj, settings: Settings) -> tuple[ResolvedTrainingJob | N
     document = {key: body.get(key) for key in ("apiVersion", "kind", "metadata", "spec")}
     document["metadata"] = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     try:
-        manifest = parse_manifest(document)
+        return parse_and_resolve(document, settings.environment()), None
     except InvalidManifest as exc:
         return None, "; ".join(map(str, exc.errors))
-    assert isinstance(manifest, TrainingJob)
-    return resolve(manifest, settings.environment()), None
 
 
 def observe(
@@ -72,8 +71,8 @@ def observe(
         fresh = job_body is not None and job_body.get("metadata", {}).get("name") == job_name
         job = job_body if fresh else kube.get_job(namespace, job_name)
     view = job_view(job)
-    failure, report = None, rank0_report([])
-    if view.finished:
+    failure, report = None, None
+    if view.finished and status.phase not in TERMINAL_PHASES:  # a finished job's last attempt was read already
         pods = kube.attempt_pods(namespace, name, attempt)
         report = rank0_report(pods)
         if view.failed_reason is not None:
@@ -86,12 +85,20 @@ def observe(
         job=view,
         failure=failure,
         report=report,
+        wanted=applied_spec(body.get("spec") or {}, meta.get("generation"), resolved.spec.epochs),
     )
 
 
 def act(
-    kube: Kube, settings: Settings, resolved: ResolvedTrainingJob | None, decision: Decision, now: datetime
+    kube: Kube,
+    settings: Settings,
+    resolved: ResolvedTrainingJob | None,
+    decision: Decision,
+    now: datetime,
+    *,
+    applied: AppliedSpec | None = None,
 ) -> None:
+    """Carry out a decision; ``applied`` (the current spec's digest) is recorded on a Job it creates."""
     if resolved is None:
         return
     namespace, name = resolved.namespace, resolved.name
@@ -102,7 +109,7 @@ def act(
         # retries mounts, and the Service only gives the pods DNS names, which they resolve later.
         configmap, service = render_configmap(resolved), render_service(resolved)
         deadline = job_deadline(resolved.spec.run_policy, decision.status.start_time, None, now)
-        job = render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline)
+        job = render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline, applied=applied)
         kube.concurrently(
             lambda: kube.apply_configmap(configmap),
             lambda: kube.create_or_adopt(service),
@@ -123,7 +130,7 @@ def reconcile(
     resolved, invalid = resolve_body(body, settings)
     observed = observe(kube, body, resolved, invalid, job_body)
     decision = next_status(observed, now)
-    act(kube, settings, resolved, decision, now)
+    act(kube, settings, resolved, decision, now, applied=observed.wanted)
     patch = status_patch(body.get("status") or {}, decision.status)
     if patch:
         meta = body["metadata"]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.api import contract
 from kiln.api.base import API_VERSION
+from kiln.api.contract import Env
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.operator import labels as L
+from kiln.operator.changes import AppliedSpec
 from kiln.operator.settings import Settings
 
 Obj = dict[str, Any]
-
-TERMINATION_LOG = "/dev/termination-log"
-CACHE_DIR = "/var/cache/kiln"
 
 
 def owner_reference(resolved: ResolvedTrainingJob) -> list[Obj]:
@@ -50,7 +50,7 @@ def render_configmap(resolved: ResolvedTrainingJob) -> Obj:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(resolved, L.configmap_name(resolved.name), "spec"),
-        "data": {L.SPEC_FILE: resolved.model_dump_json(by_alias=True)},
+        "data": {contract.SPEC_FILE: resolved.model_dump_json(by_alias=True)},
     }
 
 
@@ -65,7 +65,7 @@ def render_service(resolved: ResolvedTrainingJob) -> Obj:
             # Rendezvous happens before any pod is Ready; DNS must resolve from the start.
             "publishNotReadyAddresses": True,
             "selector": {L.TRAINING_JOB: resolved.name},
-            "ports": [{"name": "rendezvous", "port": L.RENDEZVOUS_PORT, "targetPort": L.RENDEZVOUS_PORT}],
+            "ports": [{"name": "rendezvous", "port": contract.RENDEZVOUS_PORT, "targetPort": contract.RENDEZVOUS_PORT}],
         },
     }
 
@@ -81,17 +81,17 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
     storage = resolved.spec.storage
     env: list[Obj] = [
         {"name": "PET_NNODES", "value": str(resources.nodes)},
-        {"name": "PET_NPROC_PER_NODE", "value": str(resources.procs_per_node)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(resolved.procs_per_node)},
         {
             "name": "PET_NODE_RANK",
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{L.COMPLETION_INDEX_ANNOTATION}']"}},
         },
         {"name": "PET_MASTER_ADDR", "value": master_address(resolved, attempt)},
-        {"name": "PET_MASTER_PORT", "value": str(L.RENDEZVOUS_PORT)},
-        {"name": "KILN_METRICS_PORT", "value": str(L.METRICS_PORT)},
-        {"name": "KILN_TERMINATION_LOG", "value": TERMINATION_LOG},
-        {"name": "KILN_CACHE_DIR", "value": CACHE_DIR},
-        {"name": "KILN_ATTEMPT", "value": str(attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(contract.RENDEZVOUS_PORT)},
+        {"name": Env.METRICS_PORT, "value": str(contract.METRICS_PORT)},
+        {"name": Env.TERMINATION_LOG, "value": contract.TERMINATION_LOG},
+        {"name": Env.CACHE_DIR, "value": contract.CACHE_DIR},
+        {"name": Env.ATTEMPT, "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if storage.endpoint_url:
@@ -118,31 +118,31 @@ def torchrun_args(resolved: ResolvedTrainingJob) -> list[str]:
     resources = resolved.spec.resources
     return [
         "--nnodes", str(resources.nodes),
-        "--nproc-per-node", str(resources.procs_per_node),
+        "--nproc-per-node", str(resolved.procs_per_node),
         "--node-rank", "$(PET_NODE_RANK)",
         "--master-addr", "$(PET_MASTER_ADDR)",
-        "--master-port", str(L.RENDEZVOUS_PORT),
+        "--master-port", str(contract.RENDEZVOUS_PORT),
         "-m", "kiln.trainer",
-        "--spec", f"{L.SPEC_DIR}/{L.SPEC_FILE}",
+        "--spec", f"{contract.SPEC_DIR}/{contract.SPEC_FILE}",
     ]  # fmt: skip
 
 
 def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
     container: Obj = {
-        "name": L.CONTAINER_NAME,
-        "image": resolved.spec.image,
+        "name": contract.CONTAINER_NAME,
+        "image": resolved.image,
         "command": ["torchrun"],
         "args": torchrun_args(resolved),
         "env": _env(resolved, attempt),
         "ports": [
-            {"name": "metrics", "containerPort": L.METRICS_PORT, "protocol": "TCP"},
-            {"name": "rendezvous", "containerPort": L.RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(resolved),
         "volumeMounts": [
-            {"name": "spec", "mountPath": L.SPEC_DIR, "readOnly": True},
+            {"name": "spec", "mountPath": contract.SPEC_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "cache", "mountPath": contract.CACHE_DIR},
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -150,7 +150,7 @@ def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if resolved.spec.storage.secret_ref:
@@ -203,11 +203,18 @@ POD_FAILURE_POLICY: Obj = {
 
 
 def render_job(
-    resolved: ResolvedTrainingJob, attempt: int, settings: Settings, *, active_deadline_seconds: int | None = None
+    resolved: ResolvedTrainingJob,
+    attempt: int,
+    settings: Settings,
+    *,
+    active_deadline_seconds: int | None = None,
+    applied: AppliedSpec | None = None,
 ) -> Obj:
     """The Indexed Job of one attempt: one pod per node, node rank = completion index.
 
     ``active_deadline_seconds`` is what is left of runPolicy.activeDeadlineSeconds for this attempt.
+    ``applied`` is the TrainingJob spec the attempt runs, recorded as annotations so that later reconciles
+    can tell which edits it does not have yet.
     """
     run_policy = resolved.spec.run_policy
     nodes = resolved.spec.resources.nodes
@@ -215,6 +222,8 @@ def render_job(
     if run_policy.queue_name:
         extra[L.KUEUE_QUEUE_NAME] = run_policy.queue_name
     metadata = _metadata(resolved, L.attempt_job_name(resolved.name, attempt), "worker", **extra)
+    if applied is not None:
+        metadata["annotations"] = applied.annotations()
     job_spec: Obj = {
         "completionMode": "Indexed",
         "completions": nodes,

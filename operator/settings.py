@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from kiln.api.contract import DEFAULT_TRAINER_IMAGE
 from kiln.api.resolve import Environment
 
 ENV_PREFIX = "KILN_OPERATOR_"
@@ -17,7 +18,7 @@ ENV_PREFIX = "KILN_OPERATOR_"
 
 @dataclass(frozen=True)
 class Settings:
-    image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    image: str = DEFAULT_TRAINER_IMAGE
     """Trainer image for jobs that leave spec.image out. Pin a digest in production."""
 
     storage_root: str = "s3://kiln-runs"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from kiln.api.contract import TrainerReport
 from kiln.api.status import (
     TERMINAL_PHASES,
     CheckpointStatus,
@@ -24,7 +25,8 @@ from kiln.api.status import (
     WorkerCounts,
 )
 from kiln.api.training import RunPolicy
-from kiln.operator.failures import Failure, Report
+from kiln.operator.changes import AppliedSpec, changed_sections, from_annotations
+from kiln.operator.failures import Failure
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason
@@ -54,6 +56,8 @@ class JobView:
     failed_reason: str | None = None
     start_time: str | None = None
     active_deadline_seconds: int | None = None
+    applied: AppliedSpec | None = None
+    """The spec the attempt runs, from the Job's annotations (None for a Job an older operator made)."""
 
     @property
     def finished(self) -> bool:
@@ -78,6 +82,7 @@ def job_view(job: Obj | None) -> JobView:
         failed_reason=(failed.get("reason") or "Failed") if failed and "Complete" not in conditions else None,
         start_time=status.get("startTime"),
         active_deadline_seconds=spec.get("activeDeadlineSeconds"),
+        applied=from_annotations(job["metadata"].get("annotations")),
     )
 
 
@@ -92,10 +97,12 @@ class Observed:
     job: JobView = field(default_factory=JobView)
     failure: Failure | None = None
     """Why the current attempt failed (only when its Job failed)."""
-    report: Report = field(default_factory=Report)
+    report: TrainerReport | None = None
     """Rank 0's termination message (only once its Job finished)."""
     invalid: str | None = None
     """The spec's validation errors, one per line, when it is invalid."""
+    wanted: AppliedSpec | None = None
+    """The current spec, as a new attempt would record it (None when it is invalid)."""
 
 
 @dataclass(frozen=True)
@@ -183,18 +190,81 @@ def job_deadline(run_policy: RunPolicy, tj_start: str | None, job_start: str | N
 
 def next_status(observed: Observed, now: datetime) -> Decision:
     status = observed.status
-    if status.phase in TERMINAL_PHASES:
-        return Decision(status=status)
     b = _Builder(status, now, observed.generation)
-    if observed.invalid is not None:
+    if status.phase in TERMINAL_PHASES:
+        decision = _after_finish(observed, b, now)
+    elif observed.invalid is not None:
         b.set(C.FAILED, True, R.INVALID_SPEC, observed.invalid)
         decision = _finish(observed, b, Phase.FAILED, now)
     else:
         decision = _decide(observed, b, now)
-    new_status = decision.status.model_copy(
-        update={"conditions": b.ordered(), "observed_generation": observed.generation}
-    )
+    generation = _spec_changes(observed, b, decision)
+    new_status = decision.status.model_copy(update={"conditions": b.ordered(), "observed_generation": generation})
     return replace(decision, status=new_status, transitions=tuple(b.transitions))
+
+
+def _after_finish(observed: Observed, b: _Builder, now: datetime) -> Decision:
+    """A finished job stays finished, except that raising spec.epochs continues a Succeeded one."""
+    status, wanted, run_policy = observed.status, observed.wanted, observed.run_policy
+    ran = _ran_epochs(observed)
+    if status.phase != Phase.SUCCEEDED or wanted is None or ran is None or wanted.epochs <= ran:
+        return Decision(status=status)
+    attempt = status.attempt + 1
+    message = f"spec.epochs raised from {ran} to {wanted.epochs}: attempt {attempt} resumes from the latest checkpoint"
+    cleared: dict[str, Any] = {"completion_time": None, "start_time": None}  # the deadline clock restarts
+    if run_policy.suspend:
+        b.set(C.SUCCEEDED, False, R.EPOCHS_RAISED, f"{message} once runPolicy.suspend is false")
+        b.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, "suspended; no pods started")
+        update = {**cleared, "phase": Phase.SUSPENDED, "workers": WorkerCounts()}
+        return Decision(status=status.model_copy(update=update))
+    b.set(C.SUCCEEDED, False, R.EPOCHS_RAISED, message)
+    decision = _start_attempt(observed, b, attempt, now)
+    return replace(decision, status=decision.status.model_copy(update=cleared))
+
+
+def _ran_epochs(observed: Observed) -> int | None:
+    """spec.epochs of the finished attempt: from its Job, else from the last progress rank 0 reported."""
+    if observed.job.applied is not None:
+        return observed.job.applied.epochs
+    progress = observed.status.progress
+    return progress.total_epochs if progress is not None and progress.total_epochs else None
+
+
+def _spec_changes(observed: Observed, b: _Builder, decision: Decision) -> int | None:
+    """Set SpecChangePending; return the observedGeneration to report (it waits while a change is pending)."""
+    status, generation, applied = decision.status, observed.generation, observed.job.applied
+    if decision.create_attempt is not None:
+        b.set(C.SPEC_CHANGE_PENDING, False, R.SPEC_APPLIED, f"attempt {status.attempt} runs generation {generation}")
+        return generation
+    if status.phase == Phase.SUSPENDED:
+        b.set(C.SPEC_CHANGE_PENDING, False, R.SUSPENDED_BY_USER, "suspended: the resume runs the spec as it is then")
+        return generation
+    kept = observed.status.observed_generation
+    if applied is not None and observed.wanted is not None:
+        changed = ", ".join(changed_sections(observed.wanted, applied))
+        kept = max(kept or 0, applied.generation or 0) or None
+    elif observed.status.phase in TERMINAL_PHASES and kept is not None and generation != kept:
+        changed = "spec"  # finished before, and no Job left to compare with (deleted, or an older operator's)
+    else:
+        changed = ""
+    if not changed:
+        b.set(C.SPEC_CHANGE_PENDING, False, R.SPEC_APPLIED, f"attempt {status.attempt} runs generation {generation}")
+        return generation
+    if status.phase in TERMINAL_PHASES:
+        message = (
+            f"{changed} changed in generation {generation} and was not applied before the job "
+            f"{status.phase.value.lower()}: a finished job runs nothing more (only raising spec.epochs continues "
+            "a Succeeded job); delete and re-apply it to run it again"
+        )
+        b.set(C.SPEC_CHANGE_PENDING, True, R.JOB_FINISHED, message)
+    else:
+        running = applied.generation if applied is not None else kept
+        message = (
+            f"{changed} changed in generation {generation}; attempt {status.attempt} runs generation {running} "
+            "until the next attempt (a restart, or suspend and resume)"
+        )
+        b.set(C.SPEC_CHANGE_PENDING, True, R.APPLIES_AT_NEXT_ATTEMPT, message)
+    return kept
 
 
 def _decide(observed: Observed, b: _Builder, now: datetime) -> Decision:
@@ -224,7 +294,7 @@ def _decide(observed: Observed, b: _Builder, now: datetime) -> Decision:
         failure = observed.failure or Failure(retriable=True, message="the attempt failed")
         return _after_failure(observed, b, failure, now)
     if job.complete:
-        if observed.report.state == "preempted":
+        if observed.report is not None and observed.report.state == "preempted":
             reason = "rank 0 was interrupted (SIGTERM), saved a checkpoint and exited"
             return _after_failure(observed, b, Failure(retriable=True, message=reason), now)
         b.set(C.SUCCEEDED, True, R.JOB_COMPLETED, f"all {observed.nodes} workers completed")
@@ -268,20 +338,17 @@ def _after_failure(observed: Observed, b: _Builder, failure: Failure, now: datet
 
 
 def _finish(observed: Observed, b: _Builder, phase: Phase, now: datetime) -> Decision:
-    status, report = observed.status, observed.report
+    status, report = observed.status, observed.report or TrainerReport()
     reason = R.JOB_COMPLETED if phase == Phase.SUCCEEDED else R.WORKER_FAILED
     b.set(C.RUNNING, False, reason, f"the job {phase.value.lower()}")
     b.set(C.RESTARTING, False, reason, f"the job {phase.value.lower()}")
     b.set(C.QUEUED, False, reason, f"the job {phase.value.lower()}")
     update: dict[str, Any] = {"phase": phase, "completion_time": rfc3339(now), "workers": _workers(observed.job)}
     if report.progress is not None:
-        update["progress"] = merge_model(status.progress, Progress, report.progress)
+        update["progress"] = merge_model(status.progress, Progress, report.progress.to_dict())
     if report.checkpoints is not None:
-        update["checkpoints"] = merge_model(status.checkpoints, CheckpointStatus, report.checkpoints)
-    new_status = status.model_copy(update=update).model_copy(
-        update={"conditions": b.ordered(), "observed_generation": observed.generation}
-    )
-    return Decision(status=new_status, cleanup_attempts=tuple(range(1, status.attempt)))
+        update["checkpoints"] = merge_model(status.checkpoints, CheckpointStatus, report.checkpoints.to_dict())
+    return Decision(status=status.model_copy(update=update), cleanup_attempts=tuple(range(1, status.attempt)))
 
 
 def _observe_running(observed: Observed, b: _Builder, now: datetime) -> Decision:

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from kiln.api.training import CheckpointSpec, StorageSpec
+from kiln.api.learning import CheckpointSpec
+from kiln.api.runtime import StorageSpec
 from kiln.storage import StorageError, Store, open_store
 from kiln.trainer.distributed import broadcast_object, is_main_process
 

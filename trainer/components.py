@@ -61,15 +61,14 @@ def _roots(job: ResolvedTrainingJob, world: World) -> dict[str, Path]:
 
 def _check_metrics(job: ResolvedTrainingJob, names: tuple[str, ...], *, has_val: bool) -> None:
     """Metric names are only looked up after the first validation; a typo must fail before the first step."""
-    spec = job.spec
-    watched = {"validation.metric": spec.validation.metric}
-    if spec.early_stopping is not None:
+    watched = {"validation.metric": job.metric}
+    if job.early_stopping_metric is not None:
         if not has_val:
             raise InvalidInput("earlyStopping needs validation data: set data.val or data.valSplit")
-        watched["earlyStopping.metric"] = spec.early_stopping.metric
+        watched["earlyStopping.metric"] = job.early_stopping_metric
     for field, metric in watched.items():
-        if metric is not None and metric.removeprefix("val/") not in names:
-            raise InvalidInput(f"{field}: unknown metric {metric!r}; {spec.task} reports {', '.join(names)}")
+        if metric.name not in names:
+            raise InvalidInput(f"{field}: unknown metric {metric.name!r}; {job.spec.task} reports {', '.join(names)}")
 
 
 def build_components(job: ResolvedTrainingJob, world: World) -> Components:
@@ -112,12 +111,15 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         steps_per_epoch=steps_per_epoch,
         warmup_steps=round(spec.scheduler.warmup_epochs * steps_per_epoch),
     )
-    mode = spec.validation.mode or "max"
+    mode = job.metric.mode
     schedule = Schedule(spec.scheduler, optimizer, horizon, spec.optimizer.lr, mode)
-    assert spec.checkpoint.uri is not None and spec.output.uri is not None, "resolve() fills both URIs"
-    checkpointer = Checkpointer(spec.checkpoint, open_store(spec.checkpoint.uri, spec.storage), mode=mode)
-    stopping = spec.early_stopping
-    early = EarlyStopping(stopping.patience, stopping.min_delta, stopping.mode or mode) if stopping else None
+    checkpointer = Checkpointer(spec.checkpoint, open_store(job.checkpoint_uri, spec.storage), mode=mode)
+    stopping, watched = spec.early_stopping, job.early_stopping_metric
+    early = (
+        EarlyStopping(stopping.patience, stopping.min_delta, watched.mode)
+        if stopping is not None and watched is not None
+        else None
+    )
     _check_metrics(job, task.build_evaluator(job, data, world.device).metric_names, has_val="val" in evals)
     return Components(
         task=task,
@@ -133,6 +135,6 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         eval_loaders=evals,
         horizon=horizon,
         checkpointer=checkpointer,
-        run_log=RunLog(open_store(spec.output.uri, spec.storage)),
+        run_log=RunLog(open_store(job.run_uri, spec.storage)),
         early_stopping=early,
     )

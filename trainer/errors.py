@@ -1,17 +1,8 @@
-"""How the trainer fails, and the exit code each failure maps to.
-
-Exit codes (the operator's retry policy reads them):
-  0  finished, or preempted with a checkpoint saved (SIGTERM)
-  1  any other failure (S3 outage, a bug, out of memory, ...). The operator does not retry it unless
-     runPolicy.retriableExitCodes lists 1; signals (exit >= 128) and disruptions are always retried.
-  2  invalid input: a bad spec, bad data or an unknown name; retrying cannot help
+"""How the trainer fails. ``InvalidInput`` becomes exit code 2 (``ExitCode.INVALID`` in kiln.api.contract, which
+documents every code and what the operator's retry policy does with it); anything else becomes 1.
 """
 
 from __future__ import annotations
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
 
 
 class InvalidInput(Exception):

@@ -21,9 +21,10 @@ import timm
 import torch
 from torch import nn
 
+from kiln.api.catalogue import unknown_name_message
 from kiln.api.training import ModelSpec, StorageSpec
 from kiln.trainer.errors import InvalidInput
-from kiln.trainer.registry import Registry, unknown_name_message
+from kiln.trainer.registry import Registry
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2

@@ -2,7 +2,7 @@
 
 One server on ``KILN_METRICS_PORT`` (default 9400, ``0`` turns it off):
   GET /metrics   Prometheus text format, every series prefixed ``kiln_trainer_``
-  GET /progress  the latest ``progress.Snapshot`` as JSON (the operator polls it)
+  GET /progress  the latest ``TrainerReport`` (kiln.api.contract) as JSON (the operator polls it)
 """
 
 from __future__ import annotations

@@ -7,16 +7,17 @@ without improvement), so all schedules share one ``LambdaLR`` and one checkpoint
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from torch import nn
 
-from kiln.api.training import OptimizerSpec, SchedulerSpec
+from kiln.api.learning import OptimizerSpec, SchedulerSpec
 from kiln.trainer.registry import Registry
 
 Factor = Callable[[int], float]
@@ -25,20 +26,44 @@ Factor = Callable[[int], float]
 @dataclass(frozen=True)
 class OptimizerInfo:
     name: str
-    cls: type[torch.optim.Optimizer] | None
+    cls: type[torch.optim.Optimizer] | None  # None: built by timm's create_optimizer_v2
     has_momentum: bool
     has_betas: bool
     description: str
+    default_betas: tuple[float, ...] = ()  # the optimizer's own betas; adan-style optimizers take three
+    default_momentum: float | None = None  # Kiln's default where it differs from the optimizer's own
+
+
+def _default_betas(cls: type) -> tuple[float, ...]:
+    parameter = inspect.signature(cls).parameters.get("betas")
+    default = parameter.default if parameter is not None else None
+    return tuple(default) if isinstance(default, tuple) else ()
 
 
 OPTIMIZERS: Registry[OptimizerInfo] = Registry("optimizer")
-OPTIMIZERS.register(OptimizerInfo("sgd", torch.optim.SGD, True, False, "SGD with Nesterov momentum"))
-OPTIMIZERS.register(OptimizerInfo("adam", torch.optim.Adam, False, True, "Adam"))
-OPTIMIZERS.register(OptimizerInfo("adamw", torch.optim.AdamW, False, True, "Adam with decoupled weight decay"))
+OPTIMIZERS.register(
+    OptimizerInfo("sgd", torch.optim.SGD, True, False, "SGD with Nesterov momentum", default_momentum=0.9)
+)
+OPTIMIZERS.register(OptimizerInfo("adam", torch.optim.Adam, False, True, "Adam", (0.9, 0.999)))
+OPTIMIZERS.register(
+    OptimizerInfo("adamw", torch.optim.AdamW, False, True, "Adam with decoupled weight decay", (0.9, 0.999))
+)
 OPTIMIZERS.register(OptimizerInfo("rmsprop", torch.optim.RMSprop, True, False, "RMSprop"))
 for _name in list_optimizers(with_description=False):
-    if isinstance(_name, str) and _name not in OPTIMIZERS:
-        OPTIMIZERS.register(OptimizerInfo(_name, None, False, False, "timm create_optimizer_v2"))
+    assert isinstance(_name, str)  # with_description=False lists bare names
+    _timm = get_optimizer_info(_name) if _name not in OPTIMIZERS else None
+    # timm names apex and bitsandbytes optimizers by import path; neither is installed, so they cannot be built.
+    if _timm is not None and isinstance(_timm.opt_class, type):
+        OPTIMIZERS.register(
+            OptimizerInfo(
+                _name,
+                None,
+                _timm.has_momentum,
+                _timm.has_betas,
+                _timm.description or "timm create_optimizer_v2",
+                _default_betas(_timm.opt_class),
+            )
+        )
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -51,19 +76,27 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_kwargs(spec: OptimizerSpec, info: OptimizerInfo) -> dict[str, Any]:
+    """The spec's hyperparameters that this optimizer takes. Betas and momentum only when the spec gives them,
+    so each optimizer otherwise keeps its own (lion's beta2 is 0.99, adam's 0.999; Kiln's sgd uses 0.9 with
+    Nesterov). A three-beta optimizer (adan) gets the spec's two and keeps its own third."""
+    kwargs: dict[str, Any] = {"lr": spec.lr}
+    momentum = spec.momentum if spec.momentum is not None else info.default_momentum
+    if info.has_momentum and momentum is not None:
+        kwargs["momentum"] = momentum
+    if info.has_betas and spec.betas is not None:
+        kwargs["betas"] = (*spec.betas, *info.default_betas[len(spec.betas) :])
+    if info.name == "sgd":
+        kwargs["nesterov"] = bool(momentum)
+    return kwargs
+
+
 def create_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
     info = OPTIMIZERS.get(spec.name)
+    kwargs = optimizer_kwargs(spec, info)
     if info.cls is None:
-        return create_optimizer_v2(
-            model, opt=spec.name, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum
-        )
-    kwargs: dict[str, Any] = {"lr": spec.lr}
-    if info.has_momentum:
-        kwargs["momentum"] = spec.momentum
-    if info.has_betas:
-        kwargs["betas"] = tuple(spec.betas)
-    if info.name == "sgd":
-        kwargs["nesterov"] = spec.momentum > 0
+        # timm builds its own parameter groups, with the same 1-d exemption from weight decay.
+        return create_optimizer_v2(model, opt=spec.name, weight_decay=spec.weight_decay, **kwargs)
     return info.cls(_param_groups(model, spec.weight_decay), **kwargs)
 
 

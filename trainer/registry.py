@@ -1,15 +1,16 @@
 """One generic registry, used for every pluggable kind the trainer resolves by name.
 
 Entries are frozen ``*Info`` records. Registering a name twice raises; looking up an unknown name raises
-``UnknownName`` (an invalid-input error) that lists the valid names, closest matches first.
+``UnknownName`` (an invalid-input error) that lists the valid names, closest matches first, in the same words
+``kiln validate`` uses for the same mistake (``kiln.api.catalogue.unknown_name_message``).
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
+from kiln.api.catalogue import unknown_name_message
 from kiln.trainer.errors import InvalidInput
 
 
@@ -23,14 +24,6 @@ InfoT = TypeVar("InfoT", bound=Named)
 
 class UnknownName(InvalidInput):
     """A name that no registry entry answers to."""
-
-
-def unknown_name_message(kind: str, name: str, valid: Iterable[str], *, limit: int = 20) -> str:
-    names = sorted(valid)
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-    listing = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} valid: {listing}"
 
 
 class Registry(Generic[InfoT]):

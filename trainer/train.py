@@ -14,12 +14,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from kiln.api import contract
+from kiln.api.contract import Env, ExitCode, TrainerReport
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.distributed import close_distributed, init_distributed
-from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidInput, one_line
+from kiln.trainer.errors import InvalidInput, one_line
 from kiln.trainer.observability import StatusServer, TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
-from kiln.trainer.progress import LatestSnapshot, failure_message, termination_message, write_termination_log
+from kiln.trainer.progress import LatestSnapshot, write_termination_log
 
 log = logging.getLogger("kiln.trainer")
 
@@ -42,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout if os.environ.get(Env.LOG_STREAM) == "stdout" else sys.stderr,
     )
-    termination_log = os.environ.get("KILN_TERMINATION_LOG", "/dev/termination-log")
+    termination_log = os.environ.get(Env.TERMINATION_LOG, contract.TERMINATION_LOG)
     preemption = PreemptionFlag()
     preemption.install()
     server: StatusServer | None = None
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         job = load_spec(args.spec)
         world = init_distributed()
         metrics, progress = TrainerMetrics(), LatestSnapshot()
-        port = int(os.environ.get("KILN_METRICS_PORT", "9400"))
+        port = int(os.environ.get(Env.METRICS_PORT, str(contract.METRICS_PORT)))
         if world.is_main and port:
             try:
                 server = StatusServer(port, metrics, progress).start()
@@ -62,19 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(job, world, preemption=preemption, reporter=progress, metrics=metrics)
         state = trainer.train()
         if world.is_main:
-            write_termination_log(termination_log, termination_message(trainer.snapshot()))
+            write_termination_log(termination_log, trainer.snapshot().to_json())
         log.info("training %s at epoch %d, step %d", state, trainer.epoch, trainer.step)
-        return EXIT_OK
+        return ExitCode.OK
     except Exception as exc:
-        code = EXIT_INVALID if isinstance(exc, InvalidInput) else EXIT_FAILED
+        code = ExitCode.INVALID if isinstance(exc, InvalidInput) else ExitCode.FAILED
         reason = one_line(exc)
         log.error(
             "%s: %s",
-            "invalid input" if code == EXIT_INVALID else "training failed",
+            "invalid input" if code == ExitCode.INVALID else "training failed",
             reason,
-            exc_info=code != EXIT_INVALID,
+            exc_info=code != ExitCode.INVALID,
         )
-        write_termination_log(termination_log, failure_message(reason, code), first_failure_wins=True)
+        write_termination_log(termination_log, TrainerReport.failure(reason, code).to_json())
         return code
     finally:
         if server is not None:

@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.api.contract import TrainerReport, TrainerState
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.status import CheckpointStatus, Progress
 from kiln.trainer.components import Components, build_components
 from kiln.trainer.distributed import World, any_rank, broadcast_buffers, broadcast_object, gather_objects, unwrap
 from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
-from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, Snapshot, State, now_rfc3339
+from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,13 @@ class Trainer:
         self.batch = 0  # micro-batches of that epoch already trained
         self.step = 0  # optimizer steps, across restarts
         self.latest_metrics: dict[str, float] = {}
-        self.state: State = "running"
+        self.state: TrainerState = "running"
         self.stop_reason: str | None = None  # set when early stopping ends the run before spec.epochs
         self.eta = EtaClock(0)
         self.final: dict[str, Any] = {}  # test metrics and the predictions URI, for summary.json
 
     # -- the outline --------------------------------------------------------------------------------------
-    def train(self) -> State:
+    def train(self) -> TrainerState:
         self.resume()
         self.c.run_log.load()
         self.eta = EtaClock(self.step)
@@ -163,11 +164,11 @@ class Trainer:
         metrics, _ = self.evaluate("val")
         self.latest_metrics.update({f"val/{k}": v for k, v in metrics.items()})
         self.metrics.observe_validation(metrics)
-        score = metrics[self.metric_name(self.spec.validation.metric)]
+        score = metrics[self.job.metric.name]
         self.c.schedule.observe(score)
-        stopping = self.spec.early_stopping
-        if self.c.early_stopping is not None and stopping is not None:
-            watched = self.metric_name(stopping.metric)
+        stopping, watched_metric = self.spec.early_stopping, self.job.early_stopping_metric
+        if self.c.early_stopping is not None and stopping is not None and watched_metric is not None:
+            watched = watched_metric.name
             if self.c.early_stopping.observe(metrics[watched]):
                 self.stop_reason = (
                     f"early stopping: {watched} did not improve by more than {stopping.min_delta:g} for "
@@ -177,10 +178,6 @@ class Trainer:
                 log.info("%s", self.stop_reason)
         log.info("epoch %d validation: %s", self.epoch, _fmt(metrics))
         return score
-
-    @staticmethod
-    def metric_name(metric: str | None) -> str:
-        return (metric or "accuracy").removeprefix("val/")
 
     def evaluate_best(self) -> None:
         """Evaluate the test split (else val) with the best checkpoint's weights; write per-image predictions."""
@@ -234,6 +231,14 @@ class Trainer:
             c.early_stopping.load_state_dict(state["early_stopping"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.stop_reason = state.get("stop_reason")
+        stored_epochs = ((state.get("spec") or {}).get("spec") or {}).get("epochs")
+        if self.stop_reason is not None and isinstance(stored_epochs, int) and stored_epochs < self.spec.epochs:
+            # spec.epochs was raised after early stopping ended the run: train on, with fresh patience.
+            log.info("epochs raised from %d to %d: training on after %s", stored_epochs, self.spec.epochs,
+                     self.stop_reason)  # fmt: skip
+            self.stop_reason = None
+            if c.early_stopping is not None:
+                c.early_stopping.stale = 0
         self.latest_metrics = dict(state.get("metrics", {}))
         rng = state.get("rng") or []
         if len(rng) == self.world.world_size:
@@ -266,12 +271,12 @@ class Trainer:
         self.report()
 
     # -- reporting ----------------------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> TrainerReport:
         total = self.c.horizon.total_steps
-        metric = self.metric_name(self.spec.validation.metric)
+        metric = self.job.metric.name
         value = self.latest_metrics.get(f"val/{metric}")
         best = self.c.checkpointer.best
-        return Snapshot(
+        return TrainerReport(
             state=self.state,
             progress=Progress(
                 epoch=self.epoch,
@@ -309,7 +314,7 @@ class Trainer:
             summary = {"job": f"{self.job.namespace}/{self.job.name}", **self.snapshot().to_dict(), **self.final}
             self.c.run_log.write_summary(summary)
 
-    def finish(self, state: State) -> None:
+    def finish(self, state: TrainerState) -> None:
         self.state = state
         self.write_summary()
         self.report()

@@ -7,11 +7,12 @@ the docstring beneath it (pydantic's ``use_attribute_docstrings``), so the CRD, 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
@@ -29,15 +30,19 @@ MAX_LIST = 64
 MAX_MAP = 64
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+# A URI as Kiln reports it (status). What users write goes through StorageUri below, which is checked.
 Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI)]
 # A Kubernetes resource quantity ("4", "500m", "16Gi"); YAML users write bare integers too.
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 
 
 class KilnModel(BaseModel):
-    """Strict, immutable, camelCase: unknown fields are errors, never silently dropped."""
+    """Strict, immutable, camelCase: unknown fields are errors, never silently dropped, and no value changes
+    type on the way in ("10" is not an integer, "true" not a boolean), because the apiserver coerces nothing
+    either and `kiln validate` must accept exactly what it accepts."""
 
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         frozen=True,
         alias_generator=to_camel,
@@ -86,6 +91,55 @@ class Rule:
 
     def to_cel(self) -> dict[str, str]:
         return cel(self.cel, self.message, f".{self.field}" if self.field else None)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A rule on one string field, stated once as a regular expression and enforced twice: by the apiserver
+    (CEL ``self.matches``, RE2) and by pydantic (``re.search``). Patterns stay inside the syntax both
+    engines read the same way: anchors, classes, counted repeats, alternation; no backslashes."""
+
+    alternatives: tuple[str, ...]
+    message: str
+
+    def __post_init__(self) -> None:
+        assert not any("\\" in alternative or "'" in alternative for alternative in self.alternatives)
+
+    @property
+    def cel(self) -> str:
+        return " || ".join(f"self.matches('{alternative}')" for alternative in self.alternatives)
+
+    def holds(self, value: str) -> bool:
+        return any(re.search(alternative, value) for alternative in self.alternatives)
+
+    def check(self, value: str) -> str:
+        if not self.holds(value):
+            raise ValueError(self.message)
+        return value
+
+    def annotations(self) -> tuple[Any, ...]:
+        """Annotated metadata: the CEL rule in the field's schema, and the same check as a validator."""
+        rules: list[Any] = [cel(self.cel, self.message)]
+        return (
+            Field(json_schema_extra={"x-kubernetes-validations": rules}),
+            AfterValidator(self.check),
+        )
+
+
+STORAGE_URI = Pattern(
+    # s3://<bucket>[/key] with S3's bucket naming; file:///<absolute path>; or a plain path with no scheme.
+    alternatives=("^s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](/.*)?$", "^file:///", "^[^:]*$", "^[^:]*[/][^/]*:"),
+    message="must be s3://bucket/key, a local path, or file:///path; other schemes are not supported",
+)
+HTTP_URL = Pattern(
+    alternatives=("^https?://[^/ ]+(/[^ ]*)?$",),
+    message="must be an http:// or https:// URL, for example https://minio.example:9000",
+)
+
+# A URI a user writes: where data, weights, checkpoints and outputs live.
+StorageUri = Annotated[str, Field(min_length=1, max_length=MAX_URI), *STORAGE_URI.annotations()]
+# The S3 endpoint of an S3-compatible server.
+HttpUrl = Annotated[str, Field(min_length=1, max_length=MAX_URI), *HTTP_URL.annotations()]
 
 
 class RuleModel(KilnModel):

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from kiln.api.base import KilnModel, Name, Quantity, Rule, RuleModel, Uri
+from kiln.api.base import KilnModel, Name, Quantity, Rule, RuleModel, StorageUri
 from kiln.api.training import StorageSpec
 
 ExportFormat = Literal["onnx", "torchscript", "pt2"]
@@ -23,7 +23,7 @@ class ExportSource(RuleModel):
     checkpoint: Literal["best", "latest"] = "best"
     """Which of the TrainingJob's checkpoints to export."""
 
-    checkpoint_uri: Uri | None = None
+    checkpoint_uri: StorageUri | None = None
     """An explicit checkpoint URI (s3:// or a path), instead of trainingJob."""
 
     __rules__ = (
@@ -85,7 +85,7 @@ class ExportResources(KilnModel):
 
 
 class ExportOutput(KilnModel):
-    uri: Uri | None = None
+    uri: StorageUri | None = None
     """Where artifacts go. Defaults to <checkpoint's job output>/export/<name>."""
 
 
@@ -124,6 +124,13 @@ class ExportJobSpec(RuleModel):
     """S3 connection settings."""
 
     __rules__ = (
+        # The API never lies: no controller acts on an ExportJob yet, so none is admitted. This rule goes
+        # when the exporter lands; every rule below already holds for what it will accept.
+        Rule(
+            cel="false",
+            message="ExportJob is not implemented yet: no controller would act on it",
+            holds=lambda s: False,
+        ),
         Rule(
             cel="self.formats.all(f, self.formats.exists_one(g, g == f))",
             message="formats must not repeat",

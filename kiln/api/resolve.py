@@ -8,13 +8,16 @@ to the pods in a ConfigMap, and the trainer reads it back without deriving anyth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from kiln.api.base import KilnModel, Name, Uri
-from kiln.api.manifest import TrainingJob
-from kiln.api.training import MetricMode, TrainingJobSpec
+from kiln.api.contract import DEFAULT_TRAINER_IMAGE
+from kiln.api.learning import MetricMode
+from kiln.api.manifest import InvalidManifest, ManifestError, TrainingJob
+from kiln.api.parse import parse_manifest
+from kiln.api.training import TrainingJobSpec
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,28 @@ class Environment:
 
     storage_root: str
     checkpoint_root: str | None = None
-    image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    image: str = DEFAULT_TRAINER_IMAGE
     default_procs_per_node: int = 1
     endpoint_url: str | None = None
     secret_ref: str | None = None
 
 
+class ResolvedMetric(KilnModel):
+    """A metric the trainer watches, by the name its evaluator reports (no ``val/`` prefix)."""
+
+    name: Name
+    """The metric, for example accuracy or loss."""
+
+    mode: MetricMode
+    """max: larger is better; min: smaller is better."""
+
+
 class ResolvedTrainingJob(KilnModel):
-    """What the trainer runs: a TrainingJob's identity plus its fully defaulted spec."""
+    """What the trainer runs: a TrainingJob's identity plus its fully defaulted spec.
+
+    Every value the trainer needs that the spec may leave open is a required field here, so the trainer
+    and the operator read it instead of deriving it again.
+    """
 
     name: Name
     """metadata.name of the TrainingJob."""
@@ -70,14 +87,32 @@ class ResolvedTrainingJob(KilnModel):
     spec: TrainingJobSpec
     """The spec with every default applied."""
 
+    metric: ResolvedMetric
+    """The validation metric that picks the best checkpoint, and its mode."""
+
+    early_stopping_metric: ResolvedMetric | None
+    """The metric early stopping watches; None when early stopping is off."""
+
     loss_weights: dict[str, float]
     """The loss as a weighted sum of named terms."""
+
+    nodes: Annotated[int, Field(ge=1)]
+    """Pods (torchrun nodes)."""
+
+    procs_per_node: Annotated[int, Field(ge=1)]
+    """Training processes per node."""
 
     world_size: int
     """nodes x procsPerNode."""
 
     run_uri: Uri
     """Root of this job's outputs."""
+
+    checkpoint_uri: Uri
+    """Where this job's checkpoints go."""
+
+    image: Name
+    """The trainer image."""
 
     mode: Literal["cluster", "local"] = "cluster"
     """Whether the job runs under the operator or under kiln run."""
@@ -100,28 +135,28 @@ def resolve(
         else _join(run_uri, "checkpoints")
     )
 
-    metric = spec.validation.metric or defaults.metric
-    validation = spec.validation.model_copy(
-        update={"metric": metric, "mode": spec.validation.mode or metric_mode(metric)}
-    )
-    early_stopping = spec.early_stopping
+    metric_name = (spec.validation.metric or defaults.metric).removeprefix("val/")
+    metric = ResolvedMetric(name=metric_name, mode=spec.validation.mode or metric_mode(metric_name))
+    validation = spec.validation.model_copy(update={"metric": metric.name, "mode": metric.mode})
+    early_stopping, stopping_metric = spec.early_stopping, None
     if early_stopping is not None:
-        watched = early_stopping.metric or metric
-        early_stopping = early_stopping.model_copy(
-            update={"metric": watched, "mode": early_stopping.mode or metric_mode(watched)}
-        )
+        watched = (early_stopping.metric or metric.name).removeprefix("val/")
+        stopping_metric = ResolvedMetric(name=watched, mode=early_stopping.mode or metric_mode(watched))
+        early_stopping = early_stopping.model_copy(update={"metric": watched, "mode": stopping_metric.mode})
     # In a cluster each GPU gets a process; on a laptop the GPU request means nothing, so kiln run's
     # environment (the CPU count) decides unless the spec says otherwise.
     per_node_devices = spec.resources.gpus_per_node if mode == "cluster" else 0
     procs = spec.resources.procs_per_node or per_node_devices or env.default_procs_per_node
+    checkpoint_uri = spec.checkpoint.uri or checkpoint_uri
+    image = spec.image or env.image
     resolved_spec = spec.model_copy(
         update={
             "validation": validation,
             "early_stopping": early_stopping,
             "output": spec.output.model_copy(update={"uri": run_uri}),
-            "checkpoint": spec.checkpoint.model_copy(update={"uri": spec.checkpoint.uri or checkpoint_uri}),
+            "checkpoint": spec.checkpoint.model_copy(update={"uri": checkpoint_uri}),
             "resources": spec.resources.model_copy(update={"procs_per_node": procs}),
-            "image": spec.image or env.image,
+            "image": image,
             "storage": spec.storage.model_copy(
                 update={
                     "endpoint_url": spec.storage.endpoint_url or env.endpoint_url,
@@ -141,8 +176,25 @@ def resolve(
         namespace=namespace,
         uid=job.metadata.uid,
         spec=resolved_spec,
+        metric=metric,
+        early_stopping_metric=stopping_metric,
         loss_weights=loss_weights,
+        nodes=spec.resources.nodes,
+        procs_per_node=procs,
         world_size=spec.resources.nodes * procs,
         run_uri=run_uri,
+        checkpoint_uri=checkpoint_uri,
+        image=image,
         mode=mode,
     )
+
+
+def parse_and_resolve(
+    document: Any, env: Environment, *, mode: Literal["cluster", "local"] = "cluster", source: str = ""
+) -> ResolvedTrainingJob:
+    """A TrainingJob document (decoded YAML, or the apiserver's object) to what the trainer runs, or
+    InvalidManifest. The operator and ``kiln run`` both come through here, so they cannot disagree."""
+    manifest = parse_manifest(document, source)
+    if not isinstance(manifest, TrainingJob):
+        raise InvalidManifest([ManifestError(source, "kind", f"expected a TrainingJob, got {manifest.kind}")])
+    return resolve(manifest, env, mode=mode)

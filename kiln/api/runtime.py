@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from kiln.api.base import MAX_LIST, MAX_MAP, KilnModel, Name, Quantity, Uri
+from kiln.api.base import MAX_LIST, MAX_MAP, HttpUrl, KilnModel, Name, Quantity
 
 
 class Toleration(KilnModel):
@@ -59,8 +59,8 @@ class ResourcesSpec(KilnModel):
 
 
 class StorageSpec(KilnModel):
-    endpoint_url: Uri | None = None
-    """S3 endpoint for S3-compatible servers (MinIO, Ceph); omit for AWS."""
+    endpoint_url: HttpUrl | None = None
+    """S3 endpoint (http:// or https:// URL) for S3-compatible servers (MinIO, Ceph); omit for AWS."""
 
     region: Name | None = None
     """S3 region."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from kiln.api.base import MAX_LIST, MAX_MAP, MAX_TEXT, KilnModel, Uri
 
@@ -31,6 +31,7 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    SPEC_CHANGE_PENDING = "SpecChangePending"
 
 
 class Reason(StrEnum):
@@ -48,11 +49,22 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     SUSPENDED_BY_USER = "SuspendedByUser"
     RESUMED = "Resumed"
+    APPLIES_AT_NEXT_ATTEMPT = "AppliesAtNextAttempt"
+    JOB_FINISHED = "JobFinished"
+    SPEC_APPLIED = "SpecApplied"
+    EPOCHS_RAISED = "EpochsRaised"
     EXPORTED = "Exported"
     VERIFICATION_FAILED = "VerificationFailed"
 
 
-class Condition(KilnModel):
+class StatusModel(KilnModel):
+    """Status is written by the operator and read back from the apiserver as plain JSON, whose strings
+    become the enums above; lax parsing is what lets them."""
+
+    model_config = ConfigDict(strict=False)
+
+
+class Condition(StatusModel):
     type: ConditionType
     """Condition type."""
 
@@ -78,7 +90,7 @@ Conditions = Annotated[
 ]
 
 
-class WorkerCounts(KilnModel):
+class WorkerCounts(StatusModel):
     active: int = 0
     """Pods of the current attempt that are running or pending."""
 
@@ -89,7 +101,7 @@ class WorkerCounts(KilnModel):
     """Pods of the current attempt that failed."""
 
 
-class Progress(KilnModel):
+class Progress(StatusModel):
     epoch: int = 0
     """Epochs completed."""
 
@@ -115,7 +127,7 @@ class Progress(KilnModel):
     """When the trainer last reported (RFC 3339)."""
 
 
-class CheckpointStatus(KilnModel):
+class CheckpointStatus(StatusModel):
     latest: Uri | None = None
     """URI of the most recent checkpoint."""
 
@@ -126,15 +138,16 @@ class CheckpointStatus(KilnModel):
     """The deciding metric's value at the best checkpoint."""
 
 
-class TrainingJobStatus(KilnModel):
+class TrainingJobStatus(StatusModel):
     phase: Phase = Phase.PENDING
     """Pending, Queued, Running, Restarting, Suspended, Succeeded or Failed."""
 
     conditions: Conditions = Field(default_factory=list)
-    """Created, Queued, Running, Restarting, Succeeded, Failed and Suspended, one entry each."""
+    """Created, Queued, Running, Restarting, Succeeded, Failed, Suspended and SpecChangePending, one entry each."""
 
     observed_generation: int | None = None
-    """The .metadata.generation the operator last acted on."""
+    """The newest .metadata.generation that is wholly in effect. While SpecChangePending is True it stays at the
+    generation the running attempt was created from (or whose runPolicy was last applied)."""
 
     attempt: int = 0
     """Current attempt number; each whole-gang restart starts a new one."""
@@ -158,7 +171,7 @@ class TrainingJobStatus(KilnModel):
     """Checkpoint URIs, reported by rank 0."""
 
 
-class LatencyMs(KilnModel):
+class LatencyMs(StatusModel):
     p50: float
     """Median latency in milliseconds."""
 
@@ -166,7 +179,7 @@ class LatencyMs(KilnModel):
     """95th-percentile latency in milliseconds."""
 
 
-class Artifact(KilnModel):
+class Artifact(StatusModel):
     format: Literal["onnx", "torchscript", "pt2"]
     """Export format."""
 
@@ -189,7 +202,7 @@ class Artifact(KilnModel):
     """Images per second per benchmarked batch size."""
 
 
-class ExportJobStatus(KilnModel):
+class ExportJobStatus(StatusModel):
     phase: Phase = Phase.PENDING
     """Pending, Running, Succeeded or Failed."""
 

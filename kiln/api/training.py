@@ -1,24 +1,35 @@
 """TrainingJob.spec: what a user writes to train a vision model.
 
 Names that resolve through a registry at run time (timm architectures, optimizers, albumentations
-transforms, loss names) are free strings here: the torch-free API cannot list them, and the trainer's
-registries reject unknown ones with the list of valid names.
+transforms and their arguments, losses, metrics) are free strings in the schema, which cannot enumerate
+thousands of them; ``kiln.api.semantics`` checks each against the generated name catalogue
+(``kiln.api.catalogue``), so ``kiln validate`` and the operator refuse a typo with the closest valid names.
+Segmentation and detection are part of the API but not implemented by the trainer yet; the same checks say so.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from kiln.api.base import MAX_LIST, MAX_MAP, MAX_NAME, KilnModel, Name, Rule, RuleModel, Uri
+from kiln.api.base import MAX_LIST, MAX_MAP, MAX_NAME, KilnModel, Name, Rule, RuleModel, StorageUri
+from kiln.api.learning import (
+    CheckpointSpec,
+    EarlyStoppingSpec,
+    EmaSpec,
+    LossSpec,
+    OptimizerSpec,
+    OutputSpec,
+    SchedulerSpec,
+    ValidationSpec,
+)
 from kiln.api.runtime import ResourcesSpec, RunPolicy, StorageSpec
 
 Task = Literal["classification", "segmentation", "detection"]
 DataFormat = Literal["imagefolder", "csv", "segmentation-folder", "coco", "yolo"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-SchedulerName = Literal["cosine", "step", "multistep", "exponential", "plateau", "onecycle", "none"]
-MetricMode = Literal["max", "min"]
 AugmentationPreset = Literal["none", "light", "medium", "heavy"]
 StagingMode = Literal["auto", "copy", "direct"]
 
@@ -46,17 +57,19 @@ def _formats_rule(split: str) -> Rule:
 
 class ModelSpec(RuleModel):
     architecture: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
-    """The network. Classification: any timm model name (resnet18, convnext_tiny, vit_small_patch16_224, ...).
-    Segmentation: a segmentation-models-pytorch architecture (unet, unetplusplus, fpn, deeplabv3plus, ...).
-    Detection: a torchvision detector (fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...)."""
+    """The network. Classification: a Kiln flavor (debug, debug_small) or any timm model name (resnet18,
+    convnext_tiny, vit_small_patch16_224, ...). Not implemented yet: segmentation (a segmentation-models-pytorch
+    architecture: unet, fpn, deeplabv3plus, ...) and detection (a torchvision detector:
+    fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...). Ignored when source names a plugin."""
 
     encoder: Name | None = None
-    """Segmentation only: the encoder (backbone) of the smp architecture, for example resnet34."""
+    """Segmentation only (not implemented yet): the encoder (backbone) of the smp architecture, for example
+    resnet34, or tu-<timm model>."""
 
     num_classes: Annotated[int, Field(ge=1, le=100000)] | None = None
     """Number of classes. Inferred from the training data when omitted; an explicit value must agree with it."""
 
-    pretrained: Uri | None = None
+    pretrained: StorageUri | None = None
     """Initial weights as an explicit URI: s3://bucket/key or a file path. Omit to start from random weights.
     There is no model hub at run time, so names like 'imagenet' are rejected."""
 
@@ -85,12 +98,13 @@ class ModelSpec(RuleModel):
 
 
 class DataSource(KilnModel):
-    uri: Uri
+    uri: StorageUri
     """Where the split lives: s3://bucket/prefix, or a local path."""
 
     format: DataFormat = "imagefolder"
-    """Layout: imagefolder (one folder per class), csv (path,label rows), segmentation-folder (images/ and
-    masks/ with matching names), coco (annotations JSON) or yolo (images/ and labels/)."""
+    """Layout: imagefolder (one folder per class) or csv (path,label rows) for classification. Not implemented
+    yet: segmentation-folder (images/ and masks/ with matching names) for segmentation, coco (annotations JSON)
+    or yolo (images/ and labels/) for detection."""
 
 
 class Staging(KilnModel):
@@ -152,13 +166,38 @@ class DataSpec(RuleModel):
 
 
 class Transform(KilnModel):
+    """One albumentations transform: {name: HorizontalFlip, p: 0.5}, or the same with the arguments under args."""
+
+    # Inline arguments are fields the schema cannot list; without this the apiserver would prune them.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
     name: Name
-    """An albumentations transform, by its class name (HorizontalFlip, RandomResizedCrop, ColorJitter, ...)."""
+    """An albumentations transform, by its class name (HorizontalFlip, RandomResizedCrop, ColorJitter, ...).
+    Its arguments go beside the name ({name: HorizontalFlip, p: 0.5}) or under args, not both."""
 
     args: Annotated[
         dict[str, Any], Field(max_length=MAX_MAP, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     ] = Field(default_factory=dict)
-    """Keyword arguments passed to the transform's constructor, verbatim."""
+    """Keyword arguments passed to the transform's constructor, verbatim; the same as writing them inline."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_args(cls, data: Any) -> Any:
+        """{name: HorizontalFlip, p: 0.5} means {name: HorizontalFlip, args: {p: 0.5}}: albumentations users write
+        the former."""
+        if not isinstance(data, dict):
+            return data
+        inline = {key: value for key, value in data.items() if key not in {"name", "args"}}
+        if not inline:
+            return data
+        # An empty args is no conflict: the apiserver fills in its default ({}) beside inline arguments.
+        if data.get("args"):
+            raise PydanticCustomError(
+                "kiln_rule",
+                "give the transform's arguments inline or under args, not both (inline: {inline})",
+                {"field": "args", "inline": ", ".join(sorted(map(str, inline)))},
+            )
+        return {**{key: data[key] for key in ("name",) if key in data}, "args": inline}
 
 
 class AugmentationSpec(KilnModel):
@@ -176,134 +215,6 @@ class AugmentationSpec(KilnModel):
 
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Label smoothing for the classification loss."""
-
-
-class OptimizerSpec(KilnModel):
-    name: Name = "adamw"
-    """sgd, adam, adamw, rmsprop, or any name timm's create_optimizer_v2 knows (lamb, lion, adan, ...)."""
-
-    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
-    """Peak learning rate, reached after warmup."""
-
-    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.05
-    """Decoupled weight decay; biases and norm weights are exempt."""
-
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    """Momentum, for the optimizers that have one (sgd, rmsprop)."""
-
-    betas: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = Field(
-        default_factory=lambda: [0.9, 0.999]
-    )
-    """Adam-family betas, [beta1, beta2]."""
-
-
-class SchedulerSpec(KilnModel):
-    name: SchedulerName = "cosine"
-    """The learning-rate schedule after warmup."""
-
-    warmup_epochs: Annotated[float, Field(ge=0, le=1000)] = 0.0
-    """Linear warmup from warmupLr to optimizer.lr, in (fractional) epochs."""
-
-    warmup_lr: Annotated[float, Field(ge=0)] = 1e-6
-    """Learning rate at the start of warmup."""
-
-    min_lr: Annotated[float, Field(ge=0)] = 0.0
-    """Floor of the cosine schedule."""
-
-    step_epochs: Annotated[int, Field(ge=1, le=100000)] = 30
-    """step: decay every this many epochs."""
-
-    milestones: Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=MAX_LIST)] = Field(
-        default_factory=lambda: [30, 60, 90]
-    )
-    """multistep: the epochs at which the learning rate decays."""
-
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
-    """Decay factor for step, multistep and exponential (per epoch) and plateau."""
-
-    patience: Annotated[int, Field(ge=0, le=10000)] = 5
-    """plateau: validations without improvement before the learning rate decays."""
-
-
-class LossSpec(RuleModel):
-    name: Name | None = None
-    """A single loss by name. Defaults per task: cross_entropy for classification, dice+cross_entropy for
-    segmentation; detection models compute their own."""
-
-    weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], Field(max_length=8)] | None = None
-    """A weighted sum of named losses, for example {dice: 0.5, cross_entropy: 0.5}. Exclusive with name."""
-
-    class_weights: Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=100000)] | None = None
-    """Per-class weights, one per class, for imbalanced data."""
-
-    __rules__ = (
-        Rule(
-            cel="!(has(self.name) && has(self.weights))",
-            message="name and weights are exclusive: name one loss or weigh several",
-            holds=lambda loss: not (loss.name is not None and loss.weights is not None),
-            field="weights",
-        ),
-    )
-
-
-class EmaSpec(KilnModel):
-    enabled: bool = False
-    """Keep an exponential moving average of the weights, validated and exported in place of the raw ones."""
-
-    decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998
-    """EMA decay per optimizer step."""
-
-
-class ValidationSpec(KilnModel):
-    every: Annotated[int, Field(ge=1, le=10000)] = 1
-    """Validate every this many epochs (and always after the last one)."""
-
-    metric: Name | None = None
-    """The metric that picks the best checkpoint: accuracy, f1, loss, miou, map, ... Defaults per task."""
-
-    mode: MetricMode | None = None
-    """Whether a larger (max) or smaller (min) metric is better. Defaults from the metric."""
-
-
-class EarlyStoppingSpec(KilnModel):
-    patience: Annotated[int, Field(ge=1, le=10000)] = 10
-    """Validations without improvement before training stops."""
-
-    min_delta: Annotated[float, Field(ge=0)] = 0.0
-    """The smallest change that counts as an improvement."""
-
-    metric: Name | None = None
-    """The watched metric; defaults to validation.metric."""
-
-    mode: MetricMode | None = None
-    """max or min; defaults to validation.mode."""
-
-
-class CheckpointSpec(RuleModel):
-    uri: Uri | None = None
-    """Where checkpoints go: s3://bucket/prefix or a local directory. Defaults to <output.uri>/checkpoints."""
-
-    every_epochs: Annotated[int, Field(ge=0, le=10000)] = 1
-    """Save every this many epochs; 0 turns epoch checkpoints off."""
-
-    every_steps: Annotated[int, Field(ge=0)] = 0
-    """Also save every this many optimizer steps; 0 turns step checkpoints off."""
-
-    keep_last: Annotated[int, Field(ge=1, le=1000)] = 2
-    """How many of the most recent checkpoints to keep."""
-
-    keep_best: Annotated[int, Field(ge=0, le=1000)] = 1
-    """How many of the best-scoring checkpoints to keep besides them."""
-
-    resume: Uri = "auto"
-    """auto: continue from this job's latest checkpoint if there is one. never: always start over.
-    Anything else is the URI of a checkpoint to start from."""
-
-
-class OutputSpec(KilnModel):
-    uri: Uri | None = None
-    """Where metrics.jsonl, summary.json and predictions go. Defaults to ./.kiln/<job> locally, or to the
-    operator's configured root in a cluster."""
 
 
 class TrainingJobSpec(RuleModel):
@@ -374,7 +285,8 @@ class TrainingJobSpec(RuleModel):
     """S3 connection settings."""
 
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
-    """Restarts, suspension, deadlines and queueing. The only part that may change while the job runs."""
+    """Restarts, suspension, deadlines and queueing. suspend, maxRestarts, retriableExitCodes,
+    activeDeadlineSeconds and ttlSecondsAfterFinished take effect at once; see docs/operations.md for the rest."""
 
     __rules__ = (
         _formats_rule("train"),
@@ -387,9 +299,21 @@ class TrainingJobSpec(RuleModel):
             field="augmentation",
         ),
         Rule(
+            cel="(self.augmentation.mixup == 0.0 && self.augmentation.cutmix == 0.0) || self.data.batchSize % 2 == 0",
+            message="mixup and cutmix pair each image with another in its batch: data.batchSize must be even",
+            holds=lambda s: (s.augmentation.mixup == 0 and s.augmentation.cutmix == 0) or s.data.batch_size % 2 == 0,
+            field="data.batchSize",
+        ),
+        Rule(
             cel="self.task != 'segmentation' || has(self.model.encoder)",
             message="segmentation needs model.encoder (for example resnet34)",
             holds=lambda s: s.task != "segmentation" or s.model.encoder is not None,
+            field="model.encoder",
+        ),
+        Rule(
+            cel="!has(self.model.encoder) || self.task == 'segmentation'",
+            message="model.encoder applies to segmentation only; the architecture names the whole network",
+            holds=lambda s: s.model.encoder is None or s.task == "segmentation",
             field="model.encoder",
         ),
         Rule(
@@ -405,5 +329,23 @@ class TrainingJobSpec(RuleModel):
             cel="self.resources.nodes == oldSelf.resources.nodes",
             message="resources.nodes is immutable once the job exists",
             field="resources.nodes",
+        ),
+        # Optional fields: neither set, unset nor changed after creation.
+        Rule(
+            cel="has(self.checkpoint.uri) == has(oldSelf.checkpoint.uri)"
+            " && (!has(self.checkpoint.uri) || self.checkpoint.uri == oldSelf.checkpoint.uri)",
+            message="checkpoint.uri is immutable once the job exists: a new location would train from scratch",
+            field="checkpoint.uri",
+        ),
+        Rule(
+            cel="has(self.output.uri) == has(oldSelf.output.uri)"
+            " && (!has(self.output.uri) || self.output.uri == oldSelf.output.uri)",
+            message="output.uri is immutable once the job exists: metrics and predictions would split in two",
+            field="output.uri",
+        ),
+        Rule(
+            cel="has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image)",
+            message="image is immutable once the job exists: attempts would run different trainers",
+            field="image",
         ),
     )

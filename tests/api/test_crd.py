@@ -98,6 +98,9 @@ def test_transition_rules_guard_identity_fields() -> None:
     rules = [r["rule"] for r in root_schema(KINDS[0])["properties"]["spec"]["x-kubernetes-validations"]]
     for field in ("task", "model", "data", "resources.nodes"):
         assert f"self.{field} == oldSelf.{field}" in rules
+    for field in ("checkpoint.uri", "output.uri", "image"):  # optional: setting or unsetting is a change too
+        rule = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+        assert rule in rules
     assert not any("runPolicy" in rule and "oldSelf" in rule for rule in rules)
 
 
@@ -112,12 +115,14 @@ def test_crd_metadata() -> None:
 
 
 def test_generated_files_are_current() -> None:
-    result = CliRunner().invoke(app, ["crds", "--check", "-o", str(ROOT / "crds"), "--docs", str(ROOT / "docs/api.md")])
+    paths = ["-o", str(ROOT / "crds"), "--docs", str(ROOT / "docs/api.md")]
+    result = CliRunner().invoke(app, ["crds", "--check", *paths, "--catalogue", str(ROOT / "kiln/api/catalogue.json")])
     assert result.exit_code == 0, result.output
 
 
 def test_check_detects_stale_files(tmp_path: Path) -> None:
     args = ["crds", "-o", str(tmp_path / "crds"), "--docs", str(tmp_path / "api.md")]
+    args += ["--catalogue", str(tmp_path / "catalogue.json")]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert CliRunner().invoke(app, [*args, "--check"]).exit_code == 0
     target = tmp_path / "crds" / "trainingjobs.kiln.dev.yaml"

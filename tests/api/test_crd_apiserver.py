@@ -60,10 +60,14 @@ SERVER_SIDE_CASES = [
     ("precision", "fp8", "spec.precision"),
     ("optimizer", {"lr": -0.1}, "spec.optimizer.lr"),
     ("data", {"train": {"uri": "s3://x"}, "val": {"uri": "s3://y"}, "valSplit": 0.2}, "spec.data.valSplit"),
-    ("data", {"train": {"uri": "s3://x", "format": "coco"}}, "spec.data.train.format"),
+    ("data", {"train": {"uri": "s3://bucket/x", "format": "coco"}}, "spec.data.train.format"),
     ("loss", {"name": "focal", "weights": {"dice": 1}}, "spec.loss.weights"),
     ("model", {"architecture": "resnet18", "pretrained": "imagenet"}, "spec.model.pretrained"),
     ("runPolicy", {"retriableExitCodes": [300]}, "spec.runPolicy.retriableExitCodes[0]"),
+    ("data", {"train": {"uri": "ftp://host/x"}}, "spec.data.train.uri"),
+    ("storage", {"endpointUrl": "not a url"}, "spec.storage.endpointUrl"),
+    ("augmentation", {"mixup": 0.2}, "spec.data.batchSize"),
+    ("model", {"architecture": "resnet18", "encoder": "resnet34"}, "spec.model.encoder"),
 ]
 
 
@@ -105,7 +109,7 @@ def test_identity_fields_are_immutable_but_run_policy_is_not(
 ) -> None:
     assert apply(cluster, namespace, VALID)[0] == 0
     for patch, message in (
-        ({"task": "detection", "data": {"train": {"uri": "s3://x", "format": "coco"}}}, "task is immutable"),
+        ({"task": "detection", "data": {"train": {"uri": "s3://bucket/x", "format": "coco"}}}, "task is immutable"),
         ({"model": {"architecture": "resnet50"}}, "model is immutable"),
         ({"resources": {"nodes": 4}}, "resources.nodes is immutable"),
     ):
@@ -120,6 +124,28 @@ def test_identity_fields_are_immutable_but_run_policy_is_not(
     assert result.returncode == 0
     stored = json.loads(cluster.kubectl("get", "-n", namespace, "tj/digits", "-o", "json").stdout)
     assert stored["spec"]["runPolicy"]["maxRestarts"] == 7
+
+
+def test_locations_and_image_are_immutable_whether_set_or_not(
+    cluster: ControlPlane, kiln_crds: None, namespace: str
+) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["checkpoint"] = {"uri": "s3://ckpt/digits"}  # set; output.uri and image left unset
+    assert apply(cluster, namespace, document)[0] == 0
+    for patch, message in (
+        ({"checkpoint": {"uri": "s3://elsewhere/digits"}}, "checkpoint.uri is immutable"),
+        ({"checkpoint": {"uri": None}}, "checkpoint.uri is immutable"),
+        ({"output": {"uri": "s3://out/digits"}}, "output.uri is immutable"),
+        ({"image": "kiln/trainer:other"}, "image is immutable"),
+    ):
+        result = cluster.kubectl(
+            "patch", "-n", namespace, "tj/digits", "--type=merge", "-p", json.dumps({"spec": patch}), check=False
+        )
+        assert result.returncode != 0, patch
+        assert message in result.stderr, result.stderr
+    # What may change still can: the optimizer (at the next attempt) and the checkpoint cadence.
+    patch = {"spec": {"optimizer": {"lr": 0.01}, "checkpoint": {"everyEpochs": 2}}}
+    cluster.kubectl("patch", "-n", namespace, "tj/digits", "--type=merge", "-p", json.dumps(patch))
 
 
 def test_name_rule(cluster: ControlPlane, kiln_crds: None, namespace: str) -> None:

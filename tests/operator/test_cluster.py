@@ -346,6 +346,68 @@ def test_queue_name_creates_a_suspended_job_for_kueue(
     assert condition(tj, "Queued")["status"] == "False"
 
 
+# -- spec changes -----------------------------------------------------------------------------------
+
+
+def job_annotations(cluster: ControlPlane, ns: str, name: str) -> dict[str, str]:
+    job = cluster.kube.get(namespaced("jobs", ns, name, group_version="batch/v1"))
+    return dict(job["metadata"].get("annotations") or {})
+
+
+def test_an_optimizer_edit_mid_run_waits_for_the_next_attempt(
+    cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str
+) -> None:
+    create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    first = attempt_pods(cluster, namespace, 1)
+    for pod in first:
+        set_running(cluster, pod, ip="10.9.9.9")
+    tj = wait_phase(cluster, namespace, "Running")
+    generation = tj["metadata"]["generation"]
+    assert tj["status"]["observedGeneration"] == generation
+    assert job_annotations(cluster, namespace, "demo-1")["kiln.dev/spec-generation"] == str(generation)
+
+    cluster.kube.patch(tj_path(namespace, "demo"), {"spec": {"optimizer": {"lr": 0.01}}}, content_type=MERGE)
+    wait_until(lambda: condition(get_tj(cluster, namespace), "SpecChangePending").get("status") == "True",
+               timeout=15, what="SpecChangePending=True")  # fmt: skip
+    tj = get_tj(cluster, namespace)
+    pending = condition(tj, "SpecChangePending")
+    assert pending["reason"] == "AppliesAtNextAttempt", pending
+    assert pending["message"].startswith(f"optimizer changed in generation {generation + 1}; attempt 1 runs")
+    assert tj["metadata"]["generation"] == generation + 1 and tj["status"]["observedGeneration"] == generation
+    assert tj["status"]["phase"] == "Running" and jobs(cluster, namespace) == ["demo-1"]
+
+    # The next attempt (a restart after exit 137) runs the edited spec.
+    set_terminated(cluster, first[1], 137)
+    wait_until(lambda: get_tj(cluster, namespace)["status"].get("observedGeneration") == generation + 1,
+               timeout=20, what="observedGeneration advanced by the restart")  # fmt: skip
+    tj = get_tj(cluster, namespace)
+    assert tj["status"]["attempt"] == 2
+    assert condition(tj, "SpecChangePending")["status"] == "False"
+    assert condition(tj, "SpecChangePending")["reason"] == "SpecApplied"
+    assert job_annotations(cluster, namespace, "demo-2")["kiln.dev/spec-generation"] == str(generation + 1)
+
+
+def test_raising_epochs_on_a_succeeded_job_runs_another_attempt(
+    cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str
+) -> None:
+    create_tj(cluster, namespace, epochs=2)
+    tj = wait_phase(cluster, namespace, "Succeeded", timeout=60)
+    assert tj["status"]["attempt"] == 1
+    cluster.kube.patch(tj_path(namespace, "demo"), {"spec": {"epochs": 4}}, content_type=MERGE)
+    wait_until(lambda: get_tj(cluster, namespace)["status"].get("attempt") == 2, timeout=15,
+               what="attempt 2 after raising epochs")  # fmt: skip
+    tj = wait_phase(cluster, namespace, "Succeeded", timeout=60)
+    assert tj["status"]["restarts"] == 0 and condition(tj, "Succeeded")["status"] == "True"
+    assert job_annotations(cluster, namespace, "demo-2")["kiln.dev/spec-epochs"] == "4"
+    assert ("Normal", "EpochsRaised") in events(cluster, namespace)
+    wait_until(lambda: jobs(cluster, namespace) == ["demo-2"], timeout=15, what="attempt 1 cleaned up")
+    # Any other edit of a finished job changes nothing, and says so.
+    cluster.kube.patch(tj_path(namespace, "demo"), {"spec": {"seed": 5}}, content_type=MERGE)
+    wait_until(lambda: condition(get_tj(cluster, namespace), "SpecChangePending").get("reason") == "JobFinished",
+               timeout=15, what="SpecChangePending=True/JobFinished")  # fmt: skip
+    assert jobs(cluster, namespace) == ["demo-2"] and get_tj(cluster, namespace)["status"]["phase"] == "Succeeded"
+
+
 # -- robustness -------------------------------------------------------------------------------------
 
 

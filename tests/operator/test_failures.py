@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kiln.operator.failures import classify, parse_report, rank0_report
+from kiln.api.contract import ExitCode, TrainerReport, parse_report
+from kiln.api.status import CheckpointStatus
+from kiln.operator.failures import classify, message_text, rank0_report
 
 
 def pod(
@@ -87,10 +89,29 @@ def test_pods_gone_falls_back_to_the_job_condition() -> None:
 
 
 def test_reports_parse_json_or_keep_raw_text() -> None:
-    assert parse_report('{"state": "preempted", "progress": {"epoch": 2}}').state == "preempted"
-    assert parse_report("Traceback: boom").text == "Traceback: boom"
-    assert parse_report("").state is None
+    preempted = parse_report('{"state": "preempted", "progress": {"epoch": 2}}')
+    assert preempted is not None and preempted.state == "preempted" and preempted.progress is not None
+    assert preempted.progress.epoch == 2
+    assert parse_report("Traceback: boom") is None
+    assert message_text("Traceback: boom") == "Traceback: boom"
+    assert message_text('{"state":"failed","reason":"bad data","exitCode":2}') == "bad data"
+    assert parse_report("") is None
+    assert parse_report('{"state": "exploded"}') is None, "a state the contract does not know is not a report"
     report = rank0_report(
         [pod(1, 0, '{"state":"completed"}'), pod(0, 0, '{"state":"completed","checkpoints":{"latest":"s3://x"}}')]
     )
-    assert report.checkpoints == {"latest": "s3://x"}
+    assert report is not None and report.checkpoints == CheckpointStatus(latest="s3://x")
+
+
+def test_the_report_round_trips_through_the_contract_and_stays_under_the_limit() -> None:
+    """What the trainer writes (TrainerReport.to_json) is what the operator and kiln run parse back."""
+    failure = TrainerReport.failure("data.train: s3://b/x is empty\n  (check the prefix)", ExitCode.INVALID)
+    parsed = parse_report(failure.to_json())
+    assert parsed == failure and parsed.exit_code is ExitCode.INVALID
+    assert "\n" not in (parsed.reason or ""), "the reason is one line"
+    metrics = {f"train/{'m' * 100}{i:02d}": 1.0 for i in range(60)} | {"val/accuracy": 0.9}
+    big = TrainerReport.model_validate({"state": "completed", "progress": {"epoch": 1, "metrics": metrics}})
+    text = big.to_json()
+    assert len(text.encode()) <= 4000
+    kept = parse_report(text)
+    assert kept is not None and kept.progress is not None and "val/accuracy" in kept.progress.metrics

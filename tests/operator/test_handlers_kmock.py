@@ -167,6 +167,19 @@ async def test_invalid_trainingjob_fails_with_the_field_path_an_event_and_no_chi
     assert not [key for key in kmock.objects if str(key[0].plural) in ("jobs", "configmaps", "services")]
 
 
+async def test_a_misspelt_name_fails_as_invalid_spec_with_the_closest_names_and_no_children(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    await create_tj(kmock, optimizer__name="adamx")
+    await until(lambda: phase_of(kmock) == "Failed", "phase Failed")
+    tj = stored(kmock, "trainingjobs", "demo") or {}
+    failed = next(c for c in tj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.optimizer.name: unknown optimizer 'adamx'; did you mean" in failed["message"]
+    assert "adamw" in failed["message"]
+    assert not [key for key in kmock.objects if str(key[0].plural) in ("jobs", "configmaps", "services")]
+
+
 async def test_a_complete_job_makes_the_trainingjob_succeeded(
     kmock: kmock.KubernetesEmulator, operator: Context
 ) -> None:

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import kiln.s3store
-import kiln.storage
+import kiln.storage.s3
 from kiln.api.training import StorageSpec
-from kiln.staging import stage
-from kiln.storage import S3Store, StorageError, open_store, scrub
+from kiln.storage import S3Store, StorageError, open_store, scrub, stage
 from kiln.testing.s3 import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 
 
@@ -70,7 +68,7 @@ def test_a_silent_endpoint_times_out_instead_of_hanging(
 ) -> None:
     # The real budget (3 attempts x 5 s, plus backoff) takes ~20 s; a 0.5 s connect timeout keeps the
     # same code path fast.
-    monkeypatch.setattr(kiln.s3store, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(kiln.storage.s3, "CONNECT_TIMEOUT_S", 0.5)
     store = open_store("s3://bucket/prefix", StorageSpec(endpoint_url=silent_endpoint))
     with pytest.raises(StorageError) as caught:
         store.list()
@@ -80,8 +78,8 @@ def test_a_silent_endpoint_times_out_instead_of_hanging(
 
 
 def test_the_retry_budget_fits_in_thirty_seconds() -> None:
-    worst_backoff = sum(2**attempt for attempt in range(1, kiln.s3store.MAX_ATTEMPTS))
-    assert kiln.s3store.MAX_ATTEMPTS * kiln.s3store.CONNECT_TIMEOUT_S + worst_backoff < 30
+    worst_backoff = sum(2**attempt for attempt in range(1, kiln.storage.s3.MAX_ATTEMPTS))
+    assert kiln.storage.s3.MAX_ATTEMPTS * kiln.storage.s3.CONNECT_TIMEOUT_S + worst_backoff < 30
 
 
 @pytest.mark.timeout(60)

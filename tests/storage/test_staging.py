@@ -1,4 +1,4 @@
-"""kiln.staging: parallel, resumable, verified staging of a prefix into a node-local cache."""
+"""kiln.storage.staging: parallel, resumable, verified staging of a prefix into a node-local cache."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.staging import LOCK, MARKER, cache_dir_for, is_staged, stage, stage_once_per_node
 from kiln.storage import TMP_SUFFIX, EmptySourceError, StorageError, Store, open_store
+from kiln.storage.staging import LOCK, MARKER, cache_dir_for, is_staged, stage, stage_once_per_node
 from kiln.testing.s3 import S3Server
 
 FILES = {f"class{c}/img{i:03d}.jpg": bytes([c, i]) * (100 + 37 * i) for c in range(3) for i in range(12)}

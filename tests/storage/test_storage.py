@@ -257,9 +257,9 @@ def test_local_store_round_trips_any_safe_key(tmp_path_factory: pytest.TempPathF
 
 def test_importing_kiln_storage_pulls_in_neither_boto3_nor_torch() -> None:
     code = (
-        "import sys, kiln.storage, kiln.staging\n"
+        "import sys, kiln.storage, kiln.storage.staging\n"
         "from kiln.storage import stage, stage_once_per_node, cache_dir_for\n"
-        "assert stage is kiln.staging.stage\n"
+        "assert stage is kiln.storage.staging.stage\n"
         "assert not {'boto3', 'torch', 'kopf'} & set(sys.modules), sorted(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

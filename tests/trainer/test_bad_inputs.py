@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from trainer_testkit import make_job, run_trainer, trainer_env, write_images, write_spec
 
+from kiln.api.contract import ExitCode
 from kiln.testing.s3 import S3Server
-from kiln.trainer.errors import EXIT_FAILED, EXIT_INVALID
 from kiln.trainer.train import main
 
 
@@ -44,15 +44,15 @@ def run_in_process(tmp_path: Path, dataset: Path, /, **overrides: Any) -> tuple[
 
 
 CASES: dict[str, tuple[dict[str, Any], int, str]] = {
-    "missing data uri": ({"data": {"train": {"uri": "/nonexistent/train"}}}, EXIT_INVALID, "does not exist"),
-    "class count": ({"model": {"numClasses": 5}}, EXIT_INVALID, "model.numClasses is 5 but data.train has 3"),
-    "unknown timm name": ({"model": {"architecture": "resnet_nope"}}, EXIT_INVALID, "unknown model.architecture"),
+    "missing data uri": ({"data": {"train": {"uri": "/nonexistent/train"}}}, ExitCode.INVALID, "does not exist"),
+    "class count": ({"model": {"numClasses": 5}}, ExitCode.INVALID, "model.numClasses is 5 but data.train has 3"),
+    "unknown timm name": ({"model": {"architecture": "resnet_nope"}}, ExitCode.INVALID, "unknown model.architecture"),
     "unknown transform": (
         {"augmentation": {"transforms": [{"name": "Flipz"}]}},
-        EXIT_INVALID,
+        ExitCode.INVALID,
         "unknown albumentations transform 'Flipz'",
     ),
-    "unknown optimizer": ({"optimizer": {"name": "adamz"}}, EXIT_INVALID, "unknown optimizer 'adamz'"),
+    "unknown optimizer": ({"optimizer": {"name": "adamz"}}, ExitCode.INVALID, "unknown optimizer 'adamz'"),
 }
 
 
@@ -69,7 +69,7 @@ def test_invalid_input(case: str, tmp_path: Path, data: Path) -> None:
 def test_empty_class_folder(tmp_path: Path, data: Path) -> None:
     (data / "train" / "empty").mkdir()
     code, message = run_in_process(tmp_path, data)
-    assert code == EXIT_INVALID and "has no images" in message["reason"]
+    assert code == ExitCode.INVALID and "has no images" in message["reason"]
 
 
 @pytest.mark.timeout(60)
@@ -77,7 +77,9 @@ def test_corrupt_image(tmp_path: Path, data: Path) -> None:
     (data / "train" / "class1" / "000.png").write_bytes(b"definitely not a png")
     code, message = run_in_process(tmp_path, data)
     assert (
-        code == EXIT_INVALID and "corrupt or unreadable image" in message["reason"] and "000.png" in message["reason"]
+        code == ExitCode.INVALID
+        and "corrupt or unreadable image" in message["reason"]
+        and "000.png" in message["reason"]
     )
 
 
@@ -85,7 +87,7 @@ def test_corrupt_image(tmp_path: Path, data: Path) -> None:
 def test_spec_that_is_not_a_resolved_job(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text('{"name": "x"}')
-    assert main(["--spec", str(spec)]) == EXIT_INVALID
+    assert main(["--spec", str(spec)]) == ExitCode.INVALID
 
 
 @pytest.mark.timeout(90)
@@ -99,7 +101,7 @@ def test_unreachable_s3_endpoint(tmp_path: Path, data: Path) -> None:
         data={"train": {"uri": "s3://nowhere/train"}},
         storage={"endpointUrl": f"http://127.0.0.1:{port}"},
     )
-    assert code == EXIT_FAILED  # an outage is worth retrying, unlike a bad spec
+    assert code == ExitCode.FAILED  # an outage is worth retrying, unlike a bad spec
     assert "s3://nowhere/train" in message["reason"]
 
 
@@ -112,7 +114,7 @@ def test_empty_s3_prefix_is_invalid_input(tmp_path: Path, data: Path, s3_server:
         data={"train": {"uri": f"s3://{s3_bucket}/nothing/train"}},
         storage={"endpointUrl": s3_server.endpoint_url},
     )
-    assert code == EXIT_INVALID and message["exitCode"] == EXIT_INVALID
+    assert code == ExitCode.INVALID and message["exitCode"] == ExitCode.INVALID
     assert f"data.train.uri: s3://{s3_bucket}/nothing/train holds no objects" in message["reason"]
 
 

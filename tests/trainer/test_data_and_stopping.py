@@ -10,7 +10,7 @@ import pytest
 from inprocess import run_main, summary
 from trainer_testkit import make_job, metrics_records, write_images
 
-from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
+from kiln.api.contract import ExitCode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ def test_csv_format_trains_validates_and_names_classes(isolated: Path, tiny_data
               "val": {"uri": str(val), "format": "csv"}},  # a folder holding exactly one .csv
     )  # fmt: skip
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     result = summary(job)
     assert result["state"] == "completed" and result["evaluation"]["split"] == "val"
     assert result["evaluation"]["metrics"]["accuracy"] >= 0.9
@@ -57,7 +57,7 @@ def test_csv_row_naming_a_missing_image_is_invalid_input(isolated: Path, tiny_da
     (folder / "labels.csv").write_text("path,label\nnope.png,red\n")
     job = make_job(isolated, tiny_data, epochs=1, data={"train": {"uri": str(folder), "format": "csv"}})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID
+    assert code == ExitCode.INVALID
     assert "row 1: nope.png does not exist" in message["reason"]
 
 
@@ -69,7 +69,7 @@ def test_early_stopping_ends_the_run_and_says_why(isolated: Path, tiny_data: Pat
     )
     assert job.spec.early_stopping is not None and job.spec.early_stopping.mode == "min"
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     assert [r["epoch"] for r in metrics_records(Path(job.run_uri))] == [1, 2]
     result = summary(job)
     assert result["state"] == "completed" and result["progress"]["epoch"] == 2
@@ -82,7 +82,7 @@ def test_early_stopping_ends_the_run_and_says_why(isolated: Path, tiny_data: Pat
 def test_early_stopping_with_patience_left_runs_every_epoch(isolated: Path, tiny_data: Path) -> None:
     job = make_job(isolated, tiny_data, epochs=3, earlyStopping={"patience": 3})  # watches accuracy, max
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     assert [r["epoch"] for r in metrics_records(Path(job.run_uri))] == [1, 2, 3]
     assert "stopReason" not in summary(job) and "stopReason" not in message
 
@@ -90,7 +90,7 @@ def test_early_stopping_with_patience_left_runs_every_epoch(isolated: Path, tiny
 def test_unknown_early_stopping_metric_is_rejected_before_training(isolated: Path, tiny_data: Path) -> None:
     job = make_job(isolated, tiny_data, epochs=2, earlyStopping={"metric": "val/acuracy", "mode": "max"})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID
+    assert code == ExitCode.INVALID
     assert "earlyStopping.metric" in message["reason"] and "accuracy" in message["reason"]
     assert not (Path(job.run_uri) / "metrics.jsonl").exists()
 
@@ -99,5 +99,23 @@ def test_early_stopping_without_validation_data_is_rejected(isolated: Path, tmp_
     data = write_images(tmp_path / "only-train" / "train", 4, size=8).parent
     job = make_job(isolated, data, epochs=2, data={"val": None}, earlyStopping={"patience": 2})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID
+    assert code == ExitCode.INVALID
     assert "earlyStopping" in message["reason"]
+
+
+def test_raising_epochs_after_early_stopping_trains_on_with_fresh_patience(isolated: Path, tiny_data: Path) -> None:
+    # val/loss never improves by 10: patience 2 stops the run at epoch 3 of 20.
+    stopping = {"metric": "val/loss", "patience": 2, "minDelta": 10.0}
+    code, message = run_main(isolated, make_job(isolated, tiny_data, epochs=20, earlyStopping=stopping))
+    assert code == ExitCode.OK and message["progress"]["epoch"] == 3, message
+    # The operator's next attempt after `epochs: 21`: it resumes from the checkpoint (which says 20 epochs and
+    # stopped), trains on, and early stopping gets its full patience again (epochs 4 and 5), not one more epoch.
+    raised = make_job(isolated, tiny_data, epochs=21, earlyStopping=stopping)
+    code, message = run_main(isolated, raised)
+    assert code == ExitCode.OK, message
+    assert [r["epoch"] for r in metrics_records(Path(raised.run_uri))] == [1, 2, 3, 4, 5]
+    assert message["stopReason"].endswith("stopped at epoch 5 of 21")
+    # A restart with the same epochs does not train on: the stop decision stands.
+    code, message = run_main(isolated, raised)
+    assert code == ExitCode.OK and message["progress"]["epoch"] == 5
+    assert [r["epoch"] for r in metrics_records(Path(raised.run_uri))] == [1, 2, 3, 4, 5]

@@ -11,10 +11,10 @@ import torch
 from inprocess import build_trainer, run_main
 from trainer_testkit import make_job
 
+from kiln.api.contract import ExitCode
 from kiln.storage import open_store
 from kiln.testing.s3 import S3Server
 from kiln.trainer.distributed import unwrap
-from kiln.trainer.errors import EXIT_INVALID, EXIT_OK
 from kiln.trainer.models import DebugCNN
 
 pytestmark = pytest.mark.timeout(60)
@@ -96,7 +96,7 @@ def test_resume_from_another_jobs_checkpoint_seeds_the_ema(tmp_path: Path, tiny_
 def test_pretrained_file_that_is_missing_exits_2(isolated: Path, tiny_data: Path) -> None:
     job = make_job(isolated, tiny_data, epochs=1, model={"architecture": "debug", "pretrained": "/nowhere/w.pt"})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID and message["exitCode"] == EXIT_INVALID
+    assert code == ExitCode.INVALID and message["exitCode"] == ExitCode.INVALID
     assert "model.pretrained: /nowhere/w.pt is not a file" in message["reason"]
 
 
@@ -109,7 +109,7 @@ def test_pretrained_s3_key_that_is_missing_exits_2(
         storage={"endpointUrl": s3_server.endpoint_url},
     )  # fmt: skip
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID, message
+    assert code == ExitCode.INVALID, message
     assert f"model.pretrained: {uri}" in message["reason"] and "no such object" in message["reason"]
 
 
@@ -153,7 +153,7 @@ def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_model_plugin_trains(source: str, plugins: Path, isolated: Path, tiny_data: Path) -> None:
     job = make_job(isolated, tiny_data, epochs=1, model={"architecture": "custom", "source": source})
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     assert message["state"] == "completed"
 
 
@@ -162,7 +162,7 @@ def test_broken_plugin_names_the_missing_dependency(source: str, plugins: Path, 
                                                     ) -> None:  # fmt: skip
     job = make_job(isolated, tiny_data, epochs=1, model={"architecture": "custom", "source": source})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID
+    assert code == ExitCode.INVALID
     assert "model.source" in message["reason"]
     assert "kiln_test_dependency_nobody_installed" in message["reason"]  # the real cause, not just the plugin
 
@@ -170,5 +170,5 @@ def test_broken_plugin_names_the_missing_dependency(source: str, plugins: Path, 
 def test_unknown_entry_point_lists_the_installed_ones(plugins: Path, isolated: Path, tiny_data: Path) -> None:
     job = make_job(isolated, tiny_data, epochs=1, model={"architecture": "custom", "source": "tiny-plugn"})
     code, message = run_main(isolated, job)
-    assert code == EXIT_INVALID
+    assert code == ExitCode.INVALID
     assert "tiny-plugin" in message["reason"]

@@ -11,8 +11,9 @@ import torch
 from inprocess import CPU, build_trainer, run_main
 from trainer_testkit import make_job
 
+from kiln.api.contract import ExitCode
 from kiln.trainer.distributed import pick_precision
-from kiln.trainer.errors import EXIT_INVALID, EXIT_OK, InvalidInput
+from kiln.trainer.errors import InvalidInput
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +34,7 @@ def test_bf16_trains_on_cpu_with_autocast(isolated: Path, tiny_data: Path) -> No
         logits = trainer.c.model(torch.zeros(2, 3, 16, 16))
     assert logits.dtype == torch.bfloat16  # autocast is really on
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     assert math.isfinite(message["progress"]["metrics"]["train/loss"])
 
 
@@ -41,7 +42,7 @@ def test_fp16_on_cpu_is_invalid_input(isolated: Path, tiny_data: Path) -> None:
     with pytest.raises(InvalidInput, match="fp16 needs a CUDA device"):
         pick_precision("fp16", CPU.device)
     code, message = run_main(isolated, make_job(isolated, tiny_data, epochs=1, precision="fp16"))
-    assert code == EXIT_INVALID and "precision fp16 needs a CUDA device" in message["reason"]
+    assert code == ExitCode.INVALID and "precision fp16 needs a CUDA device" in message["reason"]
 
 
 def test_channels_last_trains(isolated: Path, tiny_data: Path) -> None:
@@ -50,7 +51,7 @@ def test_channels_last_trains(isolated: Path, tiny_data: Path) -> None:
     weight = trainer.c.model.features[0][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_compile_trains_and_checkpoints_plain_weights(isolated: Path, tiny_data:
     job = make_job(isolated, tiny_data, epochs=1, compile=True)
     started = time.monotonic()
     code, message = run_main(isolated, job)
-    assert code == EXIT_OK, message
+    assert code == ExitCode.OK, message
     latest = message["checkpoints"]["latest"]
     state = torch.load(Path(latest.removeprefix("file://")), map_location="cpu", weights_only=False)
     assert not any(key.startswith("_orig_mod.") for key in state["model"])  # loadable without compile

@@ -29,8 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kiln.api.training import StorageSpec
-from kiln.s3store import DEFAULT_POOL, TRANSFER_THREADS, S3Store
-from kiln.storage import (
+from kiln.storage.base import (
     TMP_SUFFIX,
     EmptySourceError,
     LocalStore,
@@ -40,6 +39,7 @@ from kiln.storage import (
     atomic_path,
     check_key,
 )
+from kiln.storage.s3 import DEFAULT_POOL, TRANSFER_THREADS, S3Store
 
 log = logging.getLogger(__name__)
 

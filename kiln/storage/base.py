@@ -1,13 +1,12 @@
-"""Object storage behind one small contract: a local directory or an S3 bucket/prefix.
+"""The base of :mod:`kiln.storage`: the :class:`Store` contract, :class:`LocalStore`, errors and key rules.
 
-``open_store(uri, storage)`` returns a :class:`Store` rooted at ``uri``. Keys are relative to that root and
-'/'-separated. Both backends give the same guarantees: writes are atomic (a reader sees the old object or
-the new one, never a partial one), listings are recursive and sorted, and every failure is a one-line
-:class:`StorageError` that names the URI and the reason, never a credential.
+``kiln.storage.open_store(uri, storage)`` returns a :class:`Store` rooted at ``uri``. Keys are relative to
+that root and '/'-separated. Both backends give the same guarantees: writes are atomic (a reader sees the old
+object or the new one, never a partial one), listings are recursive and sorted, and every failure is a
+one-line :class:`StorageError` that names the URI and the reason, never a credential.
 
-Staging whole prefixes onto a node lives in :mod:`kiln.staging`; its public names are re-exported here.
-
-boto3 is imported only when an ``s3://`` store is opened, so local stores work without the trainer extra.
+This module is the bottom of the package: :mod:`kiln.storage.s3` and :mod:`kiln.storage.staging` import it,
+and it imports neither; ``open_store`` itself lives in the package ``__init__``, which sees both backends.
 """
 
 from __future__ import annotations
@@ -20,28 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
-
-from kiln.api.training import StorageSpec
-
-if TYPE_CHECKING:
-    from kiln.s3store import S3Store
-    from kiln.staging import cache_dir_for, stage, stage_once_per_node
-
-__all__ = [
-    "EmptySourceError",
-    "LocalStore",
-    "ObjectInfo",
-    "ObjectNotFoundError",
-    "S3Store",
-    "StorageError",
-    "Store",
-    "cache_dir_for",
-    "open_store",
-    "stage",
-    "stage_once_per_node",
-]
 
 # Suffix of in-flight files. Listings hide them and staging deletes leftovers, so a crash mid-write never
 # surfaces a partial object under its real name.
@@ -263,32 +242,14 @@ def _local_error(where: str, exc: OSError) -> StorageError:
     return StorageError(f"{where}: {reason}")
 
 
-def open_store(uri: str, storage: StorageSpec | None = None) -> Store:
-    """``s3://bucket/prefix`` gives an S3Store; ``file:///x``, ``/abs`` and ``./rel`` a LocalStore.
+def open_local_store(uri: str) -> LocalStore:
+    """The non-S3 half of :func:`kiln.storage.open_store`: ``file:///x``, ``/abs`` or ``./rel``.
 
-    S3 credentials come from boto3's standard chain (environment, config files, IRSA, instance
-    metadata); ``storage`` adds the endpoint and region. A local directory is created if missing.
+    A local directory is created if missing; any other scheme is a StorageError.
     """
     scheme = urlsplit(uri).scheme
-    if scheme == "s3":
-        from kiln.s3store import S3Store
-
-        return S3Store.from_uri(uri, storage)
     if scheme == "file":
         return LocalStore(Path(urlsplit(uri).path))
     if scheme:
         raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use s3://bucket/prefix or a local path")
     return LocalStore(Path(uri))
-
-
-def __getattr__(name: str) -> Any:
-    # Re-exports resolved on first use (PEP 562), because kiln.staging imports this module.
-    if name in ("stage", "stage_once_per_node", "cache_dir_for"):
-        import kiln.staging
-
-        return getattr(kiln.staging, name)
-    if name == "S3Store":
-        from kiln.s3store import S3Store
-
-        return S3Store
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

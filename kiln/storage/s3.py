@@ -1,6 +1,7 @@
 """The S3 backend of :mod:`kiln.storage`: ``s3://bucket/prefix`` through boto3, on any S3-compatible server.
 
-Imported only when an ``s3://`` store is opened, so local stores work without boto3 (the trainer extra).
+boto3 is imported inside the functions that need it, only once an ``s3://`` store is opened, so importing this
+module (and :mod:`kiln.storage`) works without boto3 (the trainer extra).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from kiln.api.training import StorageSpec
-from kiln.storage import (
+from kiln.storage.base import (
     ObjectInfo,
     ObjectNotFoundError,
     StorageError,
