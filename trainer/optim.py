@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -217,4 +218,8 @@ class Schedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_scale, self.plateau_best, self.plateau_bad = state["plateau"]
         self.lambda_lr.last_epoch = state["last_epoch"] - 1
-        self.lambda_lr.step()
+        with warnings.catch_warnings():
+            # Re-deriving the resumed step's learning rate before the first optimizer step is deliberate;
+            # torch's "scheduler stepped before the optimizer" warning is about skipped values, and none is.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.lambda_lr.step()
