@@ -1,6 +1,8 @@
 """Albumentations pipelines: presets and explicit transform lists, resolved by name through a registry.
 
 Training applies the augmentation first, then resize and normalize; evaluation applies only the latter two.
+Called with ``mask=`` (segmentation), the same geometric transforms move the mask; it is resized
+nearest-neighbour, so it keeps only the class indices it had.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import cache
 from typing import Any
 
 import albumentations as A
+import cv2
 from albumentations.pytorch import ToTensorV2
 
 from kiln.api.training import AugmentationSpec, Transform
@@ -97,7 +100,7 @@ def augmentation_transforms(spec: AugmentationSpec, image_size: int) -> list[A.B
 
 def _finish(image_size: int, mean: Sequence[float], std: Sequence[float]) -> list[Any]:
     return [
-        A.Resize(image_size, image_size),
+        A.Resize(image_size, image_size, mask_interpolation=cv2.INTER_NEAREST),
         A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
         ToTensorV2(),
     ]

@@ -42,9 +42,25 @@ def _classification() -> dict[str, Any]:
     }
 
 
+def _segmentation() -> dict[str, Any]:
+    from kiln.trainer.tasks.segmentation import LOSSES, SegmentationEvaluator
+    from kiln.trainer.tasks.segmentation_data import FORMATS
+
+    return {
+        "formats": FORMATS.names(),
+        "losses": LOSSES.names(),
+        # Per-class iou/<k> is reported too, but depends on numClasses: it cannot be a watched metric.
+        "metrics": sorted(SegmentationEvaluator.METRICS),
+        "default_metric": TASK_DEFAULTS["segmentation"].metric,
+    }
+
+
 # Where each implemented task keeps its names. A task registered in TASKS without an entry here fails the
 # generation, so a new task cannot ship without its names being checked.
-TASK_NAMES: dict[str, Callable[[], dict[str, Any]]] = {"classification": _classification}
+TASK_NAMES: dict[str, Callable[[], dict[str, Any]]] = {
+    "classification": _classification,
+    "segmentation": _segmentation,
+}
 
 
 def _optimizer(name: str) -> dict[str, bool]:

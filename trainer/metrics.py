@@ -78,3 +78,62 @@ class ClassificationMetrics:
         metrics["top5"] = hits / max(count, 1)
         metrics["loss"] = loss_sum / max(count, 1)
         return metrics
+
+
+def segmentation_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU, mean Dice and pixel accuracy from a pixel confusion matrix (rows: true class, columns: predicted).
+
+    Like scikit-learn's ``jaccard_score(average="macro")`` with its default labels, the means run over the
+    classes that occur as a true or a predicted label; ``iou/<k>`` is each class's IoU (0 when it never occurs).
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    union = support + predicted - true_positive
+    present = union > 0
+    iou = torch.where(present, true_positive / union.clamp(min=1), torch.zeros_like(union))
+    dice = torch.where(present, 2 * true_positive / (support + predicted).clamp(min=1), torch.zeros_like(union))
+    classes = present.sum().clamp(min=1)
+    metrics = {
+        "miou": float(iou[present].sum() / classes),
+        "dice": float(dice[present].sum() / classes),
+        "pixel_accuracy": float(true_positive.sum() / confusion.sum().clamp(min=1)),
+    }
+    metrics.update({f"iou/{k}": float(v) for k, v in enumerate(iou.tolist())})
+    return metrics
+
+
+def pixel_confusion(predicted: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The confusion counts of one batch of masks, pixels marked ``ignore_index`` left out."""
+    keep = target != ignore_index
+    index = target[keep].long() * num_classes + predicted[keep].long()
+    return torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+class SegmentationMetrics:
+    """Pixel confusion matrix and loss sum, all-reduced over every rank before mIoU, Dice and accuracy."""
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, images]
+        self._reduced = False
+
+    @torch.no_grad()
+    def update(self, predicted: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor | float = 0.0) -> None:
+        self.confusion += pixel_confusion(predicted, target, self.num_classes, self.ignore_index)
+        count = torch.tensor(float(len(target)), dtype=torch.float64, device=self.totals.device)
+        self.totals += torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64, device=self.totals.device), count])
+
+    def reduce(self) -> SegmentationMetrics:
+        if not self._reduced:
+            flat = torch.cat([self.confusion.flatten(), self.totals])
+            all_reduce_sum(flat)
+            self.confusion = flat[: self.num_classes**2].view(self.num_classes, self.num_classes)
+            self.totals = flat[self.num_classes**2 :]
+            self._reduced = True
+        return self
+
+    def compute(self) -> dict[str, float]:
+        loss_sum, count = self.totals.tolist()
+        return {**segmentation_from_confusion(self.confusion), "loss": loss_sum / max(count, 1)}

@@ -121,7 +121,7 @@ def build_model(spec: ModelSpec, num_classes: int, storage: StorageSpec | None =
     return model
 
 
-def _read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tensor]:
+def read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tensor]:
     if uri.startswith("s3://"):
         from kiln import storage as store_module
 
@@ -132,7 +132,7 @@ def _read_weights(uri: str, storage: StorageSpec | None) -> dict[str, torch.Tens
                 store_module.open_store(parent, storage).download_file(key, local)
             except store_module.ObjectNotFoundError as exc:  # a wrong URI, not an outage: retrying cannot help
                 raise InvalidInput(f"model.pretrained: {exc}") from exc
-            return _read_weights(str(local), storage)
+            return read_weights(str(local), storage)
     path = Path(uri.removeprefix("file://"))
     if not path.is_file():
         raise InvalidInput(f"model.pretrained: {uri} is not a file")
@@ -156,13 +156,22 @@ def load_pretrained(model: nn.Module, uri: str, storage: StorageSpec | None = No
         raise InvalidInput(
             f"model.pretrained: {uri!r} is not an s3:// URI or a file; there is no model hub at run time"
         )
-    weights = _read_weights(uri, storage)
-    own = model.state_dict()
-    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    if not usable:
+    weights = read_weights(uri, storage)
+    if not matching_tensors(model, weights):
         raise InvalidInput(f"model.pretrained: no tensor in {uri} matches the model's parameters")
+    load_matching(model, weights, uri)
+
+
+def matching_tensors(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights`` that ``module`` has, by name and shape."""
+    own = module.state_dict()
+    return {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+
+
+def load_matching(module: nn.Module, weights: dict[str, torch.Tensor], uri: str) -> None:
+    usable = matching_tensors(module, weights)
     skipped = sorted(set(weights) - set(usable))
-    model.load_state_dict(usable, strict=False)
+    module.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s (%d skipped: %s)", len(usable), uri, len(skipped), ", ".join(skipped[:5]))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.api.base import MAX_MAP
 from kiln.api.contract import TrainerReport, TrainerState
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.status import CheckpointStatus, Progress
@@ -83,20 +84,25 @@ class Trainer:
         c.train_sampler.set_epoch(self.epoch, skip_samples=self.batch * self.spec.data.batch_size)
         remaining = len(c.train_loader)
         loss_sum, loss_count = torch.zeros((), device=self.world.device), 0
+        term_sums: dict[str, torch.Tensor] = {}  # the terms of a combined loss, for train/loss/<name>
         tick = time.perf_counter()
         for index, batch in enumerate(c.train_loader):
             data_wait = time.perf_counter() - tick
             loss = self.train_step(batch, last=index == remaining - 1)
             loss_sum += loss.detach()
             loss_count += 1
+            for name, value in c.objective.loss_terms().items():
+                term_sums[name] = term_sums[name] + value if name in term_sums else value
             self.batch += 1
             if not c.accelerator.stepped:
                 tick = time.perf_counter()
                 continue
             self.step += 1
             if self.step % LOG_EVERY_STEPS == 0 or index == remaining - 1:
-                self.observe_step(loss_sum / loss_count, time.perf_counter() - tick, data_wait, len(batch["image"]))
-                loss_sum, loss_count = torch.zeros((), device=self.world.device), 0
+                terms = {name: value / loss_count for name, value in term_sums.items()}
+                seconds = time.perf_counter() - tick
+                self.observe_step(loss_sum / loss_count, seconds, data_wait, len(batch["image"]), terms)
+                loss_sum, loss_count, term_sums = torch.zeros((), device=self.world.device), 0, {}
             if any_rank(self.preemption.requested, self.world.device):
                 return False
             if c.checkpointer.due_at_step(self.step) and index != remaining - 1:
@@ -120,12 +126,15 @@ class Trainer:
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: self.c.accelerator.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def observe_step(self, loss: torch.Tensor, seconds: float, data_wait: float, batch_size: int) -> None:
+    def observe_step(
+        self, loss: torch.Tensor, seconds: float, data_wait: float, batch_size: int, terms: dict[str, torch.Tensor]
+    ) -> None:
         images_per_second = batch_size * self.world.world_size / max(seconds, 1e-9)
         value = float(loss.item())
         self.latest_metrics.update(
             {"train/loss": value, "train/lr": self.c.schedule.last_lr, "train/images_per_sec": images_per_second}
         )
+        self.latest_metrics.update({f"train/loss/{name}": float(term.item()) for name, term in terms.items()})
         self.metrics.observe_step(
             loss=value,
             lr=self.c.schedule.last_lr,
@@ -284,7 +293,7 @@ class Trainer:
                 step=self.step,
                 percent=round(min(100.0, 100.0 * self.step / max(total, 1)), 2),
                 eta_seconds=0.0 if self.state == "completed" else self.eta.eta_seconds(self.step, total),
-                metrics={k: round(v, 6) for k, v in self.latest_metrics.items()},
+                metrics={k: round(v, 6) for k, v in status_metrics(self.latest_metrics, f"val/{metric}").items()},
                 metric=f"{metric}={value:.4f}" if value is not None else None,
                 updated_at=now_rfc3339(),
             ),
@@ -318,6 +327,15 @@ class Trainer:
         self.state = state
         self.write_summary()
         self.report()
+
+
+def status_metrics(metrics: dict[str, float], watched: str) -> dict[str, float]:
+    """At most MAX_MAP metrics for /progress and the status (per-class ones can be many, metrics.jsonl keeps
+    them all): the watched metric, then top-level names (val/miou) before nested ones (val/iou/7)."""
+    if len(metrics) <= MAX_MAP:
+        return metrics
+    order = sorted(metrics, key=lambda name: (name != watched, name.count("/") > 1, name))
+    return {name: metrics[name] for name in order[:MAX_MAP]}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -66,14 +66,18 @@ class SchedulerSpec(KilnModel):
 
 class LossSpec(RuleModel):
     name: Name | None = None
-    """A single loss by name: cross_entropy (the default) for classification. Segmentation (dice,
-    cross_entropy) and detection (the model's own losses) are not implemented yet."""
+    """A single loss by name. Classification: cross_entropy (the default). Segmentation (smp's losses): dice,
+    jaccard, focal, lovasz, tversky, cross_entropy (binary cross-entropy when numClasses is 1) and bce
+    (numClasses 1 only); the default is {dice: 0.5, cross_entropy: 0.5}. Detection (the model's own losses) is
+    not implemented yet."""
 
     weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], Field(max_length=8)] | None = None
-    """A weighted sum of named losses, for example {dice: 0.5, cross_entropy: 0.5}. Exclusive with name."""
+    """A weighted sum of named losses, for example {dice: 0.5, cross_entropy: 0.5}; each term is also logged
+    on its own (train/loss/dice). Exclusive with name."""
 
     class_weights: Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=100000)] | None = None
-    """Per-class weights, one per class, for imbalanced data."""
+    """Per-class weights, one per class, for imbalanced data. Segmentation: multi-class only, applied by
+    cross_entropy, dice, jaccard, focal and tversky (lovasz takes none)."""
 
     __rules__ = (
         Rule(

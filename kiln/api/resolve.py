@@ -33,6 +33,19 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
     "detection": TaskDefaults(metric="map", loss={"model": 1.0}),
 }
 
+# The mask value segmentation leaves out of loss and metrics when data.ignoreIndex is omitted: 255 for 8-bit
+# masks, unless it would be a class index.
+DEFAULT_IGNORE_INDEX, WIDE_IGNORE_INDEX = 255, 65535
+
+
+def ignore_index(spec: TrainingJobSpec) -> int | None:
+    if spec.task != "segmentation":
+        return spec.data.ignore_index
+    if spec.data.ignore_index is not None:
+        return spec.data.ignore_index
+    return DEFAULT_IGNORE_INDEX if (spec.model.num_classes or 0) <= DEFAULT_IGNORE_INDEX else WIDE_IGNORE_INDEX
+
+
 # Metrics where smaller is better; everything else (accuracy, f1, miou, map, ...) is maximized.
 MINIMIZED_METRICS = frozenset({"loss"})
 
@@ -151,6 +164,7 @@ def resolve(
     image = spec.image or env.image
     resolved_spec = spec.model_copy(
         update={
+            "data": spec.data.model_copy(update={"ignore_index": ignore_index(spec)}),
             "validation": validation,
             "early_stopping": early_stopping,
             "output": spec.output.model_copy(update={"uri": run_uri}),

@@ -117,6 +117,23 @@ def _classes(spec: TrainingJobSpec) -> Iterator[Problem]:
         yield "earlyStopping", "needs a validation split: set data.val or data.valSplit"
 
 
+def _segmentation_losses(spec: TrainingJobSpec) -> Iterator[Problem]:
+    """Loss options that segmentation would otherwise take and ignore."""
+    if spec.task != "segmentation":
+        return
+    loss, binary = spec.loss, spec.model.num_classes == 1
+    named = set(loss.weights or ()) | ({loss.name} if loss.name else set())  # empty: the default, dice + CE
+    if "bce" in named and not binary:
+        yield "loss", "bce is binary cross-entropy: it needs model.numClasses 1 (use cross_entropy for more classes)"
+    if loss.class_weights is not None:
+        if binary:
+            yield "loss.classWeights", "binary segmentation (numClasses 1) takes no class weights"
+        elif "lovasz" in named:
+            yield "loss.classWeights", "lovasz takes no class weights; weigh other losses or drop classWeights"
+    if spec.augmentation.label_smoothing > 0 and named and not named & {"cross_entropy", "bce"}:
+        yield "augmentation.labelSmoothing", "applies to the cross_entropy and bce losses; the loss has neither"
+
+
 def _transforms(spec: TrainingJobSpec) -> Iterator[Problem]:
     known = load_catalogue().transforms
     for index, transform in enumerate(spec.augmentation.transforms or ()):
@@ -142,6 +159,7 @@ TRAINING_CHECKS: tuple[Callable[[TrainingJobSpec], Iterator[Problem]], ...] = (
     _schedule,
     _checkpoints,
     _classes,
+    _segmentation_losses,
     _transforms,
 )
 

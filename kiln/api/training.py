@@ -4,7 +4,7 @@ Names that resolve through a registry at run time (timm architectures, optimizer
 transforms and their arguments, losses, metrics) are free strings in the schema, which cannot enumerate
 thousands of them; ``kiln.api.semantics`` checks each against the generated name catalogue
 (``kiln.api.catalogue``), so ``kiln validate`` and the operator refuse a typo with the closest valid names.
-Segmentation and detection are part of the API but not implemented by the trainer yet; the same checks say so.
+Detection is part of the API but not implemented by the trainer yet; the same checks say so.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ StagingMode = Literal["auto", "copy", "direct"]
 # Which data formats each task can read; the CEL rule and the Python check both come from this table.
 FORMATS_BY_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("imagefolder", "csv"),
-    "segmentation": ("segmentation-folder",),
+    "segmentation": ("segmentation-folder", "csv"),
     "detection": ("coco", "yolo"),
 }
 
@@ -58,20 +58,24 @@ def _formats_rule(split: str) -> Rule:
 class ModelSpec(RuleModel):
     architecture: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
     """The network. Classification: a Kiln flavor (debug, debug_small) or any timm model name (resnet18,
-    convnext_tiny, vit_small_patch16_224, ...). Not implemented yet: segmentation (a segmentation-models-pytorch
-    architecture: unet, fpn, deeplabv3plus, ...) and detection (a torchvision detector:
-    fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...). Ignored when source names a plugin."""
+    convnext_tiny, vit_small_patch16_224, ...). Segmentation: a segmentation-models-pytorch architecture, any
+    case (unet, UnetPlusPlus, fpn, deeplabv3plus, segformer, ...). Not implemented yet: detection (a
+    torchvision detector: fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...). Ignored when source names a
+    plugin."""
 
     encoder: Name | None = None
-    """Segmentation only (not implemented yet): the encoder (backbone) of the smp architecture, for example
-    resnet34, or tu-<timm model>."""
+    """Segmentation only: the encoder (backbone) of the smp architecture, for example resnet34,
+    efficientnet-b0, or tu-<any timm model>. Built with random weights; load trained ones with pretrained."""
 
     num_classes: Annotated[int, Field(ge=1, le=100000)] | None = None
-    """Number of classes. Inferred from the training data when omitted; an explicit value must agree with it."""
+    """Number of classes. Classification: inferred from the training data when omitted; an explicit value must
+    agree with it. Segmentation: required (masks do not list their classes); mask pixels hold class indices
+    0..numClasses-1, and numClasses 1 is binary segmentation (masks of 0 and 1, a sigmoid output)."""
 
     pretrained: StorageUri | None = None
     """Initial weights as an explicit URI: s3://bucket/key or a file path. Omit to start from random weights.
-    There is no model hub at run time, so names like 'imagenet' are rejected."""
+    There is no model hub at run time, so names like 'imagenet' are rejected. Tensors that match by name and
+    shape are loaded; for segmentation the file may also hold the encoder's weights alone."""
 
     source: Name | None = None
     """A custom model plugin: 'package.module:factory', or the name of an entry point in group 'kiln.models'.
@@ -102,9 +106,10 @@ class DataSource(KilnModel):
     """Where the split lives: s3://bucket/prefix, or a local path."""
 
     format: DataFormat = "imagefolder"
-    """Layout: imagefolder (one folder per class) or csv (path,label rows) for classification. Not implemented
-    yet: segmentation-folder (images/ and masks/ with matching names) for segmentation, coco (annotations JSON)
-    or yolo (images/ and labels/) for detection."""
+    """Layout. Classification: imagefolder (one folder per class) or csv (path,label rows). Segmentation:
+    segmentation-folder (images/ and masks/ whose files match by name, a mask being a single-channel PNG of
+    class indices) or csv (image,mask rows, paths relative to the csv). Not implemented yet: coco
+    (annotations JSON) or yolo (images/ and labels/) for detection."""
 
 
 class Staging(KilnModel):
@@ -148,6 +153,11 @@ class DataSpec(RuleModel):
 
     workers: Annotated[int, Field(ge=0, le=64)] = 4
     """DataLoader worker processes per training process."""
+
+    ignore_index: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Segmentation only: the mask value that marks pixels to leave out of the loss and the metrics (borders,
+    unlabelled areas). 255 when omitted (65535 above 255 classes); it must not be a class index, so at least
+    numClasses (2 for binary masks)."""
 
     normalize: Normalization | None = None
     """Override the input normalization. By default it comes from the model's own pretrained config."""
@@ -214,7 +224,7 @@ class AugmentationSpec(KilnModel):
     """CutMix alpha; 0 turns it off. Classification only."""
 
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    """Label smoothing for the classification loss."""
+    """Label smoothing for the cross_entropy loss (classification, and multi-class segmentation)."""
 
 
 class TrainingJobSpec(RuleModel):
@@ -309,6 +319,29 @@ class TrainingJobSpec(RuleModel):
             message="segmentation needs model.encoder (for example resnet34)",
             holds=lambda s: s.task != "segmentation" or s.model.encoder is not None,
             field="model.encoder",
+        ),
+        Rule(
+            cel="self.task != 'segmentation' || has(self.model.numClasses)",
+            message="segmentation needs model.numClasses: masks hold class indices but do not list the classes",
+            holds=lambda s: s.task != "segmentation" or s.model.num_classes is not None,
+            field="model.numClasses",
+        ),
+        Rule(
+            cel="!has(self.data.ignoreIndex) || self.task == 'segmentation'",
+            message="data.ignoreIndex applies to segmentation masks only",
+            holds=lambda s: s.data.ignore_index is None or s.task == "segmentation",
+            field="data.ignoreIndex",
+        ),
+        Rule(
+            cel="!has(self.data.ignoreIndex) || !has(self.model.numClasses)"
+            " || (self.data.ignoreIndex >= self.model.numClasses && self.data.ignoreIndex >= 2)",
+            message="data.ignoreIndex must not be a class index: at least model.numClasses, and 2 for binary masks",
+            holds=lambda s: (
+                s.data.ignore_index is None
+                or s.model.num_classes is None
+                or s.data.ignore_index >= max(s.model.num_classes, 2)
+            ),
+            field="data.ignoreIndex",
         ),
         Rule(
             cel="!has(self.model.encoder) || self.task == 'segmentation'",

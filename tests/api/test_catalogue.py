@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from kiln.api import InvalidManifest, parse_manifest
-from kiln.api.catalogue import Catalogue, TaskNames, TransformArgs, load_catalogue
+from kiln.api.catalogue import Catalogue, TransformArgs, load_catalogue
 from kiln.api.crd import KINDS, crd
 from kiln.api.learning import SchedulerName
-from kiln.api.resolve import TASK_DEFAULTS
+from kiln.api.manifest import TrainingJob
+from kiln.api.resolve import TASK_DEFAULTS, Environment, resolve
 from kiln.api.training import FORMATS_BY_TASK, AugmentationPreset, Task, Transform
 from kiln.cli import EXIT_FAILED, app
 from kiln.trainer.augment import PRESETS, transforms_registry
@@ -26,18 +27,21 @@ from kiln.trainer.optim import OPTIMIZERS, SCHEDULERS
 from kiln.trainer.tasks import TASKS
 from kiln.trainer.tasks.classification import LOSSES, ClassificationEvaluator
 from kiln.trainer.tasks.classification_data import FORMATS
+from kiln.trainer.tasks.segmentation import LOSSES as SEGMENTATION_LOSSES
+from kiln.trainer.tasks.segmentation import SegmentationEvaluator
+from kiln.trainer.tasks.segmentation_data import FORMATS as SEGMENTATION_FORMATS
 
 SPEC: dict[str, Any] = {
     "task": "classification",
     "model": {"architecture": "resnet18"},
     "data": {"train": {"uri": "s3://bucket/train"}, "val": {"uri": "s3://bucket/val"}},
 }
-# Specs the schema accepts for the tasks the trainer does not implement yet.
 SEGMENTATION = {
     "task": "segmentation",
-    "model": {"architecture": "unet", "encoder": "resnet34"},
+    "model": {"architecture": "unet", "encoder": "resnet34", "numClasses": 3},
     "data": {"train": {"uri": "s3://bucket/train", "format": "segmentation-folder"}},
 }
+# A spec the schema accepts for a task the trainer does not implement yet.
 DETECTION = {
     "task": "detection",
     "model": {"architecture": "fasterrcnn_resnet50_fpn_v2"},
@@ -128,6 +132,10 @@ def test_tasks_formats_losses_and_metrics_match_the_trainer() -> None:
     assert set(classification.formats) <= set(FORMATS_BY_TASK["classification"])
     assert set(classification.losses) == set(LOSSES.names())
     assert set(classification.metrics) == set(ClassificationEvaluator.metric_names)
+    segmentation = catalogue.tasks["segmentation"]
+    assert set(segmentation.formats) == set(SEGMENTATION_FORMATS.names()) == set(FORMATS_BY_TASK["segmentation"])
+    assert set(segmentation.losses) == set(SEGMENTATION_LOSSES.names())
+    assert set(segmentation.metrics) == set(SegmentationEvaluator.METRICS)
     for name, task in catalogue.tasks.items():
         assert task.default_metric in task.metrics, name
         assert set(TASK_DEFAULTS[name].loss) <= set(task.losses), name
@@ -176,9 +184,10 @@ def test_a_plugin_names_any_architecture() -> None:
     assert errors(model={"architecture": "my-net", "source": "my_models.nets:build"}) == []
 
 
-@pytest.mark.parametrize("spec", [SEGMENTATION, DETECTION], ids=["segmentation", "detection"])
-def test_unimplemented_tasks_are_refused_in_one_line(spec: dict[str, Any]) -> None:
-    assert errors(spec) == [f"spec.task: {spec['task']} is not implemented yet; implemented: classification"]
+def test_unimplemented_tasks_are_refused_in_one_line() -> None:
+    assert errors(DETECTION) == [
+        "spec.task: detection is not implemented yet; implemented: classification, segmentation"
+    ]
 
 
 def test_an_unimplemented_format_is_refused(patched: Any) -> None:
@@ -189,16 +198,13 @@ def test_an_unimplemented_format_is_refused(patched: Any) -> None:
     assert line == "spec.data.train.format: csv is not implemented yet for classification; implemented: imagefolder"
 
 
-def test_segmentation_architectures_and_encoders_once_implemented(patched: Any) -> None:
-    tasks = dict(load_catalogue().tasks)
-    tasks["segmentation"] = TaskNames(("segmentation-folder",), ("cross_entropy", "dice"), ("miou", "loss"), "miou")
-    patched(tasks=tasks)
+def test_segmentation_architectures_and_encoders() -> None:
     for encoder in ("resnet34", "tu-resnet18", "tu-convnext_tiny"):
-        assert errors(SEGMENTATION, model={"architecture": "UNet", "encoder": encoder}) == [], encoder
-    bad = errors(SEGMENTATION, model={"architecture": "unet3", "encoder": "tu-resnet1000"})
+        assert errors(SEGMENTATION, model={"architecture": "UNet", "encoder": encoder, "numClasses": 3}) == [], encoder
+    bad = errors(SEGMENTATION, model={"architecture": "unet3", "encoder": "tu-resnet1000", "numClasses": 3})
     assert bad[0].startswith("spec.model.architecture: unknown segmentation architecture 'unet3'")
     assert bad[1].startswith("spec.model.encoder: unknown segmentation encoder")
-    assert errors(SEGMENTATION, model={"architecture": "unet", "encoder": "resnet343"})[0].startswith(
+    assert errors(SEGMENTATION, model={"architecture": "unet", "encoder": "resnet343", "numClasses": 3})[0].startswith(
         "spec.model.encoder: unknown segmentation encoder"
     )
 
@@ -258,3 +264,39 @@ def test_inline_and_args_together_are_refused() -> None:
 def test_catalogue_round_trips_its_json() -> None:
     text = Path(__file__).parents[2].joinpath("kiln/api/catalogue.json").read_text()
     assert Catalogue.from_json(json.loads(text)) == load_catalogue()
+
+
+def test_segmentation_is_implemented_with_its_defaults() -> None:
+    assert errors(SEGMENTATION) == []
+    csv_data = {"train": {"uri": "s3://bucket/train.csv", "format": "csv"}, "valSplit": 0.2, "ignoreIndex": 255}
+    assert errors(SEGMENTATION, data=csv_data, loss={"weights": {"lovasz": 1.0, "focal": 1.0}}) == []
+    assert errors(SEGMENTATION, validation={"metric": "val/pixel_accuracy"}) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"model": {"architecture": "unet", "encoder": "resnet34"}}, "spec.model.numClasses: segmentation needs"),
+        ({"loss": {"name": "bce"}}, "spec.loss: bce is binary cross-entropy: it needs model.numClasses 1"),
+        ({"loss": {"name": "lovasz", "classWeights": [1, 2, 3]}}, "spec.loss.classWeights: lovasz takes no class"),
+        (
+            {"model": {**SEGMENTATION["model"], "numClasses": 1}, "loss": {"classWeights": [1]}},
+            "spec.loss.classWeights: binary segmentation (numClasses 1) takes no class weights",
+        ),
+        ({"loss": {"name": "dice"}, "augmentation": {"labelSmoothing": 0.1}}, "spec.augmentation.labelSmoothing"),
+        ({"data": {**SEGMENTATION["data"], "ignoreIndex": 2}}, "spec.data.ignoreIndex: data.ignoreIndex must not"),
+        ({"loss": {"name": "softmax_dice"}}, "spec.loss.name: unknown segmentation loss 'softmax_dice'"),
+        ({"validation": {"metric": "iou/1"}}, "spec.validation.metric: unknown segmentation metric"),
+    ],
+)
+def test_segmentation_options_it_would_ignore_are_refused(changes: dict[str, Any], expected: str) -> None:
+    found = errors(SEGMENTATION, **changes)
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_ignore_index_is_for_segmentation_and_resolved_to_255() -> None:
+    [line] = errors(data={**SPEC["data"], "ignoreIndex": 255})
+    assert line.startswith("spec.data.ignoreIndex: data.ignoreIndex applies to segmentation masks only")
+    job = parse_manifest(document(SEGMENTATION))
+    assert isinstance(job, TrainingJob)
+    assert resolve(job, Environment(storage_root="/tmp")).spec.data.ignore_index == 255

@@ -15,7 +15,7 @@ def job(task: str = "classification", **spec: Any) -> TrainingJob:
     formats = {"classification": "imagefolder", "segmentation": "segmentation-folder", "detection": "coco"}
     models = {
         "classification": {"architecture": "resnet18"},
-        "segmentation": {"architecture": "unet", "encoder": "resnet34"},
+        "segmentation": {"architecture": "unet", "encoder": "resnet34", "numClasses": 3},
         "detection": {"architecture": "fasterrcnn_resnet50_fpn_v2"},
     }
     document = {

@@ -147,12 +147,21 @@ def test_segmentation_rules(tmp_path: Path) -> None:
 
 def test_unimplemented_task_is_refused_before_the_pod(tmp_path: Path) -> None:
     document = copy.deepcopy(VALID)
-    document["spec"]["task"] = "segmentation"
-    document["spec"]["model"]["encoder"] = "resnet34"
-    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train", "format": "segmentation-folder"}}
+    document["spec"]["task"] = "detection"
+    document["spec"]["model"] = {"architecture": "fasterrcnn_resnet50_fpn_v2"}
+    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train", "format": "coco"}}
     code, output = run_validate(tmp_path, yaml.safe_dump(document))
     assert code == EXIT_INVALID
-    assert "spec.task: segmentation is not implemented yet; implemented: classification" in output
+    assert "spec.task: detection is not implemented yet; implemented: classification, segmentation" in output
+
+
+def test_segmentation_is_accepted(tmp_path: Path) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["task"] = "segmentation"
+    document["spec"]["model"] = {"architecture": "Unet", "encoder": "tu-resnet18", "numClasses": 4}
+    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train.csv", "format": "csv"}, "valSplit": 0.1}
+    code, output = run_validate(tmp_path, yaml.safe_dump(document))
+    assert code == 0, output
 
 
 def test_inline_transform_arguments_are_valid(tmp_path: Path) -> None:

@@ -11,6 +11,13 @@ def _classification() -> Task:
     return ClassificationTask()
 
 
+def _segmentation() -> Task:
+    from kiln.trainer.tasks.segmentation import SegmentationTask
+
+    return SegmentationTask()
+
+
 TASKS.register(TaskInfo("classification", _classification, "timm image classifiers on imagefolder or csv data"))
+TASKS.register(TaskInfo("segmentation", _segmentation, "smp networks on segmentation-folder or csv masks"))
 
 __all__ = ["TASKS", "Task", "TaskInfo", "create_task"]

@@ -1,4 +1,4 @@
-"""The contract between the engine and a task plugin (classification now; segmentation and detection next).
+"""The contract between the engine and a task plugin (classification and segmentation now; detection next).
 
 The engine owns the loop, DDP, AMP, checkpoints and observability. A task owns what differs between
 problems: how a split's layout is read, which network is built, how a batch becomes a loss, and which
@@ -57,6 +57,10 @@ class Objective(Protocol):
 
     def loss(self, outputs: Any, batch: Batch) -> torch.Tensor: ...
 
+    def loss_terms(self) -> Mapping[str, torch.Tensor]:
+        """The unweighted terms of the last ``loss`` when it sums several (logged as train/loss/<name>)."""
+        ...
+
 
 class Evaluator(Protocol):
     """Metrics over a whole split, reduced over every rank, plus the rows of the predictions file."""
@@ -108,14 +112,22 @@ class LossInfo:
     description: str
 
 
-def weighted_loss(
-    registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData
-) -> Callable[[Any, Batch], torch.Tensor]:
-    """``loss_weights`` ({name: weight}) as one callable summing the weighted terms."""
-    terms = [(registry.get(name).build(job, data), weight) for name, weight in job.loss_weights.items()]
+class WeightedLoss:
+    """``loss_weights`` ({name: weight}) as one callable summing the weighted terms; with more than one term,
+    ``terms`` keeps each one's unweighted value from the last call (detached), for logging."""
 
-    def total(outputs: Any, batch: Batch) -> torch.Tensor:
-        values = [weight * term(outputs, batch) for term, weight in terms]
-        return values[0] if len(values) == 1 else torch.stack(values).sum()
+    def __init__(self, registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData) -> None:
+        self._terms = [(name, registry.get(name).build(job, data), weight) for name, weight in job.loss_weights.items()]
+        self.terms: dict[str, torch.Tensor] = {}
 
-    return total
+    def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        if len(self._terms) == 1:
+            _, term, weight = self._terms[0]
+            return weight * term(outputs, batch)
+        values = {name: term(outputs, batch) for name, term, _ in self._terms}
+        self.terms = {name: value.detach() for name, value in values.items()}
+        return torch.stack([weight * values[name] for name, _, weight in self._terms]).sum()
+
+
+def weighted_loss(registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData) -> WeightedLoss:
+    return WeightedLoss(registry, job, data)

@@ -68,6 +68,9 @@ class ClassificationObjective:
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self._loss(outputs, batch)
 
+    def loss_terms(self) -> Mapping[str, torch.Tensor]:
+        return self._loss.terms
+
 
 class ClassificationEvaluator:
     metric_names = ("accuracy", "precision", "recall", "f1", "top5", "loss")

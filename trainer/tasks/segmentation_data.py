@@ -1,0 +1,199 @@
+"""Segmentation layouts: ``segmentation-folder`` (``images/`` and ``masks/`` whose files match by name) and
+``csv`` (image,mask rows). A mask is a single-channel image (PNG) of class indices, the same size as its image.
+
+Listing a split checks that every image has its mask; decoding a pair checks that the sizes agree and that every
+mask value is a class index or ``data.ignoreIndex``. Each problem is one InvalidInput naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from kiln.trainer.data import IMAGE_SUFFIXES, load_image
+from kiln.trainer.errors import InvalidInput
+from kiln.trainer.registry import Registry
+from kiln.trainer.tasks.base import Batch, Pipeline
+
+Pair = tuple[Path, Path]  # (image, mask)
+
+
+@dataclass(frozen=True)
+class MaskedImages:
+    """A segmentation split: (image, mask) pairs, decoded lazily and checked as they are decoded."""
+
+    root: Path
+    split: str
+    samples: tuple[Pair, ...]
+    names: tuple[str, ...]  # each image's path under the layout's image folder: predicted masks keep it
+    labels: int  # valid mask values are 0..labels-1 (2 for binary segmentation) and ignore_index
+    ignore_index: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def dataset(self, pipeline: Pipeline) -> Dataset[Batch]:
+        return MaskDataset(self, pipeline)
+
+    def describe(self, index: int) -> str:
+        return _relative(self.samples[index][0], self.root)
+
+    def describe_mask(self, index: int) -> str:
+        return _relative(self.samples[index][1], self.root)
+
+    def prediction_key(self, index: int) -> str:
+        """Where the predicted mask goes under the run: predictions-<split>/<image name>.png."""
+        return f"predictions-{self.split}/{Path(self.names[index]).with_suffix('.png').as_posix()}"
+
+    def subset(self, indices: Sequence[int], split: str) -> MaskedImages:
+        return replace(
+            self,
+            split=split,
+            samples=tuple(self.samples[i] for i in indices),
+            names=tuple(self.names[i] for i in indices),
+        )
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """A mask as an HxW uint8 (uint16 for values above 255) array of class indices."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L"):
+                raise InvalidInput(
+                    f"mask {path} is {image.mode}: a mask must be a single-channel image of class indices"
+                )
+            values = np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InvalidInput(f"corrupt or unreadable mask {path}: {exc}") from exc
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InvalidInput(f"mask {path} holds values outside 0..65535")
+    return values.astype(np.uint8 if values.size == 0 or values.max() < 256 else np.uint16)
+
+
+def check_mask(mask: np.ndarray, path: Path, labels: int, ignore_index: int) -> None:
+    if mask.size == 0 or int(mask.max()) < labels:
+        return
+    bad = np.unique(mask[(mask >= labels) & (mask != ignore_index)])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:5].tolist())
+        raise InvalidInput(
+            f"mask {path} holds class index {shown}: classes are 0..{labels - 1} (model.numClasses), "
+            f"and {ignore_index} (data.ignoreIndex) marks pixels to ignore"
+        )
+
+
+class MaskDataset(Dataset[Batch]):
+    def __init__(self, split: MaskedImages, pipeline: Pipeline) -> None:
+        self.split = split
+        self.pipeline = pipeline
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Batch:
+        image_path, mask_path = self.split.samples[index]
+        image, mask = load_image(image_path), load_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise InvalidInput(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                f"{image.shape[1]}x{image.shape[0]}: a mask must be the size of its image"
+            )
+        check_mask(mask, mask_path, self.split.labels, self.split.ignore_index)
+        out = self.pipeline(image=image, mask=mask)
+        return {
+            "image": out["image"],
+            "mask": torch.as_tensor(np.asarray(out["mask"]).astype(np.int64)),
+            "size": torch.tensor(image.shape[:2]),  # (height, width) before resizing: predictions go back to it
+            "index": torch.tensor(index),
+        }
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_folder(root: Path, split: str) -> tuple[list[Pair], list[str]]:
+    images_dir, masks_dir = root / "images", root / "masks"
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise InvalidInput(f"data.{split}.uri: {root} has no {folder.name}/ (segmentation-folder wants images/ "
+                               "and masks/ with matching file names)")  # fmt: skip
+    images = _images_under(images_dir)
+    if not images:
+        raise InvalidInput(f"data.{split}.uri: {images_dir} holds no images")
+    masks = {p.relative_to(masks_dir).with_suffix("").as_posix(): p for p in _images_under(masks_dir)}
+    pairs, names = [], []
+    for image in images:
+        name = image.relative_to(images_dir)
+        mask = masks.get(name.with_suffix("").as_posix())
+        if mask is None:
+            expected = masks_dir / name.with_suffix(".png")
+            raise InvalidInput(f"data.{split}: image {image} has no mask (expected {expected})")
+        pairs.append((image, mask))
+        names.append(name.as_posix())
+    return pairs, names
+
+
+def read_csv(path: Path, split: str) -> tuple[list[Pair], list[str]]:
+    if path.is_dir():
+        candidates = sorted(path.glob("*.csv"))
+        if len(candidates) != 1:
+            raise InvalidInput(f"data.{split}.uri: {path} must hold exactly one .csv file, or name it")
+        path = candidates[0]
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["image", "mask"]:
+        rows = rows[1:]
+    if not rows:
+        raise InvalidInput(f"data.{split}.uri: {path} has no rows")
+    pairs, names = [], []
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise InvalidInput(f"data.{split}.uri: {path} row {number} is not image,mask")
+        image, mask = ((path.parent / cell.strip()).resolve() for cell in row[:2])
+        for what, file in (("image", image), ("mask", mask)):
+            if not file.is_file():
+                raise InvalidInput(f"data.{split}.uri: {path} row {number}: {what} {file} does not exist")
+        pairs.append((image, mask))
+        folder = path.parent.resolve()
+        names.append(image.relative_to(folder).as_posix() if image.is_relative_to(folder) else image.name)
+    return pairs, names
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    name: str
+    read: Callable[[Path, str], tuple[list[Pair], list[str]]]
+
+
+FORMATS: Registry[FormatInfo] = Registry("segmentation data format")
+FORMATS.register(FormatInfo("segmentation-folder", read_folder))
+FORMATS.register(FormatInfo("csv", read_csv))
+
+
+def read_split(fmt: str, root: Path, split: str, *, labels: int, ignore_index: int) -> MaskedImages:
+    pairs, names = FORMATS.get(fmt).read(root, split)
+    base = root if root.is_dir() else root.parent
+    return MaskedImages(base, split, tuple(pairs), tuple(names), labels, ignore_index)
+
+
+def hold_out(train: MaskedImages, fraction: float, seed: int) -> tuple[MaskedImages, MaskedImages]:
+    """Split off ``fraction`` of the training split for validation, the same way on every rank."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(order) * fraction))
+    if cut >= len(order):
+        raise InvalidInput(f"data.valSplit: {fraction} leaves no training images out of {len(order)}")
+    return train.subset(sorted(order[cut:]), "train"), train.subset(sorted(order[:cut]), "val")
