@@ -6,6 +6,7 @@ a local path for each split and turns their datasets into DataLoaders that shard
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from collections.abc import Iterator, Sized
@@ -148,3 +149,23 @@ def train_loader(
 
 def eval_loader(dataset: Dataset[Any], job: ResolvedTrainingJob, world: World) -> DataLoader[Any]:
     return _loader(dataset, ShardSampler(len(dataset), world), job, world, drop_last=False)  # type: ignore[arg-type]
+
+
+def csv_rows(path: Path, split: str, header: tuple[str, str]) -> tuple[Path, list[tuple[int, list[str]]]]:
+    """(the CSV file, its numbered data rows) for a ``csv`` split: ``path`` is the file, or a folder holding
+    exactly one. A first row equal to ``header`` (case-insensitive) is skipped; every row has two cells."""
+    if path.is_dir():
+        candidates = sorted(path.glob("*.csv"))
+        if len(candidates) != 1:
+            raise InvalidInput(f"data.{split}.uri: {path} must hold exactly one .csv file, or name it")
+        path = candidates[0]
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if rows and [cell.strip().lower() for cell in rows[0][:2]] == list(header):
+        rows = rows[1:]
+    if not rows:
+        raise InvalidInput(f"data.{split}.uri: {path} has no rows")
+    for number, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise InvalidInput(f"data.{split}.uri: {path} row {number} is not {','.join(header)}")
+    return path, list(enumerate(rows, start=1))

@@ -4,6 +4,8 @@ and only then are ratios taken. No per-rank average is ever averaged again.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 
 from kiln.trainer.distributed import all_reduce_sum
@@ -36,16 +38,33 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
-class ClassificationMetrics:
+class ConfusionCounts:
+    """A confusion matrix and a few running totals, kept as counts so that summing them over every rank
+    (``reduce``, once) gives exactly the whole split's numbers; never an average of per-rank means."""
+
+    def __init__(self, num_classes: int, totals: int, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(totals, dtype=torch.float64, device=device)
+        self._reduced = False
+
+    def reduce(self) -> Self:
+        """Sum the counts over every rank (once); every rank then computes the same numbers."""
+        if not self._reduced:
+            flat = torch.cat([self.confusion.flatten(), self.totals])
+            all_reduce_sum(flat)
+            self.confusion = flat[: self.num_classes**2].view(self.num_classes, self.num_classes)
+            self.totals = flat[self.num_classes**2 :]
+            self._reduced = True
+        return self
+
+
+class ClassificationMetrics(ConfusionCounts):
     """Loss, top-1/top-5 accuracy, macro precision/recall/F1 and the confusion matrix, accumulated as counts."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.num_classes = num_classes
+        super().__init__(num_classes, 3, device)  # totals: [loss sum, sample count, top-k hits]
         self.top_k = min(5, num_classes)
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-        # [loss sum, sample count, top-k hits]
-        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
-        self._reduced = False
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor | float = 0.0) -> None:
@@ -61,16 +80,6 @@ class ClassificationMetrics:
                 hits.double(),
             ]
         )
-
-    def reduce(self) -> ClassificationMetrics:
-        """Sum the counts over every rank (once); every rank then computes the same numbers."""
-        if not self._reduced:
-            flat = torch.cat([self.confusion.flatten(), self.totals])
-            all_reduce_sum(flat)
-            self.confusion = flat[: self.num_classes**2].view(self.num_classes, self.num_classes)
-            self.totals = flat[self.num_classes**2 :]
-            self._reduced = True
-        return self
 
     def compute(self) -> dict[str, float]:
         loss_sum, count, hits = self.totals.tolist()
@@ -110,29 +119,18 @@ def pixel_confusion(predicted: torch.Tensor, target: torch.Tensor, num_classes: 
     return torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
 
 
-class SegmentationMetrics:
+class SegmentationMetrics(ConfusionCounts):
     """Pixel confusion matrix and loss sum, all-reduced over every rank before mIoU, Dice and accuracy."""
 
     def __init__(self, num_classes: int, ignore_index: int, device: torch.device) -> None:
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
-        self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, images]
-        self._reduced = False
+        super().__init__(num_classes, 2, device)  # totals: [loss sum, images]
+        self.ignore_index = ignore_index
 
     @torch.no_grad()
     def update(self, predicted: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor | float = 0.0) -> None:
         self.confusion += pixel_confusion(predicted, target, self.num_classes, self.ignore_index)
         count = torch.tensor(float(len(target)), dtype=torch.float64, device=self.totals.device)
         self.totals += torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64, device=self.totals.device), count])
-
-    def reduce(self) -> SegmentationMetrics:
-        if not self._reduced:
-            flat = torch.cat([self.confusion.flatten(), self.totals])
-            all_reduce_sum(flat)
-            self.confusion = flat[: self.num_classes**2].view(self.num_classes, self.num_classes)
-            self.totals = flat[self.num_classes**2 :]
-            self._reduced = True
-        return self
 
     def compute(self) -> dict[str, float]:
         loss_sum, count = self.totals.tolist()

@@ -15,19 +15,11 @@ from typing import Any
 from hypothesis import strategies as st
 
 from kiln.api.crd import KINDS, Kind, crd
+from tests.api.test_validate_cli import VALID
 
 Node = dict[str, Any]
 
-TRAINING_BASE: dict[str, Any] = {
-    "apiVersion": "kiln.dev/v1alpha1",
-    "kind": "TrainingJob",
-    "metadata": {"name": "digits"},
-    "spec": {
-        "task": "classification",
-        "model": {"architecture": "resnet18"},
-        "data": {"train": {"uri": "s3://bucket/train"}, "val": {"uri": "s3://bucket/val"}},
-    },
-}
+TRAINING_BASE = VALID  # the CLI tests' valid TrainingJob (an odd batchSize, so mixup mutations bite)
 EXPORT_BASE: dict[str, Any] = {
     "apiVersion": "kiln.dev/v1alpha1",
     "kind": "ExportJob",

@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +53,6 @@ def cli_env() -> dict[str, str]:
 
 def kiln_run_command(manifest: Path) -> list[str]:
     return [sys.executable, "-m", "kiln.cli", "run", str(manifest)]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def latest_pointer(checkpoints: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((checkpoints / "latest.json").read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
-
-
-def metrics_records(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def descendants(root: int) -> list[int]:

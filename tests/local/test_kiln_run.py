@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from local_testkit import global_rank0, latest_pointer, metrics_records, wait_for, write_manifest
+from local_testkit import global_rank0, write_manifest
 
 from kiln.api.contract import ExitCode
+from tests.trainer.trainer_testkit import latest_pointer, metrics_records, wait_for
 
 pytestmark = pytest.mark.slow
 StartKilnRun = Callable[[Path], subprocess.Popen[str]]

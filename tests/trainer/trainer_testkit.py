@@ -98,7 +98,7 @@ def run_trainer(spec: Path, env: dict[str, str], procs: int | None = None, timeo
     )
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from kiln.trainer.data import IMAGE_SUFFIXES, load_image
+from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, load_image
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
@@ -74,21 +73,9 @@ def read_imagefolder(root: Path, split: str) -> list[Sample]:
 
 
 def read_csv(path: Path, split: str) -> list[Sample]:
-    if path.is_dir():
-        candidates = sorted(path.glob("*.csv"))
-        if len(candidates) != 1:
-            raise InvalidInput(f"data.{split}.uri: {path} must hold exactly one .csv file, or name it")
-        path = candidates[0]
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row]
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    if not rows:
-        raise InvalidInput(f"data.{split}.uri: {path} has no rows")
+    path, rows = csv_rows(path, split, ("path", "label"))
     samples: list[Sample] = []
-    for number, row in enumerate(rows, start=1):
-        if len(row) < 2:
-            raise InvalidInput(f"data.{split}.uri: {path} row {number} is not path,label")
+    for number, row in rows:
         image = (path.parent / row[0].strip()).resolve()
         if not image.is_file():
             raise InvalidInput(f"data.{split}.uri: {path} row {number}: {row[0]} does not exist")

@@ -7,7 +7,6 @@ mask value is a class index or ``data.ignoreIndex``. Each problem is one Invalid
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -18,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from kiln.trainer.data import IMAGE_SUFFIXES, load_image
+from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, load_image
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
@@ -147,21 +146,9 @@ def read_folder(root: Path, split: str) -> tuple[list[Pair], list[str]]:
 
 
 def read_csv(path: Path, split: str) -> tuple[list[Pair], list[str]]:
-    if path.is_dir():
-        candidates = sorted(path.glob("*.csv"))
-        if len(candidates) != 1:
-            raise InvalidInput(f"data.{split}.uri: {path} must hold exactly one .csv file, or name it")
-        path = candidates[0]
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row]
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["image", "mask"]:
-        rows = rows[1:]
-    if not rows:
-        raise InvalidInput(f"data.{split}.uri: {path} has no rows")
+    path, rows = csv_rows(path, split, ("image", "mask"))
     pairs, names = [], []
-    for number, row in enumerate(rows, start=1):
-        if len(row) < 2:
-            raise InvalidInput(f"data.{split}.uri: {path} row {number} is not image,mask")
+    for number, row in rows:
         image, mask = ((path.parent / cell.strip()).resolve() for cell in row[:2])
         for what, file in (("image", image), ("mask", mask)):
             if not file.is_file():
