@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import random
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,14 @@ def csv_rows(path: Path, split: str, header: tuple[str, str]) -> tuple[Path, lis
         if len(row) < 2:
             raise InvalidInput(f"data.{split}.uri: {path} row {number} is not {','.join(header)}")
     return path, list(enumerate(rows, start=1))
+
+
+def hold_out_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): ``fraction`` of ``count`` items held out for data.valSplit, chosen the
+    same way on every rank (a seeded shuffle), each list sorted."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(count * fraction))
+    if cut >= count:
+        raise InvalidInput(f"data.valSplit: {fraction} leaves no training images out of {count}")
+    return sorted(order[cut:]), sorted(order[:cut])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, load_image
+from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, hold_out_indices, load_image
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
@@ -109,9 +108,5 @@ def index_samples(samples: list[Sample], classes: list[str], root: Path, split: 
 
 def hold_out(train: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
     """Split off ``fraction`` of the training split for validation, the same way on every rank."""
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, round(len(order) * fraction))
-    if cut >= len(order):
-        raise InvalidInput(f"data.valSplit: {fraction} leaves no training images out of {len(order)}")
-    return train.subset(sorted(order[cut:])), train.subset(sorted(order[:cut]))
+    kept, held = hold_out_indices(len(train), fraction, seed)
+    return train.subset(kept), train.subset(held)

@@ -7,7 +7,6 @@ mask value is a class index or ``data.ignoreIndex``. Each problem is one Invalid
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, load_image
+from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, hold_out_indices, load_image
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
@@ -178,9 +177,5 @@ def read_split(fmt: str, root: Path, split: str, *, labels: int, ignore_index: i
 
 def hold_out(train: MaskedImages, fraction: float, seed: int) -> tuple[MaskedImages, MaskedImages]:
     """Split off ``fraction`` of the training split for validation, the same way on every rank."""
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, round(len(order) * fraction))
-    if cut >= len(order):
-        raise InvalidInput(f"data.valSplit: {fraction} leaves no training images out of {len(order)}")
-    return train.subset(sorted(order[cut:]), "train"), train.subset(sorted(order[:cut]), "val")
+    kept, held = hold_out_indices(len(train), fraction, seed)
+    return train.subset(kept, "train"), train.subset(held, "val")
