@@ -106,6 +106,21 @@ def run(file: Annotated[Path, typer.Argument(help="A TrainingJob manifest.")]) -
 
 
 @app.command()
+def export(
+    file: Annotated[Path, typer.Argument(help="An ExportJob manifest.")],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="A checkpoint path or URI, instead of the manifest's source.")
+    ] = None,
+) -> None:
+    """Run an ExportJob on this machine: export, verify against PyTorch, benchmark, quantize, then print a table
+    of the artifacts. Exit codes: 0 ok, 1 failed, 2 invalid input (a missing checkpoint too), 3 verification
+    failed (docs/operations.md, `kiln export`)."""
+    from kiln.local_export import export_manifest
+
+    raise typer.Exit(export_manifest(file, checkpoint, out, err, Path.cwd()))
+
+
+@app.command()
 def operator(  # noqa: PLR0917 (one parameter per flag)
     image: Annotated[str | None, typer.Option(help="Default trainer image. Env: KILN_OPERATOR_IMAGE.")] = None,
     storage_root: Annotated[

@@ -1,11 +1,12 @@
-"""Per-TrainingJob periodic work without kopf timers or daemons: resync, rank-0 progress polls, TTL deletes.
+"""Periodic work per TrainingJob and ExportJob without kopf timers or daemons: resyncs, progress polls, TTL.
 
 kopf puts a finalizer on every object that a timer or daemon matches, so that it can stop them before the
 object goes: one PATCH to add it, one to remove it, a lost handling cycle (the create handler waits for
 the finalizer's own watch event) and deletes that hang while the operator is down. None of that is needed
 here: the children are cleaned up by ownerReferences, and every periodic action tolerates a TrainingJob
 that is already gone. So one asyncio task walks an in-memory table of TrainingJobs, kept current by the
-``track-phase`` event handler, and hands due work to the handlers' thread pool.
+``track-phase`` event handler, and hands due work to the handlers' thread pool. ExportJobs get a second
+table (``track-export``) with resyncs only; a TrainingJob's phase change wakes the ExportJobs waiting for it.
 
 ``Schedule`` is the pure part (what is due when); ``Background`` runs it.
 """
@@ -54,7 +55,8 @@ class Entry:
 class Schedule:
     """The TrainingJobs this operator sees and when each one's periodic work is next due (monotonic s)."""
 
-    def __init__(self, resync_interval_s: float, progress_interval_s: float) -> None:
+    def __init__(self, resync_interval_s: float, progress_interval_s: float | None) -> None:
+        """``progress_interval_s`` None: no progress polls (ExportJobs report only when they exit)."""
         self.resync_interval_s, self.progress_interval_s = resync_interval_s, progress_interval_s
         self.entries: dict[tuple[str, str], Entry] = {}
 
@@ -68,6 +70,12 @@ class Schedule:
         else:
             self.entries[key] = Entry(body=body, next_resync=now + self.resync_interval_s)
 
+    def wake(self, namespace: str, matches: Callable[[Obj], bool]) -> None:
+        """Resync, at the next tick, the objects of ``namespace`` whose latest body ``matches``."""
+        for (entry_namespace, _), entry in self.entries.items():
+            if entry_namespace == namespace and entry.phase not in TERMINAL and matches(entry.body):
+                entry.next_resync = 0.0
+
     def due(self, now: float, wall: datetime) -> Iterator[tuple[str, tuple[str, str], Obj]]:
         """("resync" | "progress" | "expire", key, body) for every action due now, advancing its clock."""
         for key, entry in list(self.entries.items()):
@@ -75,7 +83,7 @@ class Schedule:
             if phase not in TERMINAL and now >= entry.next_resync:
                 entry.next_resync = now + self.resync_interval_s
                 yield "resync", key, entry.body
-            if phase == Phase.RUNNING.value and now >= entry.next_progress:
+            if self.progress_interval_s is not None and phase == Phase.RUNNING.value and now >= entry.next_progress:
                 entry.next_progress = now + self.progress_interval_s
                 yield "progress", key, entry.body
             expires = entry.expires_at()
@@ -88,11 +96,12 @@ Action = Callable[[str, str, Obj], object]
 
 
 class Background:
-    """Runs a Schedule: every tick, starts each due action in the executor, at most one per job at a time."""
+    """Runs Schedules (TrainingJobs', ExportJobs'), each with its actions: every tick, starts each due action in
+    the executor, at most one per action and object at a time."""
 
-    def __init__(self, schedule: Schedule, actions: dict[str, Action], tick_s: float = 0.5) -> None:
-        self.schedule, self.actions, self.tick_s = schedule, actions, tick_s
-        self.busy: set[tuple[str, tuple[str, str]]] = set()
+    def __init__(self, *lanes: tuple[Schedule, dict[str, Action]], tick_s: float = 0.5) -> None:
+        self.lanes, self.tick_s = lanes, tick_s
+        self.busy: set[tuple[int, str, tuple[str, str]]] = set()
         self.task: asyncio.Task[None] | None = None
 
     def start(self, executor: Executor | None) -> None:
@@ -106,15 +115,16 @@ class Background:
     async def _run(self, executor: Executor | None) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            for kind, key, body in self.schedule.due(time.monotonic(), datetime.now(UTC)):
-                if (kind, key) in self.busy:
-                    continue
-                self.busy.add((kind, key))
-                future = loop.run_in_executor(executor, self.actions[kind], key[0], key[1], body)
-                future.add_done_callback(functools.partial(self._done, (kind, key)))
+            for lane, (schedule, actions) in enumerate(self.lanes):
+                for kind, key, body in schedule.due(time.monotonic(), datetime.now(UTC)):
+                    if (lane, kind, key) in self.busy:
+                        continue
+                    self.busy.add((lane, kind, key))
+                    future = loop.run_in_executor(executor, actions[kind], key[0], key[1], body)
+                    future.add_done_callback(functools.partial(self._done, (lane, kind, key)))
             await asyncio.sleep(self.tick_s)
 
-    def _done(self, key: tuple[str, tuple[str, str]], future: asyncio.Future[object]) -> None:
+    def _done(self, key: tuple[int, str, tuple[str, str]], future: asyncio.Future[object]) -> None:
         self.busy.discard(key)
         if not future.cancelled() and future.exception() is not None:
-            log.warning("%s of %s/%s failed, will retry: %s", key[0], *key[1], future.exception())
+            log.warning("%s of %s/%s failed, will retry: %s", key[1], *key[2], future.exception())

@@ -48,21 +48,22 @@ class PodOutcome:
     pod_reason: str = ""
 
 
-def _terminated(pod: Obj) -> Obj:
+def _terminated(pod: Obj, container: str) -> Obj:
     for status in pod.get("status", {}).get("containerStatuses") or []:
-        if status.get("name") == contract.CONTAINER_NAME:
+        if status.get("name") == container:
             return (
                 (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated") or {}
             )
     return {}
 
 
-def pod_outcome(pod: Obj) -> PodOutcome:
+def pod_outcome(pod: Obj, container: str = contract.CONTAINER_NAME) -> PodOutcome:
+    """How a pod ended, read off ``container`` (the trainer's, or the exporter's in an ExportJob's pod)."""
     meta, status = pod.get("metadata", {}), pod.get("status", {})
     index = (meta.get("annotations") or {}).get(L.COMPLETION_INDEX_ANNOTATION) or (meta.get("labels") or {}).get(
         L.COMPLETION_INDEX_LABEL, "0"
     )
-    terminated = _terminated(pod)
+    terminated = _terminated(pod, container)
     disrupted = (
         any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
         or status.get("reason") in _DISRUPTION_REASONS

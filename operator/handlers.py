@@ -20,14 +20,17 @@ from kubernetes.client.rest import ApiException
 from kiln.api.status import ConditionType, Phase
 from kiln.operator import labels as L
 from kiln.operator.background import Background, Schedule
+from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
 from kiln.operator.kube import Kube, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
+from kiln.operator.status import Transition
 
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
+EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RESYNC_INTERVAL_S = 60.0
 
 
@@ -42,13 +45,30 @@ class Context:
     """The last Job state reconciled per Job, to skip events that change nothing the operator reads."""
     schedule: Schedule = field(init=False)
     """Every TrainingJob seen, for the periodic work (resync, progress polls, TTL) in ``background``."""
+    export_schedule: Schedule = field(init=False)
+    """Every ExportJob seen, for resyncs (a source that never appears) and to wake those waiting on a source."""
     background: Background | None = None
 
     def __post_init__(self) -> None:
         self.schedule = Schedule(RESYNC_INTERVAL_S, self.settings.progress_interval_s)
+        self.export_schedule = Schedule(RESYNC_INTERVAL_S, None)
 
-    def lock(self, namespace: str, name: str) -> threading.Lock:
-        return self.locks.setdefault(f"{namespace}/{name}", threading.Lock())
+    def lock(self, namespace: str, name: str, kind: str = L.TJ_PLURAL) -> threading.Lock:
+        return self.locks.setdefault(lock_key(namespace, name, kind), threading.Lock())
+
+    def job_changed(self, namespace: str | None, body: kopf.Body, type: str) -> bool:
+        """Whether a Job event changes anything its owner's status reflects (most Job updates do not)."""
+        key, signature = f"{namespace}/{body['metadata']['name']}", job_signature(body)
+        previous = self.job_signatures.get(key)
+        if type == "DELETED":
+            self.job_signatures.pop(key, None)
+            return True
+        self.job_signatures[key] = signature
+        return not (previous == signature or (previous is None and signature[1:6] == EMPTY_JOB_COUNTS))
+
+
+def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
+    return f"{namespace}/{name}" if kind == L.TJ_PLURAL else f"{namespace}/{kind}/{name}"
 
 
 def run_reconcile(
@@ -90,19 +110,45 @@ def job_signature(job: kopf.Body | Obj) -> tuple[Any, ...]:
 EMPTY_JOB_COUNTS = (0, 0, 0, 0, ())
 
 
-def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
-    counters = {
-        ConditionType.CREATED: ctx.metrics.created,
-        ConditionType.SUCCEEDED: ctx.metrics.succeeded,
-        ConditionType.FAILED: ctx.metrics.failed,
-    }
-    for t in outcome.decision.transitions:
+def run_export_reconcile(ctx: Context, kind: str, namespace: str, name: str) -> ExportOutcome | None:
+    """Reconcile one ExportJob, read fresh and serialized per ExportJob; count it, emit transition Events."""
+    assert ctx.kube is not None
+    started, result = time.perf_counter(), "error"
+    try:
+        with ctx.lock(namespace, name, L.EJ_PLURAL):
+            body = ctx.kube.get_exportjob(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                result = "gone"
+                return None
+            outcome = reconcile_export(ctx.kube, ctx.settings, body)
+        result = "ok"
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
+    finally:
+        ctx.metrics.reconciles.labels(kind, result).inc()
+        ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
+    _post_events(body, outcome.decision.transitions)
+    return outcome
+
+
+def _post_events(body: Obj, transitions: tuple[Transition, ...]) -> None:
+    for t in transitions:
         kopf.event(
             cast(kopf.Body, body),
             type="Warning" if t.warning else "Normal",
             reason=t.reason,
             message=f"{t.type.value}={t.status}: {t.message}"[:1024],
         )
+
+
+def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
+    counters = {
+        ConditionType.CREATED: ctx.metrics.created,
+        ConditionType.SUCCEEDED: ctx.metrics.succeeded,
+        ConditionType.FAILED: ctx.metrics.failed,
+    }
+    _post_events(body, outcome.decision.transitions)
+    for t in outcome.decision.transitions:
         if t.status == "True" and t.type in counters:
             counters[t.type].inc()
     restarts = outcome.decision.status.restarts - outcome.before.restarts
@@ -125,7 +171,7 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         apply_kopf_settings(settings, ctx.settings)
         ctx.kube = Kube(load_api_client(ctx.settings.workers * 3), fanout=ctx.settings.workers * 2)
         ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
-        ctx.background = Background(ctx.schedule, _periodic_actions(ctx))
+        ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
         ctx.background.start(settings.execution.executor)
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
@@ -153,14 +199,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
 
     @on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT}, id="job-event", registry=registry)
     def on_attempt_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-        key, signature = f"{namespace}/{body['metadata']['name']}", job_signature(body)
-        previous = ctx.job_signatures.get(key)
-        if type == "DELETED":
-            ctx.job_signatures.pop(key, None)
-        else:
-            ctx.job_signatures[key] = signature
-            if previous == signature or (previous is None and signature[1:6] == EMPTY_JOB_COUNTS):
-                return  # nothing the TrainingJob's status reflects has changed (most Job updates)
+        if not ctx.job_changed(namespace, body, type):
+            return
         try:
             job_body = None if type == "DELETED" else dict(body)
             run_reconcile(ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body)
@@ -172,10 +212,37 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         # async: runs on the event loop, so the schedule needs no lock and no worker thread is taken.
         deleted = type == "DELETED"
         status = body.get("status") or {}
-        ctx.metrics.phases.observe(uid, None if deleted else status.get("phase", Phase.PENDING.value))
+        phase = None if deleted else status.get("phase", Phase.PENDING.value)
+        seen = ctx.schedule.entries.get((namespace or "", name))
+        if seen is None or seen.phase != phase:  # created, deleted or moved on: re-check the exports waiting on it
+            ctx.export_schedule.wake(namespace or "", lambda export: waits_for(export, name))
+        ctx.metrics.phases.observe(uid, phase)
         ctx.schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:
-            ctx.locks.pop(f"{namespace}/{name}", None)
+            ctx.locks.pop(lock_key(namespace or "", name), None)
+
+    @on.resume(*EJ, id="reconcile-export", registry=registry)
+    @on.create(*EJ, id="reconcile-export", registry=registry)
+    def on_exportjob_create(namespace: str | None, name: str, **_: Any) -> None:
+        outcome = run_export_reconcile(ctx, "exportjob", namespace or "", name)
+        if outcome is not None and outcome.decision.invalid:
+            raise kopf.PermanentError("invalid spec; see the Failed condition")
+
+    @on.event("batch", "v1", "jobs", labels={L.EXPORT_JOB: kopf.PRESENT}, id="export-job-event", registry=registry)
+    def on_export_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+        if not ctx.job_changed(namespace, body, type):
+            return
+        try:
+            run_export_reconcile(ctx, "export-job", namespace or "", labels[L.EXPORT_JOB])
+        except kopf.TemporaryError as exc:
+            logging.getLogger(__name__).warning("reconcile after an export Job event failed, will resync: %s", exc)
+
+    @on.event(*EJ, id="track-export", registry=registry)
+    async def track_export(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+        deleted = type == "DELETED"
+        ctx.export_schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
+        if deleted:
+            ctx.locks.pop(lock_key(namespace or "", name, L.EJ_PLURAL), None)
 
     return registry, ctx
 
@@ -198,6 +265,13 @@ def _periodic_actions(ctx: Context) -> dict[str, Any]:
         ctx.kube.delete_trainingjob(namespace, name)
 
     return {"resync": resync, "progress": progress, "expire": expire}
+
+
+def _export_actions(ctx: Context) -> dict[str, Any]:
+    def resync(namespace: str, name: str, _: Obj) -> None:
+        run_export_reconcile(ctx, "export-resync", namespace, name)
+
+    return {"resync": resync}
 
 
 def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:

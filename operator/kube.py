@@ -27,6 +27,7 @@ _PATHS = {
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
     (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.TJ_PLURAL}",
+    (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.EJ_PLURAL}",
 }
 
 
@@ -171,3 +172,14 @@ class Kube:
 
     def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.TRAINING_JOB: job_name, L.ATTEMPT: str(attempt)})
+
+    def get_exportjob(self, namespace: str, name: str) -> Obj | None:
+        return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)
+
+    def patch_exportjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
+        return self.patch(
+            f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name, {"status": patch}, subresource="status"
+        )
+
+    def export_pods(self, namespace: str, export_name: str) -> list[Obj]:
+        return self.list_objects("v1", "Pod", namespace, {L.EXPORT_JOB: export_name})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kiln.api.base import GROUP, VERSION
 
 TJ_GROUP, TJ_VERSION, TJ_PLURAL, TJ_KIND = GROUP, VERSION, "trainingjobs", "TrainingJob"
+EJ_PLURAL, EJ_KIND = "exportjobs", "ExportJob"
 
 # Every child carries these.
 NAME = "app.kubernetes.io/name"
@@ -14,8 +15,11 @@ PART_OF = "app.kubernetes.io/part-of"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 TRAINING_JOB = "kiln.dev/training-job"
 ATTEMPT = "kiln.dev/attempt"
+EXPORT_JOB = "kiln.dev/export-job"
+"""On an ExportJob's children instead of TRAINING_JOB, so the TrainingJob watches never see them."""
 
 APP_NAME = "kiln-trainer"
+EXPORTER_APP_NAME = "kiln-exporter"
 MANAGER = "kiln-operator"
 
 # Set by Kubernetes itself on Indexed Job pods.
@@ -36,6 +40,23 @@ def common_labels(job_name: str, component: str) -> dict[str, str]:
         MANAGED_BY: MANAGER,
         TRAINING_JOB: job_name,
     }
+
+
+def export_labels(export_name: str, component: str) -> dict[str, str]:
+    return {
+        NAME: EXPORTER_APP_NAME,
+        INSTANCE: export_name,
+        COMPONENT: component,
+        PART_OF: "kiln",
+        MANAGED_BY: MANAGER,
+        EXPORT_JOB: export_name,
+    }
+
+
+def export_child_name(export_name: str) -> str:
+    """The ConfigMap and the Job of an ExportJob. The suffix keeps them apart from a TrainingJob's children in
+    the same namespace, whose names end in -spec, -workers or an attempt number."""
+    return f"{export_name}-export"
 
 
 def configmap_name(job_name: str) -> str:

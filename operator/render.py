@@ -6,12 +6,14 @@ deadline) is an argument, so the same inputs always give the same objects and te
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kiln.api import contract
 from kiln.api.base import API_VERSION
 from kiln.api.contract import Env
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.api.runtime import StorageSpec, Toleration
 from kiln.operator import labels as L
 from kiln.operator.changes import AppliedSpec
 from kiln.operator.settings import Settings
@@ -19,20 +21,17 @@ from kiln.operator.settings import Settings
 Obj = dict[str, Any]
 
 
-def owner_reference(resolved: ResolvedTrainingJob) -> list[Obj]:
-    """The TrainingJob as controller of its children, so deleting it garbage-collects them."""
-    if not resolved.uid:
+def controller_reference(kind: str, name: str, uid: str | None) -> list[Obj]:
+    """A Kiln object as controller of its children, so deleting it garbage-collects them."""
+    if not uid:
         return []
-    return [
-        {
-            "apiVersion": API_VERSION,
-            "kind": L.TJ_KIND,
-            "name": resolved.name,
-            "uid": resolved.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-    ]
+    return [{"apiVersion": API_VERSION, "kind": kind, "name": name, "uid": uid, "controller": True,
+             "blockOwnerDeletion": True}]  # fmt: skip
+
+
+def owner_reference(resolved: ResolvedTrainingJob) -> list[Obj]:
+    """The TrainingJob as controller of its children."""
+    return controller_reference(L.TJ_KIND, resolved.name, resolved.uid)
 
 
 def _metadata(resolved: ResolvedTrainingJob, name: str, component: str, **extra_labels: str) -> Obj:
@@ -94,6 +93,12 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
         {"name": Env.ATTEMPT, "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    return env + storage_env(storage)
+
+
+def storage_env(storage: StorageSpec) -> list[Obj]:
+    """The S3 connection settings that are not secret; the credentials come from the Secret (secret_env_from)."""
+    env: list[Obj] = []
     if storage.endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint_url})
     if storage.region:
@@ -101,17 +106,57 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
     return env
 
 
-def _resources(resolved: ResolvedTrainingJob) -> Obj:
-    spec = resolved.spec.resources
+def secret_env_from(storage: StorageSpec) -> list[Obj]:
+    """The credentials Secret as environment: its values never pass through the operator or a ConfigMap."""
+    return [{"secretRef": {"name": storage.secret_ref}}] if storage.secret_ref else []
+
+
+def resource_amounts(gpus: int, cpu: int | str | None, memory: int | str | None) -> Obj:
     amounts: dict[str, str] = {}
-    if spec.gpus_per_node:
-        amounts["nvidia.com/gpu"] = str(spec.gpus_per_node)
-    if spec.cpu is not None:
-        amounts["cpu"] = str(spec.cpu)
-    if spec.memory is not None:
-        amounts["memory"] = str(spec.memory)
+    if gpus:
+        amounts["nvidia.com/gpu"] = str(gpus)
+    if cpu is not None:
+        amounts["cpu"] = str(cpu)
+    if memory is not None:
+        amounts["memory"] = str(memory)
     # Requests equal limits: Guaranteed QoS, so a training pod is the last to be evicted under pressure.
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def _resources(resolved: ResolvedTrainingJob) -> Obj:
+    spec = resolved.spec.resources
+    return resource_amounts(spec.gpus_per_node, spec.cpu, spec.memory)
+
+
+def placement(node_selector: Mapping[str, str] | None, tolerations: Sequence[Toleration] | None) -> Obj:
+    """The pod spec keys that choose its nodes; none when the spec leaves them out."""
+    keys: Obj = {}
+    if node_selector:
+        keys["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        keys["tolerations"] = [t.to_dict() for t in tolerations]
+    return keys
+
+
+def container_security_context() -> Obj:
+    """Pod Security Standards "restricted" for every container the operator renders (a fresh dict each time)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context(settings: Settings) -> Obj:
+    """Pod Security Standards "restricted" at pod level: a non-root UID (the trainer image's user)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "fsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def torchrun_args(resolved: ResolvedTrainingJob) -> list[str]:
@@ -144,17 +189,12 @@ def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": contract.CACHE_DIR},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if resolved.spec.storage.secret_ref:
-        container["envFrom"] = [{"secretRef": {"name": resolved.spec.storage.secret_ref}}]
+    if env_from := secret_env_from(resolved.spec.storage):
+        container["envFrom"] = env_from
     return container
 
 
@@ -167,13 +207,7 @@ def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -
         # The trainer needs no Kubernetes API access at all: progress is pulled, not pushed.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
-            "fsGroup": settings.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(settings),
         "containers": [_container(resolved, attempt)],
         "volumes": [
             {"name": "spec", "configMap": {"name": L.configmap_name(resolved.name)}},
@@ -181,10 +215,7 @@ def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -
             {"name": "cache", "emptyDir": {}},
         ],
     }
-    if spec.resources.node_selector:
-        pod["nodeSelector"] = dict(spec.resources.node_selector)
-    if spec.resources.tolerations:
-        pod["tolerations"] = [t.to_dict() for t in spec.resources.tolerations]
+    pod.update(placement(spec.resources.node_selector, spec.resources.tolerations))
     if spec.resources.affinity:
         pod["affinity"] = dict(spec.resources.affinity)
     if spec.run_policy.priority_class_name:

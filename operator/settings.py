@@ -60,6 +60,15 @@ class Settings:
     200 simultaneous creates queueing in the operator for 10 s; 48 hands them to the apiserver at once.
     Creates fan out 3 calls each, so the connection pool holds 3x this many (idle threads cost ~1 MB)."""
 
+    export_retries: int = 3
+    """Retries of an ExportJob's pod after a retriable failure (a signal such as an OOM kill, or a disruption),
+    as the batch/v1 Job's backoffLimit: runPolicy.maxRestarts' default for TrainingJobs. Exit codes 1-127 never
+    retry (ExportJob has no retriableExitCodes): an invalid input or a failed verification gives the same result."""
+
+    source_grace_s: float = 60.0
+    """Seconds an ExportJob waits for a spec.source.trainingJob that does not exist before it fails with
+    SourceNotFound: long enough for `kubectl apply -f dir/` to create the TrainingJob after the ExportJob."""
+
     json_logs: bool = False
     """Log one JSON object per line, for log shippers."""
 

@@ -18,6 +18,7 @@ from kiln.api.status import (
     CheckpointStatus,
     Condition,
     ConditionType,
+    ExportJobStatus,
     Phase,
     Progress,
     Reason,
@@ -131,10 +132,10 @@ class Decision:
     transitions: tuple[Transition, ...] = ()
 
 
-class _Builder:
+class ConditionBuilder:
     """Accumulates condition changes on a status; lastTransitionTime moves only when a status flips."""
 
-    def __init__(self, status: TrainingJobStatus, now: datetime, generation: int | None) -> None:
+    def __init__(self, status: TrainingJobStatus | ExportJobStatus, now: datetime, generation: int | None) -> None:
         self.conditions = {c.type: c for c in status.conditions}
         self.now, self.generation = rfc3339(now), generation
         self.transitions: list[Transition] = []
@@ -190,7 +191,7 @@ def job_deadline(run_policy: RunPolicy, tj_start: str | None, job_start: str | N
 
 def next_status(observed: Observed, now: datetime) -> Decision:
     status = observed.status
-    b = _Builder(status, now, observed.generation)
+    b = ConditionBuilder(status, now, observed.generation)
     if status.phase in TERMINAL_PHASES:
         decision = _after_finish(observed, b, now)
     elif observed.invalid is not None:
@@ -203,7 +204,7 @@ def next_status(observed: Observed, now: datetime) -> Decision:
     return replace(decision, status=new_status, transitions=tuple(b.transitions))
 
 
-def _after_finish(observed: Observed, b: _Builder, now: datetime) -> Decision:
+def _after_finish(observed: Observed, b: ConditionBuilder, now: datetime) -> Decision:
     """A finished job stays finished, except that raising spec.epochs continues a Succeeded one."""
     status, wanted, run_policy = observed.status, observed.wanted, observed.run_policy
     ran = _ran_epochs(observed)
@@ -230,7 +231,7 @@ def _ran_epochs(observed: Observed) -> int | None:
     return progress.total_epochs if progress is not None and progress.total_epochs else None
 
 
-def _spec_changes(observed: Observed, b: _Builder, decision: Decision) -> int | None:
+def _spec_changes(observed: Observed, b: ConditionBuilder, decision: Decision) -> int | None:
     """Set SpecChangePending; return the observedGeneration to report (it waits while a change is pending)."""
     status, generation, applied = decision.status, observed.generation, observed.job.applied
     if decision.create_attempt is not None:
@@ -267,7 +268,7 @@ def _spec_changes(observed: Observed, b: _Builder, decision: Decision) -> int | 
     return kept
 
 
-def _decide(observed: Observed, b: _Builder, now: datetime) -> Decision:
+def _decide(observed: Observed, b: ConditionBuilder, now: datetime) -> Decision:
     status, run_policy, job = observed.status, observed.run_policy, observed.job
     attempt = status.attempt
     if attempt == 0 and run_policy.suspend:
@@ -302,7 +303,7 @@ def _decide(observed: Observed, b: _Builder, now: datetime) -> Decision:
     return _observe_running(observed, b, now)
 
 
-def _start_attempt(observed: Observed, b: _Builder, attempt: int, now: datetime) -> Decision:
+def _start_attempt(observed: Observed, b: ConditionBuilder, attempt: int, now: datetime) -> Decision:
     status, run_policy = observed.status, observed.run_policy
     update: dict[str, Any] = {"attempt": attempt, "phase": _waiting_phase(run_policy), "workers": WorkerCounts()}
     if attempt == 1:
@@ -315,7 +316,7 @@ def _start_attempt(observed: Observed, b: _Builder, attempt: int, now: datetime)
     return Decision(status=status.model_copy(update=update), create_attempt=attempt)
 
 
-def _after_failure(observed: Observed, b: _Builder, failure: Failure, now: datetime) -> Decision:
+def _after_failure(observed: Observed, b: ConditionBuilder, failure: Failure, now: datetime) -> Decision:
     status, run_policy = observed.status, observed.run_policy
     b.set(C.RUNNING, False, R.WORKER_FAILED_RETRIABLE if failure.retriable else R.WORKER_FAILED, failure.message)
     if failure.retriable and status.restarts < run_policy.max_restarts:
@@ -337,7 +338,7 @@ def _after_failure(observed: Observed, b: _Builder, failure: Failure, now: datet
     return _finish(observed, b, Phase.FAILED, now)
 
 
-def _finish(observed: Observed, b: _Builder, phase: Phase, now: datetime) -> Decision:
+def _finish(observed: Observed, b: ConditionBuilder, phase: Phase, now: datetime) -> Decision:
     status, report = observed.status, observed.report or TrainerReport()
     reason = R.JOB_COMPLETED if phase == Phase.SUCCEEDED else R.WORKER_FAILED
     b.set(C.RUNNING, False, reason, f"the job {phase.value.lower()}")
@@ -351,7 +352,7 @@ def _finish(observed: Observed, b: _Builder, phase: Phase, now: datetime) -> Dec
     return Decision(status=status.model_copy(update=update), cleanup_attempts=tuple(range(1, status.attempt)))
 
 
-def _observe_running(observed: Observed, b: _Builder, now: datetime) -> Decision:
+def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> Decision:
     status, run_policy, job = observed.status, observed.run_policy, observed.job
     update: dict[str, Any] = {"workers": _workers(job)}
     if job.suspended:
@@ -386,7 +387,7 @@ def merge_model(current: Any, model: type[Any], reported: Obj) -> Any:
         return current
 
 
-def status_patch(old: Obj, new: TrainingJobStatus) -> Obj:
+def status_patch(old: Obj, new: TrainingJobStatus | ExportJobStatus) -> Obj:
     """The top-level status keys that changed, as a JSON merge patch (None deletes a key)."""
     wanted = new.to_dict()
     patch: Obj = {key: value for key, value in wanted.items() if old.get(key) != value}

@@ -99,6 +99,7 @@ def build_catalogue() -> dict[str, Any]:
         "schedulers": SCHEDULERS.names(),
         "presets": PRESETS.names(),
         "transforms": {info.name: _constructor(info.cls) for info in transforms_registry()},
+        "segmentation_args": {name: _constructor(cls) for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()},
         # The local build label (+cu132, +cpu) does not change a name, so it is left out.
         "versions": {library: version(library).split("+", 1)[0] for library in LIBRARIES},
     }

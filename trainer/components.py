@@ -1,14 +1,16 @@
 """Building the trainer's components from a ResolvedTrainingJob, in dependency order.
 
-data (staged, read) -> model (class count from data, preprocessing from the model) -> pipelines and
-loaders -> accelerator (DDP/AMP) -> optimizer and schedule -> EMA -> checkpointer, run log, early stopping.
+data (staged, read; class statistics counted or read back) -> model (class count from data, preprocessing
+from the model) -> pipelines and loaders -> accelerator (DDP/AMP) -> optimizer and schedule -> EMA ->
+checkpointer, run log, early stopping.
 Everything that can reject the input does so here, before the first step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from kiln.api.resolve import ResolvedTrainingJob
 from kiln.storage import open_store
 from kiln.trainer.augment import eval_pipeline, train_pipeline
 from kiln.trainer.checkpoint import Checkpointer
+from kiln.trainer.class_stats import class_statistics
 from kiln.trainer.data import ResumableDistributedSampler, eval_loader, localize, train_loader
 from kiln.trainer.distributed import Accelerator, World, pick_precision
 from kiln.trainer.errors import InvalidInput
@@ -29,6 +32,7 @@ from kiln.trainer.models import data_config
 from kiln.trainer.optim import Horizon, Schedule, create_optimizer
 from kiln.trainer.tasks import create_task
 from kiln.trainer.tasks.base import Evaluator, Objective, Task, TaskData
+from kiln.trainer.transfer import Freezer
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Components:
     accelerator: Accelerator
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    freezer: Freezer  # transfer learning's frozen epochs: the loop calls set_epoch as each epoch starts
     ema: ModelEmaV3 | None
     train_loader: DataLoader[Any]
     train_sampler: ResumableDistributedSampler
@@ -76,6 +81,10 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     torch.manual_seed(spec.seed)
     task = create_task(spec.task)
     data = task.load_data(job, _roots(job, world))
+    train, names = data.splits["train"], data.class_names
+    count = partial(train.count_classes, names, job, world)
+    stats = class_statistics(job, world, classes=names, split_size=len(train), count=count)
+    data = replace(data, class_stats=stats)  # before the objective: loss.classWeights auto reads it
     model = task.build_model(job, data)
     config = data_config(model)
     mean, std = (
@@ -104,7 +113,11 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     )
     ema = ModelEmaV3(model, decay=spec.ema.decay, device=world.device) if spec.ema.enabled else None
     prepared = accelerator.prepare(model)
-    optimizer = create_optimizer(spec.optimizer, model)
+    transfer = task.transfer(job, model)
+    part = transfer.parameter_names(model) if transfer is not None else frozenset()  # refuses a missing part
+    lr_scale = transfer.lr_scale if transfer is not None else None
+    # Built once, before any freeze, over every parameter: its groups stay valid across the unfreeze and resume.
+    optimizer = create_optimizer(spec.optimizer, model, part if lr_scale is not None else (), lr_scale or 1.0)
     steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation)
     horizon = Horizon(
         total_steps=steps_per_epoch * spec.epochs,
@@ -129,6 +142,7 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         accelerator=accelerator,
         optimizer=optimizer,
         schedule=schedule,
+        freezer=Freezer(model, transfer),
         ema=ema,
         train_loader=loader,
         train_sampler=sampler,

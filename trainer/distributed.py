@@ -180,6 +180,12 @@ class Accelerator:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
 
+    def rewrap(self, model: nn.Module) -> nn.Module:
+        """``prepare`` the bare module again. DDP registers the parameters that require a gradient when it is
+        built; when that set changes (a frozen part unfreezes) the old wrapper would leave the new ones
+        unsynchronized. Call it between optimizer steps, where no accumulated gradient is waiting."""
+        return self.prepare(unwrap(model))
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() == 4:
             return tensor.to(self.world.device, non_blocking=True, memory_format=self.memory_format)

@@ -1,4 +1,5 @@
-"""The run's record in the output URI: ``metrics.jsonl`` (one line per epoch) and ``summary.json``.
+"""The run's record in the output URI: ``metrics.jsonl`` (one line per epoch), ``summary.json``, the final
+evaluation's ``evaluation.json`` (one entry per evaluated split) and ``predictions-<split>.csv``.
 
 Both are rewritten whole, atomically, after every epoch, so a reader never sees half a line. On resume the
 existing ``metrics.jsonl`` is read back and extended; a repeated epoch (after a crash) replaces its line.
@@ -16,13 +17,14 @@ from kiln.storage import StorageError, Store
 
 log = logging.getLogger(__name__)
 
-METRICS, SUMMARY = "metrics.jsonl", "summary.json"
+METRICS, SUMMARY, EVALUATION = "metrics.jsonl", "summary.json", "evaluation.json"
 
 
 class RunLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.records: list[dict[str, Any]] = []
+        self.evaluations: dict[str, dict[str, Any]] = {}  # split -> its final evaluation, this process's only
 
     def load(self) -> None:
         try:
@@ -38,6 +40,12 @@ class RunLog:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.store.write_bytes(SUMMARY, json.dumps(summary, indent=2).encode())
+
+    def write_evaluation(self, split: str, evaluation: dict[str, Any]) -> str:
+        """Add one split's final evaluation to ``evaluation.json`` (rewritten whole, keyed by split)."""
+        self.evaluations[split] = evaluation
+        self.store.write_bytes(EVALUATION, json.dumps(self.evaluations, indent=2).encode())
+        return self.store.url(EVALUATION)
 
     def write_predictions(self, key: str, rows: list[dict[str, Any]]) -> str:
         buffer = io.StringIO()

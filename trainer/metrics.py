@@ -4,11 +4,37 @@ and only then are ratios taken. No per-rank average is ever averaged again.
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
 
 import torch
 
 from kiln.trainer.distributed import all_reduce_sum
+
+
+def class_scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each class's precision, recall, F1 (which is its Dice), IoU, support (true count), predicted count and
+    ``present`` (it occurs as a true or a predicted label) from a confusion matrix (rows: true, columns:
+    predicted). An undefined ratio (no predictions, no support) is 0, like scikit-learn's ``zero_division=0``.
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+    union = support + predicted - true_positive
+    # The true positives never exceed a denominator, so clamping an empty one to 1 gives exactly 0.
+    return {
+        "precision": true_positive / predicted.clamp(min=1),
+        "recall": true_positive / support.clamp(min=1),
+        "f1": 2 * true_positive / (support + predicted).clamp(min=1),
+        "iou": true_positive / union.clamp(min=1),
+        "support": support,
+        "predicted": predicted,
+        "present": union > 0,
+    }
+
+
+def _macro(values: torch.Tensor, present: torch.Tensor) -> float:
+    return float(values[present].sum() / present.sum().clamp(min=1))
 
 
 def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
@@ -17,25 +43,33 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
     Like scikit-learn with its default labels, the macro average runs over the classes that occur as a true
     or a predicted label; an undefined precision or recall (no predictions, no support) counts as 0.
     """
-    confusion = confusion.double()
-    true_positive = confusion.diag()
-    support = confusion.sum(dim=1)
-    predicted = confusion.sum(dim=0)
-    present = (support > 0) | (predicted > 0)
-    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
-    recall = torch.where(support > 0, true_positive / support.clamp(min=1), torch.zeros_like(support))
-    denominator = precision + recall
-    f1 = torch.where(
-        denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), torch.zeros_like(precision)
-    )
-    total = confusion.sum().clamp(min=1)
-    classes = present.sum().clamp(min=1)
+    scores = class_scores(confusion)
+    present = scores["present"]
     return {
-        "accuracy": float(true_positive.sum() / total),
-        "precision": float(precision[present].sum() / classes),
-        "recall": float(recall[present].sum() / classes),
-        "f1": float(f1[present].sum() / classes),
+        "accuracy": float(confusion.double().diag().sum() / confusion.double().sum().clamp(min=1)),
+        "precision": _macro(scores["precision"], present),
+        "recall": _macro(scores["recall"], present),
+        "f1": _macro(scores["f1"], present),
     }
+
+
+def class_table(confusion: torch.Tensor, names: Sequence[str], columns: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One JSON-ready record per class, in index order: ``index``, ``name``, each of ``columns`` ({output name:
+    key of ``class_scores``}), ``support`` and ``predicted`` counts. A class that occurs neither as a true nor as
+    a predicted label has None for its scores: it is left out of the macro means, not scored 0."""
+    scores = class_scores(confusion.cpu())  # one copy off the accelerator, not one per number
+    table = []
+    for k, present in enumerate(scores["present"].tolist()):
+        record: dict[str, Any] = {"index": k, "name": names[k]}
+        record.update({out: float(scores[key][k]) if present else None for out, key in columns.items()})
+        record.update(support=int(scores["support"][k]), predicted=int(scores["predicted"][k]))
+        table.append(record)
+    return table
+
+
+def confusion_lists(confusion: torch.Tensor) -> list[list[int]]:
+    """The confusion matrix as JSON-ready integer rows (rows: true class, columns: predicted)."""
+    return [[int(v) for v in row] for row in confusion.tolist()]
 
 
 class ConfusionCounts:
@@ -95,20 +129,14 @@ def segmentation_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
     Like scikit-learn's ``jaccard_score(average="macro")`` with its default labels, the means run over the
     classes that occur as a true or a predicted label; ``iou/<k>`` is each class's IoU (0 when it never occurs).
     """
-    confusion = confusion.double()
-    true_positive = confusion.diag()
-    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
-    union = support + predicted - true_positive
-    present = union > 0
-    iou = torch.where(present, true_positive / union.clamp(min=1), torch.zeros_like(union))
-    dice = torch.where(present, 2 * true_positive / (support + predicted).clamp(min=1), torch.zeros_like(union))
-    classes = present.sum().clamp(min=1)
+    scores = class_scores(confusion)
+    present = scores["present"]
     metrics = {
-        "miou": float(iou[present].sum() / classes),
-        "dice": float(dice[present].sum() / classes),
-        "pixel_accuracy": float(true_positive.sum() / confusion.sum().clamp(min=1)),
+        "miou": _macro(scores["iou"], present),
+        "dice": _macro(scores["f1"], present),
+        "pixel_accuracy": float(confusion.double().diag().sum() / confusion.double().sum().clamp(min=1)),
     }
-    metrics.update({f"iou/{k}": float(v) for k, v in enumerate(iou.tolist())})
+    metrics.update({f"iou/{k}": float(v) for k, v in enumerate(scores["iou"].tolist())})
     return metrics
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import timm
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from kiln.api.catalogue import unknown_name_message
-from kiln.api.training import ModelSpec, StorageSpec
+from kiln.api.model import KILN_MODEL_ARGS, ModelSpec
+from kiln.api.training import StorageSpec
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kiln.models"
 ModelFactory = Callable[..., nn.Module]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,17 @@ class DebugCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-MODELS.register(ModelInfo("debug", lambda num_classes: DebugCNN(num_classes, width=8), "tiny CNN for tests"))
-MODELS.register(ModelInfo("debug_small", lambda num_classes: DebugCNN(num_classes, width=32), "small CNN for demos"))
+MODELS.register(ModelInfo("debug", lambda num_classes, **args: DebugCNN(num_classes, width=8, **args), "tiny CNN"))
+MODELS.register(
+    ModelInfo("debug_small", lambda num_classes, **args: DebugCNN(num_classes, width=32, **args), "small CNN for demos")
+)
 
 
 def _timm_factory(name: str) -> ModelFactory:
     if not timm.is_model(name):
         known = [*MODELS.names(), *timm.list_models()]
         raise InvalidInput(unknown_name_message("model.architecture (a timm name or a Kiln flavor)", name, known))
-    return lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return lambda num_classes, **args: timm.create_model(name, pretrained=False, num_classes=num_classes, **args)
 
 
 def _plugin_factory(source: str) -> ModelFactory:
@@ -112,8 +117,36 @@ def model_factory(spec: ModelSpec) -> ModelFactory:
     return _timm_factory(spec.architecture)
 
 
-def build_model(spec: ModelSpec, num_classes: int, storage: StorageSpec | None = None, **kwargs: Any) -> nn.Module:
-    model = model_factory(spec)(num_classes=num_classes, **kwargs)
+def model_args(spec: ModelSpec) -> dict[str, Any]:
+    """model.args, refusing the arguments Kiln passes itself: the message names the field that sets each."""
+    for key in spec.args:
+        if key in KILN_MODEL_ARGS:
+            raise InvalidInput(f"model.args.{key}: set by {KILN_MODEL_ARGS[key]}; Kiln passes it to the constructor")
+    return dict(spec.args)
+
+
+# How Python words a keyword a callable does not take, or one its caller already passes.
+_KEYWORD_ERROR = re.compile(r"(unexpected|multiple values for) keyword argument '(\w+)'")
+
+
+def construct(build: Callable[..., T], what: str, args: Mapping[str, Any], **kiln_args: Any) -> T:
+    """``build(**kiln_args, **args)``, where ``args`` is model.args: a keyword from it that the constructor (or
+    anything it hands keywords on to) does not take is an invalid input naming model.args.<key>."""
+    try:
+        return build(**kiln_args, **args)
+    except TypeError as exc:
+        match = _KEYWORD_ERROR.search(str(exc))
+        if match is None or match.group(2) not in args:
+            raise
+        kind, key = match.groups()
+        reason = f"{what} takes no argument {key!r}" if kind == "unexpected" else f"{what} sets {key!r} itself"
+        raise InvalidInput(f"model.args.{key}: {reason}") from exc
+
+
+def build_model(spec: ModelSpec, num_classes: int, storage: StorageSpec | None = None) -> nn.Module:
+    """A Kiln flavor, a timm model or a plugin's network, with model.args; then model.pretrained's weights."""
+    what = f"model.source {spec.source}" if spec.source else spec.architecture
+    model = construct(model_factory(spec), what, model_args(spec), num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise InvalidInput(f"model.source: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if spec.pretrained:
@@ -182,3 +215,17 @@ def data_config(model: nn.Module) -> dict[str, Any]:
         "mean": tuple(cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)),
         "std": tuple(cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)),
     }
+
+
+def classifier_paths(model: nn.Module) -> tuple[str, ...]:
+    """Where the classifier head sits, by module path: timm's pretrained_cfg['classifier'] (one path, or several
+    for distilled models), else the module(s) ``get_classifier()`` returns; empty when the model says neither."""
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if named:
+        return (named,) if isinstance(named, str) else tuple(named)
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        return ()
+    heads = get_classifier()
+    paths = {id(module): path for path, module in model.named_modules()}
+    return tuple(paths[id(head)] for head in (heads if isinstance(heads, tuple) else (heads,)) if id(head) in paths)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,14 +67,24 @@ for _name in list_optimizers(with_description=False):
         )
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Biases and norm weights (1-d tensors) are exempt from weight decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
+def _param_groups(
+    model: nn.Module, weight_decay: float, scaled: Collection[str] = frozenset(), scaled_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Biases and norm weights (1-d tensors) are exempt from weight decay. The parameters named in ``scaled`` (a
+    pretrained encoder's) get two groups of their own at ``scaled_lr``, after the others: each group's lr is the
+    base the schedule multiplies, so they follow warmup and decay at their scale, and group 0 stays the
+    learning rate the run reports."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(s, d): [] for s in (False, True) for d in (True, False)}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[(name in scaled, param.ndim > 1)].append(param)
+    out: list[dict[str, Any]] = []
+    for (is_scaled, decays), params in groups.items():
+        if is_scaled and not scaled:
+            continue  # no scaled part: the two groups every checkpoint before scaling had
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        out.append({**group, "lr": scaled_lr} if is_scaled else group)
+    return out
 
 
 def optimizer_kwargs(spec: OptimizerSpec, info: OptimizerInfo) -> dict[str, Any]:
@@ -92,13 +102,20 @@ def optimizer_kwargs(spec: OptimizerSpec, info: OptimizerInfo) -> dict[str, Any]
     return kwargs
 
 
-def create_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+def create_optimizer(
+    spec: OptimizerSpec, model: nn.Module, scaled: Collection[str] = frozenset(), lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """The optimizer over every trainable parameter; those named in ``scaled`` learn at ``lr_scale`` times
+    optimizer.lr (transfer learning's encoder or backbone)."""
     info = OPTIMIZERS.get(spec.name)
     kwargs = optimizer_kwargs(spec, info)
-    if info.cls is None:
+    if info.cls is None and not scaled:
         # timm builds its own parameter groups, with the same 1-d exemption from weight decay.
         return create_optimizer_v2(model, opt=spec.name, weight_decay=spec.weight_decay, **kwargs)
-    return info.cls(_param_groups(model, spec.weight_decay), **kwargs)
+    groups = _param_groups(model, spec.weight_decay, scaled, spec.lr * lr_scale)
+    if info.cls is None:
+        return create_optimizer_v2(groups, opt=spec.name, weight_decay=spec.weight_decay, **kwargs)
+    return info.cls(groups, **kwargs)
 
 
 @dataclass(frozen=True)

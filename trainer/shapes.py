@@ -5,7 +5,7 @@ Nothing is downloaded. Each image holds one to three shapes in random colours on
 ``model.numClasses`` is 4. The layout is ``segmentation-folder``: ``<split>/images/*.png`` and
 ``<split>/masks/*.png`` with matching names. The same seed writes the same bytes.
 
-    python -m kiln.trainer.shapes .kiln/data/shapes            # train 320, val 64, test 64 images of 64 px
+    python -m kiln.trainer.shapes .kiln/data/shapes            # train 1280, val 128, test 128 images of 64 px
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("background", "circle", "square", "triangle")
-SPLITS = {"train": 320, "val": 64, "test": 64}
+SPLITS = {"train": 1280, "val": 128, "test": 128}
 
 
 def draw_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -81,7 +81,12 @@ class Trainer:
         """One pass over the training split from ``self.batch`` on; False when preempted mid-epoch."""
         c = self.c
         c.model.train()
+        if c.freezer.set_epoch(self.epoch):  # DDP only syncs the parameters that trained when it was built
+            c.model = c.accelerator.rewrap(c.model)
         c.train_sampler.set_epoch(self.epoch, skip_samples=self.batch * self.spec.data.batch_size)
+        c.objective.set_epoch(self.epoch)
+        weights = c.objective.loss_weights()  # loss.schedule's, once per epoch: they hold for all of it
+        self.latest_metrics.update({f"train/loss_weight/{name}": weight for name, weight in weights.items()})
         remaining = len(c.train_loader)
         loss_sum, loss_count = torch.zeros((), device=self.world.device), 0
         term_sums: dict[str, torch.Tensor] = {}  # the terms of a combined loss, for train/loss/<name>
@@ -147,7 +152,11 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str, *, predictions: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def evaluate(
+        self, split: str, *, predictions: bool = False
+    ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
+        """The split's metrics on every rank; with ``predictions``, also every rank's prediction rows (on rank 0)
+        and the evaluator's details (per-class numbers, confusion matrix) for evaluation.json."""
         c = self.c
         model = c.ema.module if c.ema is not None else unwrap(c.model)
         broadcast_buffers(model)  # every rank evaluates exactly the weights rank 0 checkpoints
@@ -164,13 +173,13 @@ class Trainer:
                 rows.extend(evaluator.prediction_rows(outputs, batch, c.data.splits[split]))
         c.model.train()
         all_rows = [row for part in gather_objects(rows) for row in part] if predictions else []
-        return evaluator.compute(), all_rows
+        return evaluator.compute(), all_rows, evaluator.details() if predictions else {}
 
     def validate_if_due(self) -> float | None:
         last = self.epoch == self.spec.epochs
         if "val" not in self.c.eval_loaders or not (self.epoch % self.spec.validation.every == 0 or last):
             return None
-        metrics, _ = self.evaluate("val")
+        metrics, _, _ = self.evaluate("val")
         self.latest_metrics.update({f"val/{k}": v for k, v in metrics.items()})
         self.metrics.observe_validation(metrics)
         score = metrics[self.job.metric.name]
@@ -189,9 +198,10 @@ class Trainer:
         return score
 
     def evaluate_best(self) -> None:
-        """Evaluate the test split (else val) with the best checkpoint's weights; write per-image predictions."""
-        split = "test" if "test" in self.c.eval_loaders else "val"
-        if split not in self.c.eval_loaders:
+        """Evaluate val, then test, with the best checkpoint's weights (the last ones without checkpoints); write
+        each split's evaluation.json entry and per-image predictions. summary.json gets test (else val)."""
+        splits = [split for split in ("val", "test") if split in self.c.eval_loaders]
+        if not splits:
             return
         best = broadcast_object(self.c.checkpointer.best)  # only rank 0 tracks saves and retention
         if best is not None:
@@ -199,11 +209,15 @@ class Trainer:
             unwrap(self.c.model).load_state_dict(state["model"])
             if self.c.ema is not None and state.get("ema") is not None:
                 self.c.ema.module.load_state_dict(state["ema"])
-        metrics, rows = self.evaluate(split, predictions=True)
-        self.final = {"evaluation": {"split": split, "checkpoint": self.c.checkpointer.uri(best), "metrics": metrics}}
-        if self.world.is_main:
-            self.final["predictions"] = self.c.run_log.write_predictions(f"predictions-{split}.csv", rows)
-            log.info("%s on the best checkpoint: %s", split, _fmt(metrics))
+        checkpoint = self.c.checkpointer.uri(best)
+        for split in splits:  # the last split evaluated is the run's result in summary.json
+            metrics, rows, details = self.evaluate(split, predictions=True)
+            self.final = {"evaluation": {"split": split, "checkpoint": checkpoint, "metrics": metrics}}
+            if self.world.is_main:
+                self.final["predictions"] = self.c.run_log.write_predictions(f"predictions-{split}.csv", rows)
+                evaluation = {"checkpoint": checkpoint, "metrics": metrics, **details}
+                self.final["evaluationDetails"] = self.c.run_log.write_evaluation(split, evaluation)
+                log.info("%s on the best checkpoint: %s", split, _fmt(metrics))
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -225,6 +239,7 @@ class Trainer:
             "step": self.step,
             "rng": gather_objects(rng),
             "metrics": dict(self.latest_metrics),
+            "class_names": list(c.data.class_names),  # the exporter's model card: data order is not in the spec
             "spec": self.job.model_dump(mode="json", by_alias=True),
         }
 
@@ -239,6 +254,9 @@ class Trainer:
         if c.early_stopping is not None and state.get("early_stopping") is not None:
             c.early_stopping.load_state_dict(state["early_stopping"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        # The epoch of the last trained batch: a restart with no epoch left to train (evaluate_best only) then
+        # computes the test loss with the weights an uninterrupted run would have ended on.
+        c.objective.set_epoch(self.epoch if self.batch else max(self.epoch - 1, 0))
         self.stop_reason = state.get("stop_reason")
         stored_epochs = ((state.get("spec") or {}).get("spec") or {}).get("epochs")
         if self.stop_reason is not None and isinstance(stored_epochs, int) and stored_epochs < self.spec.epochs:

@@ -12,6 +12,8 @@ from kiln.api.crd import KINDS, Kind, Schema, crd
 def _type_of(node: Schema) -> str:
     if node.get("x-kubernetes-int-or-string"):
         return "int or string"
+    if "items" in node and "anyOf" in node:  # a list, or one of some words (crd._list_or_words)
+        return f"[]{_type_of(node['items'])} or string"
     if node.get("type") == "array":
         return f"[]{_type_of(node.get('items', {}))}"
     if node.get("type") == "object" and "additionalProperties" in node:
@@ -23,6 +25,9 @@ def _constraints(node: Schema) -> str:
     parts = []
     if "enum" in node:
         parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    words = [word for branch in node.get("anyOf", []) for word in branch.get("enum", []) if isinstance(word, str)]
+    if words:
+        parts.append("or " + ", ".join(f"`{word}`" for word in words))
     for key, symbol in (("minimum", ">"), ("maximum", "<")):
         if key in node:
             exclusive = node.get(f"exclusive{key.capitalize()}", False)

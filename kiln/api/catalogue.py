@@ -49,7 +49,8 @@ class OptimizerNames:
 
 @dataclass(frozen=True)
 class TransformArgs:
-    """A transform's constructor arguments; ``var_kwargs`` when it takes ``**kwargs`` (any name then goes)."""
+    """A constructor's keyword arguments (an albumentations transform's, an smp architecture's); ``var_kwargs``
+    when it also takes ``**kwargs``."""
 
     args: frozenset[str]
     var_kwargs: bool
@@ -67,6 +68,8 @@ class Catalogue:
     schedulers: tuple[str, ...]
     presets: tuple[str, ...]
     transforms: Mapping[str, TransformArgs]
+    segmentation_args: Mapping[str, TransformArgs]
+    """Each smp architecture's constructor arguments, for model.args."""
     versions: Mapping[str, str]
 
     @classmethod
@@ -87,6 +90,10 @@ class Catalogue:
             transforms={
                 name: TransformArgs(frozenset(info["args"]), info["var_kwargs"])
                 for name, info in data["transforms"].items()
+            },
+            segmentation_args={
+                name: TransformArgs(frozenset(info["args"]), info["var_kwargs"])
+                for name, info in data["segmentation_args"].items()
             },
             versions=dict(data["versions"]),
         )

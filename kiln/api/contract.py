@@ -4,25 +4,54 @@ The operator renders pods from these names, the trainer reads them back, and ``k
 on a laptop with them: the spec file's place, the ports, the environment variables, the exit codes and the
 shape of the trainer's report (its ``/progress`` JSON and its termination message). Torch-free and
 kopf-free, so every side imports it.
+
+The exporter pod (an ExportJob's batch/v1 Job, running the trainer image) follows the same contract:
+
+- command ``python -m kiln.trainer.export`` (optionally ``--spec PATH``; the default is
+  ``SPEC_DIR/EXPORT_SPEC_FILE``), reading a :class:`kiln.api.export_resolve.ResolvedExportJob` whose
+  ``spec.source.checkpointUri`` and ``spec.output.uri`` are already resolved (the operator turns
+  ``source.trainingJob`` + ``checkpoint`` into the URI from that TrainingJob's status before rendering);
+- environment: ``Env.TERMINATION_LOG`` (default ``TERMINATION_LOG``), ``Env.CACHE_DIR`` (where the source
+  job's validation data is staged), and the S3 credentials from the Secret, as for the trainer;
+- outputs: the artifacts, a model card per artifact and ``EXPORT_REPORT_FILE`` (the full
+  :class:`ExportReport`) under ``spec.output.uri``; the compact ExportReport (``ExportReport.to_json``, under
+  ``REPORT_LIMIT``) in the termination log, which the operator reads with :func:`parse_export_report`;
+- exit codes: :class:`ExitCode` (0 exported and verified; 1 failed, retriable only when listed; 2 invalid
+  input, such as a missing checkpoint or one of a task the exporter does not know; 3 verification failed).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError
 
-from kiln.api.base import MAX_TEXT
-from kiln.api.status import CheckpointStatus, Progress, StatusModel
+from kiln.api.base import MAX_LIST, MAX_TEXT, Uri
+from kiln.api.status import (
+    Artifact,
+    CheckpointStatus,
+    ExportedWeights,
+    LatencyMs,
+    Progress,
+    Reason,
+    StatusModel,
+    VerificationInputs,
+)
 
 # -- files and ports inside a trainer pod -------------------------------------------------------------------
 SPEC_DIR = "/etc/kiln"
 """Where the ConfigMap holding the ResolvedTrainingJob is mounted."""
 SPEC_FILE = "trainingjob.json"
 """The ConfigMap key, and so the file name, of the ResolvedTrainingJob JSON."""
+EXPORT_SPEC_FILE = "exportjob.json"
+"""The ConfigMap key, and so the file name under SPEC_DIR, of the ResolvedExportJob JSON the exporter reads."""
+EXPORT_REPORT_FILE = "export-report.json"
+"""The exporter's full ExportReport (benchmarks untrimmed), written under spec.output.uri next to the artifacts."""
+EXPORTER_CONTAINER_NAME = "exporter"
+"""The exporter container's name in an ExportJob's pod."""
 TERMINATION_LOG = "/dev/termination-log"
 """Kubernetes' default terminationMessagePath; the trainer writes its final report there."""
 CACHE_DIR = "/var/cache/kiln"
@@ -65,7 +94,11 @@ class ExitCode(IntEnum):
     FAILED = 1
     """Any other failure: an S3 outage, a bug, out of memory."""
     INVALID = 2
-    """Invalid input: the spec, the data or a name; the report's reason names the field or file."""
+    """Invalid input: the spec, the data or a name; the report's reason names the field or file. For the
+    exporter also a missing checkpoint, or one that is not a Kiln checkpoint of a task it exports."""
+    VERIFICATION_FAILED = 3
+    """Exporter only: an artifact's outputs differ from eager PyTorch's by more than verify.tolerance. Never
+    retriable: the same checkpoint and spec export the same graph."""
     DEADLINE = 124
     """``kiln run`` only: runPolicy.activeDeadlineSeconds passed (the exit code of coreutils timeout)."""
 
@@ -149,3 +182,151 @@ def parse_report(text: str | None) -> TrainerReport | None:
 
 
 _REPORT_KEYS = {field.alias or name for name, field in TrainerReport.model_fields.items()}
+
+
+# -- the exporter's report ------------------------------------------------------------------------------------
+ExportState = Literal["completed", "failed"]
+
+
+class ExportReport(StatusModel):
+    """What the exporter says when it exits: the termination message (compact, ``to_json``), the full
+    ``EXPORT_REPORT_FILE`` next to the artifacts, and what ``kiln export`` prints its table from. The operator
+    copies its job-level fields and artifacts into ExportJobStatus."""
+
+    state: ExportState
+    """completed (every artifact written and verified) or failed."""
+
+    reason: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    """One line: why the export failed, with the numbers (a verification failure names the artifact, its max
+    abs diff and the tolerance)."""
+
+    condition_reason: Reason | None = None
+    """The Failed condition's reason: VerificationFailed, InvalidSpec, SourceNotFound, SourceUnreadable,
+    InvalidSource or ExportFailed; Exported when completed."""
+
+    exit_code: ExitCode | None = None
+    """The exporter's exit code."""
+
+    source_checkpoint: Uri | None = None
+    """The checkpoint file that was exported."""
+
+    source_sha256: Annotated[str, Field(max_length=64)] | None = None
+    """SHA-256 of that file."""
+
+    training_job: Annotated[str, Field(max_length=253)] | None = None
+    """The TrainingJob that wrote the checkpoint (as the checkpoint records it)."""
+
+    exported_weights: ExportedWeights | None = None
+    """ema (the run's exponential moving average, preferred when present) or model."""
+
+    verification_inputs: VerificationInputs | None = None
+    """validation (the source job's validation images) or random: what verification and quantization ran on."""
+
+    reference_latency_ms: Annotated[dict[str, LatencyMs], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Eager PyTorch's latency per benchmarked batch size, measured in the same run as the artifacts."""
+
+    report_uri: Uri | None = None
+    """Where the full report (EXPORT_REPORT_FILE) was written."""
+
+    artifacts: Annotated[list[Artifact], Field(max_length=8)] = Field(default_factory=list)
+    """Every artifact written, also when the export failed (a failed verification keeps its numbers)."""
+
+    def to_json(self) -> str:
+        """Compact JSON under the termination-message limit. What goes first is what status can best do without:
+        benchmark detail (throughput, the reference and per-artifact latencies, the fp32 ratios), then the card
+        URIs and the free-text reasons, then the speedups; artifacts are cut to their identity and verdicts last,
+        and dropped (reportUri still names the full report) only if even that does not fit."""
+        payload = self.to_dict()
+        artifacts: list[dict[str, Any]] = payload.get("artifacts", [])
+        text = json.dumps(payload, separators=(",", ":"))
+        for trim in _REPORT_TRIMS:
+            if len(text.encode()) <= REPORT_LIMIT:
+                break
+            trim(payload, artifacts)
+            text = json.dumps(payload, separators=(",", ":"))
+        return text
+
+    @classmethod
+    def failure(cls, reason: str, exit_code: ExitCode, condition_reason: Reason, **fields: Any) -> ExportReport:
+        return cls(
+            state="failed",
+            reason=" ".join(reason.split())[:REASON_LIMIT],
+            exit_code=exit_code,
+            condition_reason=condition_reason,
+            **fields,
+        )
+
+
+def _shorten(payload: dict[str, Any], key: str, limit: int) -> None:
+    text = payload.get(key)
+    if isinstance(text, str) and len(text) > limit:
+        payload[key] = text[: limit - 3] + "..."
+
+
+def _drop(*keys: str) -> Callable[[dict[str, Any], list[dict[str, Any]]], None]:
+    def trim(_payload: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+        for artifact in artifacts:
+            for key in keys:
+                artifact.pop(key, None)
+
+    return trim
+
+
+def _shorten_reasons(payload: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+    for artifact in artifacts:
+        _shorten(artifact, "fallbackReason", 120)
+        _shorten(artifact, "notRecommendedReason", 200)
+    _shorten(payload, "reason", 1000)
+
+
+def _essentials(_payload: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+    keep = {"format", "quantization", "uri", "sizeBytes", "sha256", "verified", "maxAbsDiff", "recommended"}
+    for artifact in artifacts:
+        for key in set(artifact) - keep:
+            del artifact[key]
+
+
+def _no_artifacts(payload: dict[str, Any], artifacts: list[dict[str, Any]]) -> None:
+    artifacts.clear()
+    _shorten(payload, "reason", 500)
+
+
+_REPORT_TRIMS = (
+    _drop("throughput"),
+    lambda payload, _artifacts: payload.pop("referenceLatencyMs", None),
+    _drop("latencyMs", "fp32Speedup"),
+    _drop("modelCardUri"),
+    _shorten_reasons,
+    _drop("speedup"),
+    _essentials,
+    _no_artifacts,
+)
+
+
+def parse_export_report(text: str | None) -> ExportReport | None:
+    """An ExportReport from a termination message or an EXPORT_REPORT_FILE; None when the text is not one.
+
+    Like :func:`parse_report`: unknown keys are tolerated (a newer exporter may report more), a malformed value
+    is not a report.
+    """
+    data = _json_object(text)
+    if data is None:
+        return None
+    known = {key: value for key, value in data.items() if key in _EXPORT_REPORT_KEYS}
+    try:
+        return ExportReport.model_validate(known)
+    except ValidationError:
+        return None
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    if not text or not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_EXPORT_REPORT_KEYS = {field.alias or name for name, field in ExportReport.model_fields.items()}

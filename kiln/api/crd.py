@@ -74,7 +74,11 @@ KINDS = (
         printer_columns=(
             _column("Phase", ".status.phase"),
             _column("Source", ".spec.source.trainingJob"),
+            _column("Checkpoint", ".spec.source.checkpoint"),
             _column("Formats", ".spec.formats"),
+            _column("Verified", ".status.verified", "boolean"),
+            _column("Source-URI", ".status.sourceCheckpoint", priority=1),
+            _column("Reason", '.status.conditions[?(@.type=="Failed")].reason', priority=1),
             AGE,
         ),
     ),
@@ -83,6 +87,37 @@ KINDS = (
 
 def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+# A structural schema names no type inside anyOf, and JSON Schema's other keywords pass any value of a type they
+# do not constrain. So the list branch of "a list, or one of these words" refuses every other JSON type with
+# bounds that no value of that type meets.
+NO_STRING_NUMBER_OBJECT_OR_BOOLEAN: Schema = {
+    "minLength": 1,
+    "maxLength": 0,
+    "minimum": 1,
+    "maximum": 0,
+    "minProperties": 1,
+    "maxProperties": 0,
+    "not": {"enum": [True, False]},
+}
+
+
+def _list_or_words(members: list[Schema], defs: dict[str, Schema]) -> Schema | None:
+    """``list[X] | Literal[...]`` (classWeights: a list, or auto) as the structural form the apiserver accepts:
+    untyped, so kept whole (x-kubernetes-preserve-unknown-fields), the list's items and bounds outside anyOf,
+    and anyOf [the words, a list]. None for any other union."""
+    lists = [member for member in members if member.get("type") == "array"]
+    keywords = [member for member in members if member.get("type") == "string" and {"enum", "const"} & member.keys()]
+    if len(lists) != 1 or not keywords or len(members) != 1 + len(keywords):
+        return None
+    words = [word for member in keywords for word in member.get("enum", [member.get("const")])]
+    outside = {key: value for key, value in to_structural(lists[0], defs).items() if key != "type"}
+    return {
+        "x-kubernetes-preserve-unknown-fields": True,
+        **outside,
+        "anyOf": [{"enum": words}, NO_STRING_NUMBER_OBJECT_OR_BOOLEAN],
+    }
 
 
 def to_structural(node: Schema, defs: dict[str, Schema]) -> Schema:
@@ -95,7 +130,13 @@ def to_structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         elif len(members) == 1:
             node = {**members[0], **node}
         else:
+            node["oneOf"] = members
+    if "oneOf" in node:  # a union pydantic tags (with a Discriminator), or one left from anyOf above
+        members = node.pop("oneOf")
+        union = _list_or_words(members, defs)
+        if union is None:
             raise ValueError(f"union {members} has no structural form")
+        return {**to_structural(node, defs), **union}
     while "$ref" in node or "allOf" in node:
         ref = node.pop("$ref", None) or node.pop("allOf")[0]["$ref"]
         node = {**defs[ref.split("/")[-1]], **node}

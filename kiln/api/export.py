@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from kiln.api.base import KilnModel, Name, Quantity, Rule, RuleModel, StorageUri
-from kiln.api.training import StorageSpec
+from kiln.api.base import MAX_LIST, MAX_MAP, KilnModel, Name, Quantity, Rule, RuleModel, StorageUri
+from kiln.api.runtime import StorageSpec, Toleration
 
 ExportFormat = Literal["onnx", "torchscript", "pt2"]
 
@@ -52,7 +52,7 @@ class VerifySpec(KilnModel):
     """The largest absolute output difference from PyTorch that still passes."""
 
     samples: Annotated[int, Field(ge=1, le=1024)] = 8
-    """Random inputs compared."""
+    """Inputs compared: the source job's validation images when reachable, random inputs otherwise."""
 
 
 class BenchmarkSpec(KilnModel):
@@ -72,6 +72,14 @@ class QuantizeSpec(KilnModel):
     calibration_samples: Annotated[int, Field(ge=1, le=100000)] = 64
     """Inputs used to calibrate static quantization."""
 
+    max_metric_drop: Annotated[float, Field(ge=0, le=1)] = 0.01
+    """The largest drop of the validation metric (accuracy, mIoU) against the fp32 ONNX model that still leaves
+    the int8 model recommended. A larger drop writes it anyway, marked recommended: false."""
+
+    min_speedup: Annotated[float, Field(gt=0, le=100)] = 1.0
+    """The int8 model must be at least this many times faster than the fp32 one (p50 at the largest benchmarked
+    batch size) to be recommended; 1.0 refuses only a slower one."""
+
 
 class ExportResources(KilnModel):
     gpus: Annotated[int, Field(ge=0, le=8)] = 0
@@ -82,6 +90,12 @@ class ExportResources(KilnModel):
 
     memory: Quantity | None = None
     """Memory request and limit."""
+
+    node_selector: Annotated[dict[str, Name], Field(max_length=MAX_MAP)] | None = None
+    """Node labels the pod must match, as for a TrainingJob (a GPU node pool, for example)."""
+
+    tolerations: Annotated[list[Toleration], Field(max_length=MAX_LIST)] | None = None
+    """Taints the pod tolerates (GPU nodes are often tainted)."""
 
 
 class ExportOutput(KilnModel):
@@ -124,13 +138,9 @@ class ExportJobSpec(RuleModel):
     """S3 connection settings."""
 
     __rules__ = (
-        # The API never lies: no controller acts on an ExportJob yet, so none is admitted. This rule goes
-        # when the exporter lands; every rule below already holds for what it will accept.
-        Rule(
-            cel="false",
-            message="ExportJob is not implemented yet: no controller would act on it",
-            holds=lambda s: False,
-        ),
+        # An ExportJob runs once: the operator renders its pod from the spec as created. Editing it would leave
+        # the status describing a spec that never ran; delete and re-create it to export again.
+        Rule(cel="self == oldSelf", message="spec is immutable: delete and re-create the ExportJob to export again"),
         Rule(
             cel="self.formats.all(f, self.formats.exists_one(g, g == f))",
             message="formats must not repeat",
@@ -144,3 +154,8 @@ class ExportJobSpec(RuleModel):
             field="quantize.mode",
         ),
     )
+
+
+# The exporter's name for the spec it validates, from when the API still refused every ExportJob (no controller
+# acted on one) and the exporter validated under every rule but that gate. The gate is gone, so it is the same type.
+RunnableExportJobSpec = ExportJobSpec

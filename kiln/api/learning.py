@@ -3,14 +3,23 @@ stopping, checkpoints and outputs. Parts of TrainingJob.spec (``kiln.api.trainin
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from itertools import pairwise
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from kiln.api.base import MAX_LIST, KilnModel, Name, Rule, RuleModel, StorageUri
 
 SchedulerName = Literal["cosine", "step", "multistep", "exponential", "plateau", "onecycle", "none"]
 MetricMode = Literal["max", "min"]
+
+
+def _strictly_increasing(values: list[int]) -> bool:
+    return all(a < b for a, b in pairwise(values))
+
+
+def _same_terms(weights: list[dict[str, float]]) -> bool:
+    return all(w.keys() == weights[0].keys() for w in weights)
 
 
 class OptimizerSpec(KilnModel):
@@ -64,20 +73,63 @@ class SchedulerSpec(KilnModel):
     """plateau: validations without improvement before the learning rate decays."""
 
 
+class LossKeyframe(KilnModel):
+    epoch: Annotated[int, Field(ge=0, le=100000)]
+    """The epoch, counted from 0, trained with exactly these weights: 0 is the first epoch, and a keyframe at
+    20 holds after 20 epochs (as scheduler.milestones count). Less than epochs."""
+
+    weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], Field(min_length=1, max_length=8)]
+    """{name: weight} at that epoch, for example {dice: 0.2, cross_entropy: 0.8}. Every keyframe names the same
+    losses; weight 0 switches one off."""
+
+
+def _class_weights_member(value: Any) -> str | None:
+    """Which member of ClassWeights validates ``value``: a bad value gets that member's error alone, not one
+    per member (the tags hold brackets, so error paths leave them out, as they do pydantic's own tags)."""
+    return "list[float]" if isinstance(value, list) else "literal['auto']" if isinstance(value, str) else None
+
+
+# A list of per-class weights, or "auto" for weights from the training split's class statistics.
+ClassWeights = Annotated[
+    Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=100000), Tag("list[float]")]
+    | Annotated[Literal["auto"], Tag("literal['auto']")],
+    Discriminator(
+        _class_weights_member,
+        custom_error_type="kiln_type",
+        custom_error_message="must be a list of per-class weights, or auto",
+    ),
+]
+
+
 class LossSpec(RuleModel):
     name: Name | None = None
     """A single loss by name. Classification: cross_entropy (the default). Segmentation (smp's losses): dice,
-    jaccard, focal, lovasz, tversky, cross_entropy (binary cross-entropy when numClasses is 1) and bce
-    (numClasses 1 only); the default is {dice: 0.5, cross_entropy: 0.5}. Detection (the model's own losses) is
+    jaccard, focal, lovasz, tversky, cross_entropy (binary cross-entropy when numClasses is 1), bce
+    (numClasses 1 only) and presence (trains model.args.aux_params' classification head, beside a mask loss);
+    the default is {dice: 0.5, cross_entropy: 0.5}. Detection (the model's own losses) is
     not implemented yet."""
 
     weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], Field(max_length=8)] | None = None
     """A weighted sum of named losses, for example {dice: 0.5, cross_entropy: 0.5}; each term is also logged
-    on its own (train/loss/dice). Exclusive with name."""
+    on its own (train/loss/dice). Exclusive with name and schedule."""
 
-    class_weights: Annotated[list[Annotated[float, Field(ge=0)]], Field(max_length=100000)] | None = None
-    """Per-class weights, one per class, for imbalanced data. Segmentation: multi-class only, applied by
-    cross_entropy, dice, jaccard, focal and tversky (lovasz takes none)."""
+    schedule: Annotated[list[LossKeyframe], Field(min_length=1, max_length=MAX_LIST)] | None = None
+    """Weights that move between the terms over epochs, in place of name and weights: keyframes, for example
+    [{epoch: 0, weights: {dice: 0.2, cross_entropy: 0.8}}, {epoch: 20, weights: {dice: 0.8, cross_entropy:
+    0.2}}]. Each epoch trains with weights interpolated linearly between the keyframes around it (epoch 10:
+    {dice: 0.5, cross_entropy: 0.5}), fixed for the whole epoch; before the first keyframe and after the last
+    they hold still. Epochs strictly increase; every keyframe names the same losses. The weights in force are
+    logged once per epoch (train/loss_weight/dice). A restart resumes them: they depend on the epoch only."""
+
+    class_weights: ClassWeights | None = None
+    """Per-class weights for imbalanced data: a list with one weight per class, or auto. auto derives them
+    from the training split's class statistics (class-stats.json in the output: samples per class for
+    classification, pixels per class for segmentation) by the balanced rule, total / (classes x count), as
+    scikit-learn's compute_class_weight('balanced') does over the classes that occur: a class of average
+    frequency gets 1, rarer ones more. A class the training split never shows gets 1, neither boosted nor
+    switched off (0 would leave its own focal and dice terms untrained). The weights are logged once.
+    Segmentation: multi-class only, applied by cross_entropy, dice, jaccard, focal and tversky (lovasz takes
+    none)."""
 
     __rules__ = (
         Rule(
@@ -85,6 +137,26 @@ class LossSpec(RuleModel):
             message="name and weights are exclusive: name one loss or weigh several",
             holds=lambda loss: not (loss.name is not None and loss.weights is not None),
             field="weights",
+        ),
+        Rule(
+            cel="!has(self.schedule) || (!has(self.name) && !has(self.weights))",
+            message="schedule replaces name and weights: give each keyframe the weights of every term",
+            holds=lambda loss: loss.schedule is None or (loss.name is None and loss.weights is None),
+            field="schedule",
+        ),
+        Rule(
+            cel="!has(self.schedule) || (self.schedule.map(k, k.epoch).isSorted()"
+            " && self.schedule.all(k, self.schedule.exists_one(other, other.epoch == k.epoch)))",
+            message="schedule keyframe epochs must strictly increase",
+            holds=lambda loss: loss.schedule is None or _strictly_increasing([k.epoch for k in loss.schedule]),
+            field="schedule",
+        ),
+        Rule(
+            cel="!has(self.schedule) || self.schedule.all(k, size(k.weights) == size(self.schedule[0].weights)"
+            " && k.weights.all(name, name in self.schedule[0].weights))",
+            message="every schedule keyframe must weigh the same losses (weight 0 switches one off)",
+            holds=lambda loss: loss.schedule is None or _same_terms([k.weights for k in loss.schedule]),
+            field="schedule",
         ),
     )
 

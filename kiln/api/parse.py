@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kiln.api.manifest import KINDS, InvalidManifest, Manifest, ManifestError, TrainingJob, field_path
+from kiln.api.manifest import KINDS, ExportJob, InvalidManifest, Manifest, ManifestError, TrainingJob, field_path
 from kiln.api.semantics import semantic_errors
 
 
@@ -111,4 +111,13 @@ def load_training_job(path: Path) -> TrainingJob:
     jobs = [m for m in manifests if isinstance(m, TrainingJob)]
     if len(jobs) != 1 or len(manifests) != 1:
         raise InvalidManifest([ManifestError(str(path), "kind", "expected exactly one TrainingJob in the file")])
+    return jobs[0]
+
+
+def load_export_job(path: Path) -> ExportJob:
+    """The single ExportJob a file holds (what ``kiln export`` takes)."""
+    manifests = load_manifests(path)
+    jobs = [m for m in manifests if isinstance(m, ExportJob)]
+    if len(jobs) != 1 or len(manifests) != 1:
+        raise InvalidManifest([ManifestError(str(path), "kind", "expected exactly one ExportJob in the file")])
     return jobs[0]

@@ -7,14 +7,16 @@ to the pods in a ConfigMap, and the trainer reads it back without deriving anyth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from kiln.api.base import KilnModel, Name, Uri
 from kiln.api.contract import DEFAULT_TRAINER_IMAGE
-from kiln.api.learning import MetricMode
+from kiln.api.learning import LossKeyframe, MetricMode
 from kiln.api.manifest import InvalidManifest, ManifestError, TrainingJob
 from kiln.api.parse import parse_manifest
 from kiln.api.training import TrainingJobSpec
@@ -107,7 +109,7 @@ class ResolvedTrainingJob(KilnModel):
     """The metric early stopping watches; None when early stopping is off."""
 
     loss_weights: dict[str, float]
-    """The loss as a weighted sum of named terms."""
+    """The loss as a weighted sum of named terms; with loss.schedule, its weights at epoch 0."""
 
     nodes: Annotated[int, Field(ge=1)]
     """Pods (torchrun nodes)."""
@@ -129,6 +131,27 @@ class ResolvedTrainingJob(KilnModel):
 
     mode: Literal["cluster", "local"] = "cluster"
     """Whether the job runs under the operator or under kiln run."""
+
+    def loss_weights_at(self, epoch: int) -> dict[str, float]:
+        """The weights epoch ``epoch`` (from 0) trains with: loss_weights, unless loss.schedule moves them."""
+        schedule = self.spec.loss.schedule
+        return scheduled_weights(schedule, epoch) if schedule else dict(self.loss_weights)
+
+
+def scheduled_weights(schedule: Sequence[LossKeyframe], epoch: int) -> dict[str, float]:
+    """Linear between the keyframes around ``epoch``; the first keyframe's weights before it, the last one's after.
+
+    Per epoch, not per step: a weight fixed for a whole epoch is what train/loss_weight/<name> reports, and a
+    restart mid-epoch resumes with exactly the weights the interrupted attempt used.
+    """
+    if epoch <= schedule[0].epoch:
+        return dict(schedule[0].weights)
+    if epoch >= schedule[-1].epoch:
+        return dict(schedule[-1].weights)
+    low, high = next((a, b) for a, b in pairwise(schedule) if a.epoch <= epoch < b.epoch)
+    t = (epoch - low.epoch) / (high.epoch - low.epoch)
+    # (1 - t) * a + t * b rather than a + t * (b - a): exactly a at t = 0, exactly b at t = 1.
+    return {name: (1 - t) * weight + t * high.weights[name] for name, weight in low.weights.items()}
 
 
 def _join(root: str, *parts: str) -> str:
@@ -179,7 +202,9 @@ def resolve(
             ),
         }
     )
-    if spec.loss.weights:
+    if spec.loss.schedule:
+        loss_weights = dict(spec.loss.schedule[0].weights)
+    elif spec.loss.weights:
         loss_weights = dict(spec.loss.weights)
     elif spec.loss.name:
         loss_weights = {spec.loss.name: 1.0}

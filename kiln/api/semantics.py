@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from kiln.api.catalogue import TaskNames, load_catalogue, unknown_name_message
+from kiln.api.catalogue import TIMM_ENCODER_PREFIX, TaskNames, load_catalogue, unknown_name_message
 from kiln.api.export import ExportJobSpec
 from kiln.api.manifest import ExportJob, Manifest, ManifestError, TrainingJob
+from kiln.api.model import KILN_MODEL_ARGS, SEGMENTATION_LOGITS_ONLY
 from kiln.api.training import TrainingJobSpec
 
 Problem = tuple[str, str]  # (field path under spec, reason)
@@ -55,6 +56,48 @@ def _model(spec: TrainingJobSpec) -> Iterator[Problem]:
         yield "model.encoder", unknown_name_message(kind, model.encoder, catalogue.encoders)
 
 
+def _model_args(spec: TrainingJobSpec) -> Iterator[Problem]:
+    """model.args: never an argument Kiln passes itself; for an smp architecture, only what it takes."""
+    model, catalogue = spec.model, load_catalogue()
+    for key in sorted(model.args.keys() & KILN_MODEL_ARGS.keys()):
+        yield f"model.args.{key}", f"set by {KILN_MODEL_ARGS[key]}; Kiln passes it to the constructor"
+    if spec.task != "segmentation" or _implemented(spec) is None:
+        return
+    yield from _aux_head(spec)
+    takes = catalogue.segmentation_args.get(model.architecture.lower())
+    # A plugin takes what its factory takes; an unknown architecture is _model's to report. smp hands what an
+    # architecture does not take to the encoder, and only a tu- encoder (a timm model) uses it.
+    if model.source is not None or takes is None or (model.encoder or "").startswith(TIMM_ENCODER_PREFIX):
+        return
+    valid = takes.args - KILN_MODEL_ARGS.keys()
+    for key in sorted(model.args.keys() - takes.args - KILN_MODEL_ARGS.keys()):
+        reason = unknown_name_message(f"{model.architecture} argument", key, valid)
+        yield f"model.args.{key}", f"{reason} (only tu- encoders take more)"
+
+
+def _aux_head(spec: TrainingJobSpec) -> Iterator[Problem]:
+    """smp's classification head (model.args.aux_params) and the presence loss that trains it come together;
+    Kiln's losses take logits, so neither the network nor the head may end in an activation."""
+    aux, loss = spec.model.args.get("aux_params"), spec.loss
+    if aux is not None and not isinstance(aux, dict):
+        yield "model.args.aux_params", "must be an object of smp classification-head arguments"
+        aux = {}
+    for key, reason in SEGMENTATION_LOGITS_ONLY.items():
+        for path, given in (("model.args", spec.model.args), ("model.args.aux_params", aux or {})):
+            if key in given:
+                yield f"{path}.{key}", reason
+    if aux is not None and "classes" in aux:
+        yield "model.args.aux_params.classes", "set by model.numClasses; Kiln passes it itself"
+    named = set(loss.weights or ()) | ({loss.name} if loss.name else set())
+    named |= set(loss.schedule[0].weights) if loss.schedule else set()
+    if aux is not None and "presence" not in named:
+        example = "for example {dice: 0.5, cross_entropy: 0.5, presence: 0.2}"
+        reason = f"the classification head learns from the presence loss: add presence to loss.weights, {example}"
+        yield "model.args.aux_params", reason
+    if aux is None and "presence" in named:
+        yield "loss", "presence trains smp's classification head: set model.args.aux_params"
+
+
 def _optimizer(spec: TrainingJobSpec) -> Iterator[Problem]:
     optimizers, optimizer = load_catalogue().optimizers, spec.optimizer
     takes = optimizers.get(optimizer.name)
@@ -74,6 +117,9 @@ def _losses(spec: TrainingJobSpec) -> Iterator[Problem]:
         return
     named = [("loss.name", spec.loss.name)] if spec.loss.name is not None else []
     named += [(f"loss.weights.{name}", name) for name in spec.loss.weights or {}]
+    # The schema makes every keyframe name the same losses: the first one speaks for all.
+    first = spec.loss.schedule[0].weights if spec.loss.schedule else {}
+    named += [(f"loss.schedule[0].weights.{name}", name) for name in first]
     for path, name in named:
         if name not in task.losses:
             yield path, unknown_name_message(f"{spec.task} loss", name, task.losses)
@@ -99,6 +145,10 @@ def _schedule(spec: TrainingJobSpec) -> Iterator[Problem]:
         yield "scheduler.milestones", "must be strictly increasing"
     if scheduler.min_lr >= spec.optimizer.lr and scheduler.name == "cosine":
         yield "scheduler.minLr", f"must be below optimizer.lr ({spec.optimizer.lr})"
+    for index, keyframe in enumerate(spec.loss.schedule or ()):
+        if keyframe.epoch >= spec.epochs:  # a keyframe no epoch reaches would still bend the ones before it
+            reason = f"must be less than epochs ({spec.epochs}): keyframes count from 0, so the last epoch is"
+            yield f"loss.schedule[{index}].epoch", f"{reason} {spec.epochs - 1}"
 
 
 def _checkpoints(spec: TrainingJobSpec) -> Iterator[Problem]:
@@ -111,7 +161,7 @@ def _checkpoints(spec: TrainingJobSpec) -> Iterator[Problem]:
 
 def _classes(spec: TrainingJobSpec) -> Iterator[Problem]:
     weights = spec.loss.class_weights
-    if weights is not None and spec.model.num_classes is not None and len(weights) != spec.model.num_classes:
+    if isinstance(weights, list) and spec.model.num_classes is not None and len(weights) != spec.model.num_classes:
         yield "loss.classWeights", f"has {len(weights)} entries but model.numClasses is {spec.model.num_classes}"
     if spec.data.val is None and spec.data.val_split is None and spec.early_stopping is not None:
         yield "earlyStopping", "needs a validation split: set data.val or data.valSplit"
@@ -123,6 +173,7 @@ def _segmentation_losses(spec: TrainingJobSpec) -> Iterator[Problem]:
         return
     loss, binary = spec.loss, spec.model.num_classes == 1
     named = set(loss.weights or ()) | ({loss.name} if loss.name else set())  # empty: the default, dice + CE
+    named |= set(loss.schedule[0].weights) if loss.schedule else set()
     if "bce" in named and not binary:
         yield "loss", "bce is binary cross-entropy: it needs model.numClasses 1 (use cross_entropy for more classes)"
     if loss.class_weights is not None:
@@ -153,6 +204,7 @@ TRAINING_CHECKS: tuple[Callable[[TrainingJobSpec], Iterator[Problem]], ...] = (
     _task,
     _formats,
     _model,
+    _model_args,
     _optimizer,
     _losses,
     _metrics,

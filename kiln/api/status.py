@@ -25,6 +25,7 @@ TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
 class ConditionType(StrEnum):
     CREATED = "Created"
+    WAITING_FOR_SOURCE = "WaitingForSource"
     QUEUED = "Queued"
     RUNNING = "Running"
     RESTARTING = "Restarting"
@@ -55,6 +56,13 @@ class Reason(StrEnum):
     EPOCHS_RAISED = "EpochsRaised"
     EXPORTED = "Exported"
     VERIFICATION_FAILED = "VerificationFailed"
+    SOURCE_NOT_FOUND = "SourceNotFound"
+    SOURCE_UNREADABLE = "SourceUnreadable"
+    INVALID_SOURCE = "InvalidSource"
+    EXPORT_FAILED = "ExportFailed"
+    WAITING_FOR_SOURCE = "WaitingForSource"
+    SOURCE_READY = "SourceReady"
+    SOURCE_FAILED = "SourceFailed"
 
 
 class StatusModel(KilnModel):
@@ -179,9 +187,17 @@ class LatencyMs(StatusModel):
     """95th-percentile latency in milliseconds."""
 
 
+Quantization = Literal["none", "dynamic", "static"]
+ExportedWeights = Literal["ema", "model"]
+VerificationInputs = Literal["validation", "random"]
+
+
 class Artifact(StatusModel):
     format: Literal["onnx", "torchscript", "pt2"]
     """Export format."""
+
+    quantization: Quantization = "none"
+    """none (fp32), dynamic (int8 weights) or static (int8 weights and activations, QDQ); ONNX only."""
 
     uri: Uri
     """Where the exported model was written."""
@@ -192,8 +208,28 @@ class Artifact(StatusModel):
     sha256: Annotated[str, Field(max_length=64)]
     """SHA-256 of the file."""
 
+    model_card_uri: Uri | None = None
+    """The model card (JSON) written next to the artifact: task, classes, input, normalization, provenance."""
+
+    exporter: Literal["dynamo", "legacy"] | None = None
+    """ONNX only: the torch.onnx exporter that produced the graph; legacy only after the dynamo one failed."""
+
+    fallback_reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Why the dynamo exporter failed when exporter is legacy."""
+
+    verified: bool | None = None
+    """Whether the artifact's outputs stayed within verify.tolerance of eager PyTorch's. Quantized artifacts are
+    judged by metricDelta instead and leave this unset."""
+
     max_abs_diff: float | None = None
     """Largest absolute difference from the PyTorch model's outputs over the verification samples."""
+
+    top1_agreement: float | None = None
+    """Classification: the share of verification inputs whose top-1 class matches eager PyTorch's (0-1)."""
+
+    metric_delta: float | None = None
+    """Quantized artifacts: the validation metric (accuracy, or mIoU for segmentation) minus the fp32 ONNX
+    artifact's, on the source job's validation images; negative is worse. Unset without validation data."""
 
     latency_ms: Annotated[dict[str, LatencyMs], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
     """Latency per benchmarked batch size (keys are batch sizes)."""
@@ -201,22 +237,52 @@ class Artifact(StatusModel):
     throughput: Annotated[dict[str, float], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
     """Images per second per benchmarked batch size."""
 
+    speedup: Annotated[dict[str, float], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Eager PyTorch's p50 latency divided by this artifact's, per batch size, measured in the same run
+    (above 1: faster than eager)."""
+
+    fp32_speedup: Annotated[dict[str, float], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Quantized artifacts: the fp32 ONNX artifact's p50 latency divided by this one's, per batch size."""
+
+    recommended: bool | None = None
+    """Whether to deploy this artifact: false when it failed verification, or is quantized and slower than fp32
+    or loses more than quantize.maxMetricDrop."""
+
+    not_recommended_reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Why recommended is false, with the numbers."""
+
 
 class ExportJobStatus(StatusModel):
     phase: Phase = Phase.PENDING
     """Pending, Running, Succeeded or Failed."""
 
     conditions: Conditions = Field(default_factory=list)
-    """Created, Running, Succeeded and Failed."""
+    """Created, WaitingForSource, Running, Succeeded and Failed, one entry each."""
 
     observed_generation: int | None = None
-    """The .metadata.generation the operator last acted on."""
+    """The .metadata.generation the operator last acted on (the spec is immutable, so there is only one)."""
 
     source_checkpoint: Uri | None = None
     """The checkpoint that was exported, after resolving source."""
 
+    source_sha256: Annotated[str, Field(max_length=64)] | None = None
+    """SHA-256 of the exported checkpoint file (state.pt)."""
+
+    exported_weights: ExportedWeights | None = None
+    """ema when the run kept an exponential moving average of its weights (exported in preference), else model."""
+
+    verification_inputs: VerificationInputs | None = None
+    """validation: the source job's validation images were reachable and used; random: random inputs."""
+
+    reference_latency_ms: Annotated[dict[str, LatencyMs], Field(max_length=MAX_LIST)] = Field(default_factory=dict)
+    """Eager PyTorch's latency per benchmarked batch size, the reference each artifact's speedup divides."""
+
     artifacts: Annotated[list[Artifact], Field(max_length=8)] = Field(default_factory=list)
-    """One entry per exported format."""
+    """One entry per exported format, plus the quantized ONNX model when quantize.mode is not none."""
+
+    verified: bool | None = None
+    """Whether every artifact judged by verify.tolerance (all but quantized ones) passed; set when the export ends
+    with artifacts. The Verified column of kubectl get exportjob."""
 
     start_time: Annotated[str, Field(max_length=64)] | None = None
     """When the export started (RFC 3339)."""
@@ -232,9 +298,13 @@ __all__ = [
     "Condition",
     "ConditionType",
     "ExportJobStatus",
+    "ExportedWeights",
+    "LatencyMs",
     "Phase",
     "Progress",
+    "Quantization",
     "Reason",
     "TrainingJobStatus",
+    "VerificationInputs",
     "WorkerCounts",
 ]

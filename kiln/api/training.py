@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from kiln.api.base import MAX_LIST, MAX_MAP, MAX_NAME, KilnModel, Name, Rule, RuleModel, StorageUri
+from kiln.api.base import MAX_LIST, MAX_MAP, KilnModel, Name, Rule, RuleModel, StorageUri
 from kiln.api.learning import (
     CheckpointSpec,
     EarlyStoppingSpec,
@@ -25,7 +25,30 @@ from kiln.api.learning import (
     SchedulerSpec,
     ValidationSpec,
 )
+from kiln.api.model import ModelSpec, transfer_rules
 from kiln.api.runtime import ResourcesSpec, RunPolicy, StorageSpec
+
+# An RGB mask colour, [r, g, b] with 0..255 each.
+Colour = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
+# Palettes beyond this many classes are not drawn by hand; index masks serve them better.
+MAX_PALETTE = 1024
+
+
+def _distinct_colours(palette: list[list[int]]) -> list[list[int]]:
+    """The schema marks palette a set (x-kubernetes-list-type), so the apiserver refuses a repeated colour."""
+    seen: set[tuple[int, ...]] = set()
+    for colour in palette:
+        if tuple(colour) in seen:
+            raise ValueError(f"colours must be distinct: {colour} is given to two classes")
+        seen.add(tuple(colour))
+    return palette
+
+
+Palette = Annotated[
+    list[Colour],
+    Field(min_length=2, max_length=MAX_PALETTE, json_schema_extra={"x-kubernetes-list-type": "set"}),
+    AfterValidator(_distinct_colours),
+]
 
 Task = Literal["classification", "segmentation", "detection"]
 DataFormat = Literal["imagefolder", "csv", "segmentation-folder", "coco", "yolo"]
@@ -55,52 +78,6 @@ def _formats_rule(split: str) -> Rule:
     )
 
 
-class ModelSpec(RuleModel):
-    architecture: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
-    """The network. Classification: a Kiln flavor (debug, debug_small) or any timm model name (resnet18,
-    convnext_tiny, vit_small_patch16_224, ...). Segmentation: a segmentation-models-pytorch architecture, any
-    case (unet, UnetPlusPlus, fpn, deeplabv3plus, segformer, ...). Not implemented yet: detection (a
-    torchvision detector: fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...). Ignored when source names a
-    plugin."""
-
-    encoder: Name | None = None
-    """Segmentation only: the encoder (backbone) of the smp architecture, for example resnet34,
-    efficientnet-b0, or tu-<any timm model>. Built with random weights; load trained ones with pretrained."""
-
-    num_classes: Annotated[int, Field(ge=1, le=100000)] | None = None
-    """Number of classes. Classification: inferred from the training data when omitted; an explicit value must
-    agree with it. Segmentation: required (masks do not list their classes); mask pixels hold class indices
-    0..numClasses-1, and numClasses 1 is binary segmentation (masks of 0 and 1, a sigmoid output)."""
-
-    pretrained: StorageUri | None = None
-    """Initial weights as an explicit URI: s3://bucket/key or a file path. Omit to start from random weights.
-    There is no model hub at run time, so names like 'imagenet' are rejected. Tensors that match by name and
-    shape are loaded; for segmentation the file may also hold the encoder's weights alone."""
-
-    source: Name | None = None
-    """A custom model plugin: 'package.module:factory', or the name of an entry point in group 'kiln.models'.
-    The factory is called with num_classes and returns a torch.nn.Module. Ship the package in your image."""
-
-    @field_validator("pretrained", mode="before")
-    @classmethod
-    def _no_hub(cls, value: Any) -> Any:
-        if value is False:
-            return None
-        if value is True:
-            raise ValueError("true needs a model hub, and there is none at run time; give a weights URI")
-        return value
-
-    __rules__ = (
-        Rule(
-            cel="!has(self.pretrained) || self.pretrained.startsWith('s3://') || self.pretrained.startsWith('/')"
-            " || self.pretrained.startsWith('.') || self.pretrained.startsWith('file://')",
-            message="pretrained must be an s3:// URI or a file path",
-            holds=lambda m: m.pretrained is None or m.pretrained.startswith(("s3://", "/", ".", "file://")),
-            field="pretrained",
-        ),
-    )
-
-
 class DataSource(KilnModel):
     uri: StorageUri
     """Where the split lives: s3://bucket/prefix, or a local path."""
@@ -108,8 +85,8 @@ class DataSource(KilnModel):
     format: DataFormat = "imagefolder"
     """Layout. Classification: imagefolder (one folder per class) or csv (path,label rows). Segmentation:
     segmentation-folder (images/ and masks/ whose files match by name, a mask being a single-channel PNG of
-    class indices) or csv (image,mask rows, paths relative to the csv). Not implemented yet: coco
-    (annotations JSON) or yolo (images/ and labels/) for detection."""
+    class indices, or a colour image with data.palette) or csv (image,mask rows, paths relative to the csv).
+    Not implemented yet: coco (annotations JSON) or yolo (images/ and labels/) for detection."""
 
 
 class Staging(KilnModel):
@@ -159,6 +136,18 @@ class DataSpec(RuleModel):
     unlabelled areas). 255 when omitted (65535 above 255 classes); it must not be a class index, so at least
     numClasses (2 for binary masks)."""
 
+    palette: Palette | None = None
+    """Segmentation only: read masks as colour images, where position k of this list is class k's colour
+    [r, g, b] (0..255 each). One colour per class: model.numClasses of them, or 2 (background, then foreground)
+    for binary segmentation (numClasses 1). Masks may be RGB or RGBA (alpha ignored), palette-mode (P) or
+    greyscale PNGs; each is read as RGB and every pixel mapped to its class. A pixel of any other colour is an
+    invalid input naming the mask file, the colour and the pixel. Omitted: masks hold class indices, and a
+    palette-mode PNG (VOC style) is read as the indices it stores, whatever colours its own palette shows."""
+
+    ignore_color: Colour | None = None
+    """With palette: the colour of pixels to leave out of the loss and the metrics (borders, unlabelled areas),
+    read as data.ignoreIndex; for example [224, 224, 192] for VOC's borders. Not one of the palette's colours."""
+
     normalize: Normalization | None = None
     """Override the input normalization. By default it comes from the model's own pretrained config."""
 
@@ -171,6 +160,18 @@ class DataSpec(RuleModel):
             message="val and valSplit are exclusive: give a val split or a fraction to hold out, not both",
             holds=lambda d: not (d.val is not None and d.val_split is not None),
             field="valSplit",
+        ),
+        Rule(
+            cel="!has(self.ignoreColor) || has(self.palette)",
+            message="ignoreColor names a colour of colour masks: it needs palette",
+            holds=lambda d: d.ignore_color is None or d.palette is not None,
+            field="ignoreColor",
+        ),
+        Rule(
+            cel="!has(self.ignoreColor) || !has(self.palette) || !(self.ignoreColor in self.palette)",
+            message="ignoreColor is one of the palette's colours: a colour marks a class or pixels to ignore, not both",
+            holds=lambda d: d.ignore_color is None or d.palette is None or d.ignore_color not in d.palette,
+            field="ignoreColor",
         ),
     )
 
@@ -344,11 +345,31 @@ class TrainingJobSpec(RuleModel):
             field="data.ignoreIndex",
         ),
         Rule(
+            cel="!has(self.data.palette) || self.task == 'segmentation'",
+            message="data.palette maps mask colours to classes: it applies to segmentation only",
+            holds=lambda s: s.data.palette is None or s.task == "segmentation",
+            field="data.palette",
+        ),
+        Rule(
+            cel="!has(self.data.palette) || !has(self.model.numClasses)"
+            " || self.data.palette.size() == (self.model.numClasses == 1 ? 2 : self.model.numClasses)",
+            message="data.palette needs one colour per class: model.numClasses of them, 2 for binary masks"
+            " (background, then foreground)",
+            holds=lambda s: (
+                s.data.palette is None
+                or s.model.num_classes is None
+                or len(s.data.palette) == max(s.model.num_classes, 2)
+            ),
+            field="data.palette",
+        ),
+        Rule(
             cel="!has(self.model.encoder) || self.task == 'segmentation'",
             message="model.encoder applies to segmentation only; the architecture names the whole network",
             holds=lambda s: s.model.encoder is None or s.task == "segmentation",
             field="model.encoder",
         ),
+        *transfer_rules("segmentation", "encoder"),
+        *transfer_rules("classification", "backbone"),
         Rule(
             cel="!has(self.earlyStopping) || self.validation.every <= self.epochs",
             message="earlyStopping needs validation.every <= epochs, or it never sees a validation",

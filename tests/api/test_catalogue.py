@@ -286,6 +286,14 @@ def test_segmentation_is_implemented_with_its_defaults() -> None:
         ({"loss": {"name": "dice"}, "augmentation": {"labelSmoothing": 0.1}}, "spec.augmentation.labelSmoothing"),
         ({"data": {**SEGMENTATION["data"], "ignoreIndex": 2}}, "spec.data.ignoreIndex: data.ignoreIndex must not"),
         ({"loss": {"name": "softmax_dice"}}, "spec.loss.name: unknown segmentation loss 'softmax_dice'"),
+        (
+            {"loss": {"schedule": [{"epoch": 0, "weights": {"bce": 1.0, "dice": 0.0}}]}},
+            "spec.loss: bce is binary cross-entropy",  # a scheduled term counts as much as a weighted one
+        ),
+        (
+            {"loss": {"schedule": [{"epoch": 0, "weights": {"dice": 1.0, "softmax_dice": 0.0}}]}},
+            "spec.loss.schedule[0].weights.softmax_dice: unknown segmentation loss",
+        ),
         ({"validation": {"metric": "iou/1"}}, "spec.validation.metric: unknown segmentation metric"),
     ],
 )
@@ -300,3 +308,56 @@ def test_ignore_index_is_for_segmentation_and_resolved_to_255() -> None:
     job = parse_manifest(document(SEGMENTATION))
     assert isinstance(job, TrainingJob)
     assert resolve(job, Environment(storage_root="/tmp")).spec.data.ignore_index == 255
+
+
+PALETTE = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]  # one colour per class of SEGMENTATION's 3
+
+
+def test_palette_is_for_segmentation_and_named_in_the_error() -> None:
+    [line] = errors(data={**SPEC["data"], "palette": PALETTE})
+    assert line == "spec.data.palette: data.palette maps mask colours to classes: it applies to segmentation only"
+    assert errors(SEGMENTATION, data={**SEGMENTATION["data"], "palette": PALETTE, "ignoreColor": [9, 9, 9]}) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"palette": PALETTE[:2]}, "spec.data.palette: data.palette needs one colour per class"),
+        ({"palette": [[0, 0, 0], [7, 7, 7], [0, 0, 0]]}, "spec.data.palette: colours must be distinct: [0, 0, 0]"),
+        ({"palette": [[0, 0, 0], [7, 7], [1, 1, 1]]}, "spec.data.palette[1]: List should have at least 3 items"),
+        ({"ignoreColor": [9, 9, 9]}, "spec.data.ignoreColor: ignoreColor names a colour of colour masks: it needs"),
+        ({"palette": PALETTE, "ignoreColor": [255, 0, 0]}, "spec.data.ignoreColor: ignoreColor is one of the"),
+    ],
+)
+def test_bad_palettes_are_refused_naming_the_field(data: dict[str, Any], expected: str) -> None:
+    found = errors(SEGMENTATION, data={**SEGMENTATION["data"], **data})
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_a_binary_palette_has_two_colours() -> None:
+    binary = {**SEGMENTATION, "model": {**SEGMENTATION["model"], "numClasses": 1}}
+    assert errors(binary, data={**SEGMENTATION["data"], "palette": PALETTE[:2]}) == []
+    assert errors(binary, data={**SEGMENTATION["data"], "palette": PALETTE})[0].startswith("spec.data.palette:")
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ("auto", None),
+        ([1.0, 2, 0.5], None),
+        ("balanced", "spec.loss.classWeights: Input should be 'auto'"),
+        ({"a": 1}, "spec.loss.classWeights: must be a list of per-class weights, or auto"),
+        ([1, -1, 1], "spec.loss.classWeights[1]: Input should be greater than or equal to 0"),
+        ([1, 2], "spec.loss.classWeights: has 2 entries but model.numClasses is 3"),
+    ],
+)
+def test_class_weights_are_a_list_or_auto_with_one_line_per_problem(weights: Any, expected: str | None) -> None:
+    found = errors(SEGMENTATION, loss={"classWeights": weights})
+    assert found == ([] if expected is None else [found[0]]) and (expected is None or found[0].startswith(expected))
+
+
+def test_auto_class_weights_are_refused_where_weights_are() -> None:
+    binary = {**SEGMENTATION, "model": {**SEGMENTATION["model"], "numClasses": 1}}
+    [line] = errors(binary, loss={"classWeights": "auto"})
+    assert line == "spec.loss.classWeights: binary segmentation (numClasses 1) takes no class weights"
+    assert errors(loss={"classWeights": "auto"}) == []  # classification: counts come from the listing

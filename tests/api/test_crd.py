@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kiln.api.base import RuleModel
-from kiln.api.crd import KINDS, Kind, crd
+from kiln.api.crd import KINDS, NO_STRING_NUMBER_OBJECT_OR_BOOLEAN, Kind, crd
 from kiln.cli import EXIT_FAILED, app
 
 ROOT = Path(__file__).parents[2]
@@ -29,6 +29,13 @@ def walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, 
         yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
+def is_list_or_words(node: dict[str, Any]) -> bool:
+    """classWeights' form (a list, or auto): untyped but structural, as crd._list_or_words writes it."""
+    words, lists = [*node.get("anyOf", []), {}, {}][:2]
+    kept_whole = node.get("x-kubernetes-preserve-unknown-fields") and "items" in node
+    return bool(kept_whole) and set(words) == {"enum"} and lists == NO_STRING_NUMBER_OBJECT_OR_BOOLEAN
+
+
 def root_schema(kind: Kind) -> dict[str, Any]:
     schema: dict[str, Any] = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
@@ -39,12 +46,13 @@ def test_schema_is_structural(kind: Kind) -> None:
     for path, node in walk(root_schema(kind)):
         assert not FORBIDDEN & node.keys(), f"{path}: {FORBIDDEN & node.keys()}"
         assert node.get("additionalProperties") is not False, path
-        typed = "type" in node or node.get("x-kubernetes-int-or-string")
+        typed = "type" in node or node.get("x-kubernetes-int-or-string") or is_list_or_words(node)
         assert typed, f"{path} has no type"
         for bound in ("exclusiveMinimum", "exclusiveMaximum"):
             assert node.get(bound, True) is True, f"{path}.{bound} must be boolean in OpenAPI v3"
         if "anyOf" in node:
-            assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf only for int-or-string"
+            union = node.get("x-kubernetes-int-or-string") or is_list_or_words(node)
+            assert union, f"{path}: anyOf only for int-or-string, or a list or words"
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.kind)

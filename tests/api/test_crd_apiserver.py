@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from kiln.api import TrainingJob, parse_manifest
 from kiln.testing.controlplane import ControlPlane
@@ -54,6 +55,10 @@ def test_examples_pass_server_side_validation(
     assert code == 0, output
 
 
+def keyframe(epoch: int, **weights: float) -> dict[str, Any]:
+    return {"epoch": epoch, "weights": weights}
+
+
 # The subset of the CLI's bad manifests that the schema or CEL can see: the apiserver must name the same field.
 SERVER_SIDE_CASES = [
     ("epochs", 0, "spec.epochs"),
@@ -62,12 +67,21 @@ SERVER_SIDE_CASES = [
     ("data", {"train": {"uri": "s3://x"}, "val": {"uri": "s3://y"}, "valSplit": 0.2}, "spec.data.valSplit"),
     ("data", {"train": {"uri": "s3://bucket/x", "format": "coco"}}, "spec.data.train.format"),
     ("loss", {"name": "focal", "weights": {"dice": 1}}, "spec.loss.weights"),
+    ("loss", {"name": "focal", "schedule": [{"epoch": 0, "weights": {"focal": 1}}]}, "spec.loss.schedule"),
+    ("loss", {"schedule": [keyframe(4, dice=1), keyframe(2, dice=0)]}, "spec.loss.schedule"),  # decreasing
+    ("loss", {"schedule": [keyframe(2, dice=1), keyframe(2, dice=0)]}, "spec.loss.schedule"),  # repeated
+    ("loss", {"schedule": [keyframe(0, dice=1), keyframe(2, focal=1)]}, "spec.loss.schedule"),  # other terms
     ("model", {"architecture": "resnet18", "pretrained": "imagenet"}, "spec.model.pretrained"),
     ("runPolicy", {"retriableExitCodes": [300]}, "spec.runPolicy.retriableExitCodes[0]"),
     ("data", {"train": {"uri": "ftp://host/x"}}, "spec.data.train.uri"),
     ("storage", {"endpointUrl": "not a url"}, "spec.storage.endpointUrl"),
     ("augmentation", {"mixup": 0.2}, "spec.data.batchSize"),
     ("model", {"architecture": "resnet18", "encoder": "resnet34"}, "spec.model.encoder"),
+    ("data", {"train": {"uri": "s3://bucket/x"}, "palette": [[0, 0, 0], [9, 9, 9]]}, "spec.data.palette"),
+    ("loss", {"classWeights": "balanced"}, "spec.loss.classWeights"),
+    ("model", {"architecture": "resnet18", "freezeEncoder": {"epochs": 1}}, "spec.model.freezeEncoder"),
+    ("model", {"architecture": "resnet18", "freezeBackbone": {"epochs": 10}}, "spec.model.freezeBackbone.epochs"),
+    ("model", {"architecture": "resnet18", "backboneLrScale": 0}, "spec.model.backboneLrScale"),
 ]
 
 
@@ -80,6 +94,81 @@ def test_apiserver_rejects_with_the_field_path(
     code, output = apply(cluster, namespace, document, "--dry-run=server")
     assert code != 0
     assert path in output, output
+
+
+def test_a_loss_schedule_passes_the_rules_kiln_validate_passes(
+    cluster: ControlPlane, kiln_crds: None, namespace: str
+) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"]["loss"] = {"schedule": [keyframe(0, cross_entropy=1.0), keyframe(5, cross_entropy=0.5)]}
+    parse_manifest(document)
+    code, output = apply(cluster, namespace, document, "--dry-run=server")
+    assert code == 0, output
+
+
+def test_model_args_and_a_freeze_are_stored_and_updates_compare_them(
+    cluster: ControlPlane, kiln_crds: None, namespace: str
+) -> None:
+    """model.args is free-form (preserve-unknown-fields): kept verbatim, and the immutability rule on model
+    (self.model == oldSelf.model) still compares it when the object is updated."""
+    document = copy.deepcopy(VALID)
+    model = {"architecture": "resnet18", "args": {"drop_rate": 0.2, "block_args": {"attn_layer": "se"}}}
+    document["spec"].update(model={**model, "freezeBackbone": {"epochs": 2}, "backboneLrScale": 0.1}, epochs=5)
+    parse_manifest(document)
+    code, output = apply(cluster, namespace, document)
+    assert code == 0, output
+    stored = json.loads(cluster.kubectl("get", "-n", namespace, "trainingjob/digits", "-o", "json").stdout)
+    assert stored["spec"]["model"]["args"] == model["args"]
+    document["spec"]["epochs"] = 6  # model unchanged: allowed
+    code, output = apply(cluster, namespace, document)
+    assert code == 0, output
+    document["spec"]["model"]["args"]["drop_rate"] = 0.3
+    code, output = apply(cluster, namespace, document)
+    assert code != 0 and "model is immutable" in output, output
+
+
+SEGMENTATION = {
+    "task": "segmentation",
+    "model": {"architecture": "unet", "encoder": "resnet34", "numClasses": 3},
+    "data": {"train": {"uri": "s3://bucket/train", "format": "segmentation-folder"}},
+}
+PALETTE = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+# What the agreement test's generator leaves out: classWeights is untyped in the schema (a list, or auto, which
+# a structural schema can only say with anyOf over untyped branches), and palette is a set of lists.
+UNIONS_AND_SETS = [
+    ({"loss": {"classWeights": "auto"}}, True),
+    ({"loss": {"classWeights": [1, 2.5, 0]}}, True),
+    ({"loss": {"classWeights": []}}, True),
+    ({"loss": {"classWeights": "balanced"}}, False),
+    ({"loss": {"classWeights": ""}}, False),
+    ({"loss": {"classWeights": [-1, 1, 1]}}, False),
+    ({"loss": {"classWeights": ["x"]}}, False),
+    ({"loss": {"classWeights": {"auto": 1}}}, False),
+    ({"loss": {"classWeights": 3}}, False),
+    ({"loss": {"classWeights": True}}, False),
+    ({"data": {**SEGMENTATION["data"], "palette": PALETTE, "ignoreColor": [9, 9, 9]}}, True),
+    ({"data": {**SEGMENTATION["data"], "palette": PALETTE[:2]}}, False),
+    ({"data": {**SEGMENTATION["data"], "palette": [[0, 0, 0], [7, 7, 7], [0, 0, 0]]}}, False),
+    ({"data": {**SEGMENTATION["data"], "palette": [[0, 0, 0], [7, 7, 256], [1, 1, 1]]}}, False),
+    ({"data": {**SEGMENTATION["data"], "palette": PALETTE, "ignoreColor": [0, 0, 0]}}, False),
+    ({"data": {**SEGMENTATION["data"], "ignoreColor": [9, 9, 9]}}, False),
+]
+
+
+@pytest.mark.parametrize(("change", "accepted"), UNIONS_AND_SETS, ids=lambda v: json.dumps(v)[:60])
+def test_the_apiserver_and_the_models_agree_on_class_weights_and_palettes(
+    cluster: ControlPlane, kiln_crds: None, namespace: str, change: dict[str, Any], accepted: bool
+) -> None:
+    document = copy.deepcopy(VALID)
+    document["spec"] = {**copy.deepcopy(SEGMENTATION), **copy.deepcopy(change)}
+    code, output = apply(cluster, namespace, document, "--dry-run=server")
+    assert (code == 0) == accepted, output
+    try:
+        TrainingJob.model_validate(document)
+    except ValidationError as error:
+        assert not accepted, error
+    else:
+        assert accepted, "the models accept what the apiserver refuses"
 
 
 def test_unknown_fields_are_rejected_with_strict_validation(

@@ -113,3 +113,40 @@ def test_local_mode_uses_local_namespace() -> None:
     local = manifest.model_copy(update={"metadata": manifest.metadata.model_copy(update={"namespace": None})})
     resolved = resolve(local, Environment(storage_root="/work/.kiln"), mode="local")
     assert resolved.run_uri == "/work/.kiln/local/run"
+
+
+def keyframe(epoch: int, **weights: float) -> dict[str, Any]:
+    return {"epoch": epoch, "weights": weights}
+
+
+def test_a_loss_schedule_interpolates_per_epoch_and_holds_outside_its_keyframes() -> None:
+    schedule = [keyframe(5, dice=0.0, cross_entropy=1.0), keyframe(15, dice=1.0, cross_entropy=0.5),
+                keyframe(20, dice=0.4, cross_entropy=0.5)]  # fmt: skip
+    resolved = resolve(job("segmentation", epochs=30, loss={"schedule": schedule}), ENV)
+    assert resolved.loss_weights == {"dice": 0.0, "cross_entropy": 1.0}, "the weights at epoch 0"
+    expected = {
+        0: (0.0, 1.0),  # before the first keyframe: held
+        5: (0.0, 1.0),
+        8: (0.3, 0.85),  # 3/10 of the way from epoch 5 to 15
+        14: (0.9, 0.55),
+        15: (1.0, 0.5),
+        17: (0.76, 0.5),  # 2/5 of the way from 15 to 20: dice falls again
+        20: (0.4, 0.5),
+        29: (0.4, 0.5),  # after the last keyframe: held
+    }
+    for epoch, (dice, cross_entropy) in expected.items():
+        got = resolved.loss_weights_at(epoch)
+        assert got == pytest.approx({"dice": dice, "cross_entropy": cross_entropy}, abs=1e-12), epoch
+
+
+def test_the_issue_example_meets_halfway() -> None:
+    schedule = [keyframe(0, dice=0.2, cross_entropy=0.8), keyframe(20, dice=0.8, cross_entropy=0.2)]
+    resolved = resolve(job("segmentation", epochs=40, loss={"schedule": schedule}), ENV)
+    assert resolved.loss_weights_at(10) == pytest.approx({"dice": 0.5, "cross_entropy": 0.5}, abs=1e-12)
+    assert resolved.loss_weights_at(5) == pytest.approx({"dice": 0.35, "cross_entropy": 0.65}, abs=1e-12)
+    assert resolved.loss_weights_at(20) == {"dice": 0.8, "cross_entropy": 0.2}, "keyframes are exact"
+
+
+def test_without_a_schedule_the_weights_never_move() -> None:
+    resolved = resolve(job("segmentation", loss={"weights": {"dice": 0.3, "focal": 0.7}}), ENV)
+    assert resolved.loss_weights_at(0) == resolved.loss_weights_at(9) == {"dice": 0.3, "focal": 0.7}

@@ -51,6 +51,7 @@ def mutated(path: str, value: Any) -> str:
 
 
 DELETE = object()
+CE_AT_0 = {"epoch": 0, "weights": {"cross_entropy": 1.0}}  # a loss.schedule keyframe
 
 # (mutation path, value, field path expected in the error, a word the reason must contain)
 BAD_FIELDS = [
@@ -89,6 +90,27 @@ BAD_FIELDS = [
     ("spec.optimizer", {"name": "adamx"}, "spec.optimizer.name", "unknown optimizer 'adamx'; did you mean"),
     ("spec.model", {"architecture": "resnet1000"}, "spec.model.architecture", "unknown classification architecture"),
     ("spec.loss", {"name": "focal"}, "spec.loss.name", "unknown classification loss 'focal'"),
+    # loss.schedule (issue 9): keyframes of the weights, replacing name and weights.
+    ("spec.loss", {"name": "cross_entropy", "schedule": [CE_AT_0]}, "spec.loss.schedule", "replaces name and"),
+    ("spec.loss", {"weights": {"cross_entropy": 1}, "schedule": [CE_AT_0]}, "spec.loss.schedule", "replaces name"),
+    ("spec.loss", {"schedule": [CE_AT_0, CE_AT_0]}, "spec.loss.schedule", "epochs must strictly increase"),
+    ("spec.loss", {"schedule": [{**CE_AT_0, "epoch": 5}, CE_AT_0]}, "spec.loss.schedule", "strictly increase"),
+    (
+        "spec.loss",
+        {"schedule": [CE_AT_0, {"epoch": 3, "weights": {"cross_entropy": 1, "dice": 1}}]},
+        "spec.loss.schedule",
+        "must weigh the same losses",
+    ),
+    ("spec.loss", {"schedule": [CE_AT_0, {**CE_AT_0, "epoch": 10}]}, "spec.loss.schedule[1].epoch", "less than epochs"),
+    (
+        "spec.loss",
+        {"schedule": [{"epoch": 0, "weights": {"dice": 1}}]},
+        "spec.loss.schedule[0].weights.dice",
+        "unknown",
+    ),
+    ("spec.loss", {"schedule": []}, "spec.loss.schedule", "at least 1 item"),
+    ("spec.loss", {"schedule": [{"epoch": 0, "weights": {}}]}, "spec.loss.schedule[0].weights", "at least 1 item"),
+    ("spec.loss", {"schedule": [{**CE_AT_0, "epoch": -1}]}, "spec.loss.schedule[0].epoch", "greater than or equal"),
     (
         "spec.augmentation",
         {"transforms": [{"name": "HorizontalFlip", "probability": 0.5}]},
@@ -160,6 +182,25 @@ def test_segmentation_is_accepted(tmp_path: Path) -> None:
     document["spec"]["task"] = "segmentation"
     document["spec"]["model"] = {"architecture": "Unet", "encoder": "tu-resnet18", "numClasses": 4}
     document["spec"]["data"] = {"train": {"uri": "s3://bucket/train.csv", "format": "csv"}, "valSplit": 0.1}
+    code, output = run_validate(tmp_path, yaml.safe_dump(document))
+    assert code == 0, output
+
+
+def test_loss_schedules_are_accepted_even_with_one_term(tmp_path: Path) -> None:
+    one_term = {"schedule": [CE_AT_0, {"epoch": 9, "weights": {"cross_entropy": 0.5}}]}  # legal, if pointless
+    code, output = run_validate(tmp_path, mutated("spec.loss", one_term))
+    assert code == 0, output
+    document = copy.deepcopy(VALID)
+    document["spec"]["task"] = "segmentation"
+    document["spec"]["model"] = {"architecture": "Unet", "encoder": "resnet34", "numClasses": 4}
+    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train.csv", "format": "csv"}, "valSplit": 0.1}
+    document["spec"]["epochs"] = 30
+    document["spec"]["loss"] = {
+        "schedule": [
+            {"epoch": 0, "weights": {"dice": 0.2, "cross_entropy": 0.8}},
+            {"epoch": 20, "weights": {"dice": 0.8, "cross_entropy": 0.2}},
+        ]
+    }
     code, output = run_validate(tmp_path, yaml.safe_dump(document))
     assert code == 0, output
 

@@ -3,7 +3,8 @@
 A TrainingJob with two nodes lands on the local executor node; the executor runs both pods of the Indexed Job
 as real ``torchrun ... -m kiln.trainer`` processes that rendezvous on 127.0.0.1, stage a tiny digits
 imagefolder from S3 (moto), train ``debug_small`` for two epochs and checkpoint back to S3. The operator polls
-rank 0's /progress while it runs and reads the final state from rank 0's termination message.
+rank 0's /progress while it runs and reads the final state from rank 0's termination message. A segmentation
+job (a tiny smp U-Net on the synthetic shapes) takes the same path once more.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from kiln.testing.controlplane import ControlPlane
 from kiln.testing.kube import namespaced
 from kiln.testing.nodes import executor_node_selector, pod_tolerations_for_executor
 from kiln.testing.s3 import S3Server
+from kiln.trainer.shapes import write_shapes
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(300)]
 
 NAME = "digits"
+SHAPES = "shapes"
 PER_CLASS = {"train": 30, "val": 10}  # 300 training and 100 validation images
 
 
@@ -51,11 +54,11 @@ def create_secret(cluster: ControlPlane, namespace: str, s3: S3Server) -> dict[s
     return values
 
 
-def manifest(namespace: str, bucket: str, s3: S3Server) -> dict[str, Any]:
+def manifest(namespace: str, bucket: str, s3: S3Server, name: str = NAME) -> dict[str, Any]:
     return {
         "apiVersion": "kiln.dev/v1alpha1",
         "kind": "TrainingJob",
-        "metadata": {"name": NAME, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "task": "classification",
             "model": {"architecture": "debug_small"},
@@ -68,8 +71,8 @@ def manifest(namespace: str, bucket: str, s3: S3Server) -> dict[str, Any]:
             },
             "epochs": 2,
             "validation": {"every": 1, "metric": "accuracy"},
-            "checkpoint": {"uri": f"s3://{bucket}/runs/{NAME}/checkpoints", "everyEpochs": 1},
-            "output": {"uri": f"s3://{bucket}/runs/{NAME}/output"},
+            "checkpoint": {"uri": f"s3://{bucket}/runs/{name}/checkpoints", "everyEpochs": 1},
+            "output": {"uri": f"s3://{bucket}/runs/{name}/output"},
             "resources": {
                 "nodes": 2,
                 "procsPerNode": 1,
@@ -83,35 +86,37 @@ def manifest(namespace: str, bucket: str, s3: S3Server) -> dict[str, Any]:
     }
 
 
-def get_tj(cluster: ControlPlane, namespace: str) -> dict[str, Any]:
-    return cluster.kube.get(f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/trainingjobs/{NAME}")
+def get_tj(cluster: ControlPlane, namespace: str, name: str = NAME) -> dict[str, Any]:
+    return cluster.kube.get(f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/trainingjobs/{name}")
 
 
-def diagnostics(cluster: ControlPlane, namespace: str, operator: OperatorProcess) -> str:
+def diagnostics(cluster: ControlPlane, namespace: str, operator: OperatorProcess, name: str = NAME) -> str:
     """Everything needed to see why a run went wrong: the status, the pods' logs, the operator's log."""
-    parts = [json.dumps(get_tj(cluster, namespace).get("status"), indent=1)]
+    parts = [json.dumps(get_tj(cluster, namespace, name).get("status"), indent=1)]
     for pod in cluster.kube.get(namespaced("pods", namespace))["items"]:
-        name = pod["metadata"]["name"]
-        path = cluster.pod_log_path(namespace, name)
+        pod_name = pod["metadata"]["name"]
+        path = cluster.pod_log_path(namespace, pod_name)
         log = path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
-        parts.append(f"--- pod {name}: {json.dumps(pod.get('status', {}))[:2000]}\n{log}")
+        parts.append(f"--- pod {pod_name}: {json.dumps(pod.get('status', {}))[:2000]}\n{log}")
     parts.append("--- operator log\n" + operator.log()[-4000:])
     return "\n".join(parts)
 
 
-def watch_until_finished(cluster: ControlPlane, namespace: str, timeout: float) -> tuple[dict[str, Any], int]:
+def watch_until_finished(
+    cluster: ControlPlane, namespace: str, timeout: float, name: str = NAME
+) -> tuple[dict[str, Any], int]:
     """Poll the TrainingJob until it finishes; return its last state and the largest step seen while Running."""
     deadline = time.monotonic() + timeout
     live_step = 0
     while time.monotonic() < deadline:
-        tj = get_tj(cluster, namespace)
+        tj = get_tj(cluster, namespace, name)
         status = tj.get("status") or {}
         if status.get("phase") == "Running":
             live_step = max(live_step, int((status.get("progress") or {}).get("step") or 0))
         if status.get("phase") in ("Succeeded", "Failed"):
             return tj, live_step
         time.sleep(0.2)
-    return get_tj(cluster, namespace), live_step
+    return get_tj(cluster, namespace, name), live_step
 
 
 def s3_exists(s3: S3Server, uri: str) -> bool:
@@ -187,3 +192,47 @@ def test_invalid_data_fails_without_a_restart_even_when_exit_1_is_retriable(
     assert "holds no objects" in failed["message"] and "nothing/train" in failed["message"], failed
     assert "exited with code 1 (the trainer's exit code: 2)" in failed["message"], failed
     assert status["attempt"] == 1 and status["restarts"] == 0, status
+
+
+def upload_shapes(s3: S3Server, bucket: str, tmp_path: Path) -> int:
+    """Tiny synthetic shapes (32 px; 32 train and 8 val pairs) under s3://bucket/shapes/{train,val}/{images,masks}/."""
+    local = write_shapes(tmp_path / "shapes", splits={"train": 32, "val": 8}, size=32)
+    paths = sorted(local.rglob("*.png"))
+    for path in paths:
+        s3.client().upload_file(str(path), bucket, f"shapes/{path.relative_to(local).as_posix()}")
+    return len(paths)
+
+
+def test_segmentation_trainingjob_succeeds_with_miou_in_its_status(
+    cluster: ControlPlane,
+    kiln_operator: OperatorProcess,
+    namespace: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """The same two pods, now a segmentation task: a tiny smp U-Net on the shapes, validated by mIoU."""
+    assert upload_shapes(s3_server, s3_bucket, tmp_path) == 80
+    create_secret(cluster, namespace, s3_server)
+    document = manifest(namespace, s3_bucket, s3_server, name=SHAPES)
+    splits = {split: {"uri": f"s3://{s3_bucket}/shapes/{split}", "format": "segmentation-folder"} for split in
+              ("train", "val")}  # fmt: skip
+    document["spec"].update(
+        task="segmentation",
+        model={"architecture": "unet", "encoder": "tu-tf_mobilenetv3_small_minimal_100", "numClasses": 4},
+        data={**splits, "imageSize": 32, "batchSize": 4, "workers": 0},
+        validation={"every": 1, "metric": "miou"},
+    )
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+
+    tj, _ = watch_until_finished(cluster, namespace, timeout=240, name=SHAPES)
+    assert tj["status"]["phase"] == "Succeeded", diagnostics(cluster, namespace, kiln_operator, SHAPES)
+    status = tj["status"]
+    assert status["workers"]["succeeded"] == 2, status
+    progress = status["progress"]
+    assert progress["epoch"] == 2 and progress["percent"] == 100.0, progress
+    assert 0.0 <= progress["metrics"]["val/miou"] <= 1.0, progress
+    assert {"val/pixel_accuracy", "val/iou/3", "train/loss/dice"} <= set(progress["metrics"]), progress
+    assert progress["metric"].startswith("miou="), progress
+    best = status["checkpoints"]["best"]
+    assert best.startswith(f"s3://{s3_bucket}/runs/{SHAPES}/checkpoints/") and s3_exists(s3_server, best), status

@@ -54,13 +54,14 @@ async def operator(
     kmock: kmock.KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Context]:
     kmock.resources.load_bundled()  # the built-in kinds (jobs, pods, configmaps, services, events)
-    kmock.resources["kiln.dev/v1alpha1/trainingjobs"] = kmock.ResourceInfo(
-        kind="TrainingJob",
-        singular="trainingjob",
-        namespaced=True,
-        verbs={"get", "list", "watch", "create", "patch", "delete"},
-        subresources={"status"},
-    )
+    for kind in ("TrainingJob", "ExportJob"):
+        kmock.resources[f"kiln.dev/v1alpha1/{kind.lower()}s"] = kmock.ResourceInfo(
+            kind=kind,
+            singular=kind.lower(),
+            namespaced=True,
+            verbs={"get", "list", "watch", "create", "patch", "delete"},
+            subresources={"status"},
+        )
     path = kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"))
     monkeypatch.setenv("KUBECONFIG", str(path))
     # The kubernetes library reads $KUBECONFIG once, at import.

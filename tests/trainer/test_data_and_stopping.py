@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from inprocess import run_main, summary
-from trainer_testkit import make_job, metrics_records, write_images
+from sklearn.metrics import confusion_matrix
+from trainer_testkit import assert_per_class_matches_scikit_learn, make_job, metrics_records, write_images
 
 from kiln.api.contract import ExitCode
 
@@ -49,6 +52,16 @@ def test_csv_format_trains_validates_and_names_classes(isolated: Path, tiny_data
     assert len(rows) == 15
     assert {row["label"] for row in rows} == {"red", "green", "blue"}
     assert all(row["path"].startswith("images/") for row in rows)  # relative to the csv, as written
+    # evaluation.json: per-class numbers and the confusion matrix, by class name, equal scikit-learn's on the
+    # predictions file's labels.
+    report = json.loads((Path(job.run_uri) / "evaluation.json").read_text())["val"]
+    names = [c["name"] for c in report["classes"]]
+    assert sorted(names) == ["blue", "green", "red"] and report["images"] == 15
+    assert report["metrics"] == result["evaluation"]["metrics"]
+    y_true = np.array([names.index(row["label"]) for row in rows])
+    y_pred = np.array([names.index(row["prediction"]) for row in rows])
+    assert report["confusion"] == confusion_matrix(y_true, y_pred, labels=range(3)).tolist()
+    assert_per_class_matches_scikit_learn(report["classes"], y_true, y_pred, 3)
 
 
 def test_csv_row_naming_a_missing_image_is_invalid_input(isolated: Path, tiny_data: Path) -> None:

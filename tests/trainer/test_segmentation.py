@@ -10,10 +10,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from inprocess import CPU, run_main, summary
 from PIL import Image
-from sklearn.metrics import accuracy_score, f1_score, jaccard_score
-from trainer_testkit import make_job, merge, metrics_records, run_trainer, trainer_env, write_spec
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, jaccard_score
+from trainer_testkit import (
+    assert_per_class_matches_scikit_learn,
+    make_job,
+    merge,
+    metrics_records,
+    run_trainer,
+    trainer_env,
+    write_spec,
+)
 
 from kiln.api.base import MAX_MAP
 from kiln.api.contract import ExitCode
@@ -23,12 +32,16 @@ from kiln.trainer.errors import InvalidInput
 from kiln.trainer.metrics import SegmentationMetrics, segmentation_from_confusion
 from kiln.trainer.shapes import write_shapes
 from kiln.trainer.tasks.base import TaskData
-from kiln.trainer.tasks.segmentation import LOSSES, SegmentationEvaluator, SegmentationTask
+from kiln.trainer.tasks.segmentation import LOSSES, SAMPLE_IMAGES, SegmentationEvaluator, SegmentationTask
+from kiln.trainer.tasks.segmentation_data import read_split
+from kiln.trainer.tasks.segmentation_overlay import IGNORE_COLOUR, class_colours
 from kiln.trainer.trainer import Trainer, status_metrics
 
 FOLDER = {"format": "segmentation-folder"}
 # A network small enough to train in seconds on a CPU core (3 M parameters).
 TINY = {"architecture": "unet", "encoder": "tu-tf_mobilenetv3_small_minimal_100", "numClasses": 4}
+# predictions-<split>.csv for TINY's 4 classes (named 0..3): per image, its mIoU and each class's IoU.
+CSV_COLUMNS = {"image", "mask", "prediction", "miou", "pixel_accuracy", *(f"iou/{k}" for k in range(4))}
 
 
 def seg_job(tmp_path: Path, dataset: Path, /, **overrides: Any) -> ResolvedTrainingJob:
@@ -182,7 +195,8 @@ def loss_inputs(classes: int, ignore: int = 255) -> tuple[torch.Tensor, dict[str
 
 
 @pytest.mark.parametrize("classes", [1, 4])
-@pytest.mark.parametrize("name", LOSSES.names())
+# presence reads the auxiliary head's logits, not the masks': test_segmentation_model.py tests it.
+@pytest.mark.parametrize("name", [name for name in LOSSES.names() if name != "presence"])
 def test_every_loss_is_finite_and_leaves_ignored_pixels_out(
     tmp_path: Path, small: Path, name: str, classes: int
 ) -> None:
@@ -255,6 +269,87 @@ def test_many_classes_keep_the_status_within_its_bounds() -> None:
     assert status_metrics({"val/miou": 0.5}, "val/miou") == {"val/miou": 0.5}
 
 
+def test_class_colours_are_distinct_and_never_the_ignore_colour() -> None:
+    colours = [tuple(c) for c in class_colours(65536).tolist()]
+    assert len(set(colours)) == 65536 and IGNORE_COLOUR not in colours
+    assert colours[:4] == [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0)]  # PASCAL VOC's first classes
+
+
+def test_predictions_and_overlays_keep_the_images_own_size(tmp_path: Path, small: Path) -> None:
+    # A 20x12 image evaluated at 8x8: the class scores are resized (bilinear) to 12x20 and then decided, so the
+    # predicted mask has the image's size and holds class indices only.
+    root = tmp_path / "odd"
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    truth = rng.integers(0, 4, (12, 20)).astype(np.uint8)
+    truth[:2] = 255
+    for kind, array in (("images", image), ("masks", truth)):
+        (root / kind).mkdir(parents=True)
+        Image.fromarray(array).save(root / kind / "a.png")
+    split = read_split("segmentation-folder", root, "val", labels=4, ignore_index=255)
+    job = seg_job(tmp_path, small)
+    evaluator = SegmentationEvaluator(job, TaskData(splits={}, num_classes=4), torch.device("cpu"))
+    logits = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits[:, 3] -= 10  # class 3 is never predicted
+    evaluated = torch.randint(0, 3, (1, 8, 8), generator=torch.Generator().manual_seed(1))
+    [row] = evaluator.prediction_rows(logits, {"index": torch.tensor([0]), "size": torch.tensor([[12, 20]]),
+                                               "mask": evaluated}, split)  # fmt: skip
+    run = Path(job.run_uri)
+    predicted = np.asarray(Image.open(run / row["prediction"]))
+    expected = F.interpolate(logits, size=(12, 20), mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+    assert predicted.shape == (12, 20) and (predicted == expected).all()
+    # Per image, at the evaluated size: IoU per class, empty for class 3 (in neither truth nor prediction).
+    y_true, y_pred = evaluated.ravel().numpy(), logits.argmax(1).ravel().numpy()
+    per_class = jaccard_score(y_true, y_pred, labels=range(3), average=None, zero_division=0)
+    assert [row[f"iou/{k}"] for k in range(3)] == [round(v, 6) for v in per_class] and row["iou/3"] == ""
+    assert row["miou"] == round(jaccard_score(y_true, y_pred, average="macro"), 6)
+    overlay = np.asarray(Image.open(run / "samples/val/a.png"))
+    colours = class_colours(4)
+    assert overlay.shape == (12, 3 * 20, 3)
+    assert (overlay[:, :20] == image).all() and (overlay[:, 40:] == colours[predicted]).all()
+    truth_panel, ignored = overlay[:, 20:40], truth == 255
+    assert (truth_panel[ignored] == IGNORE_COLOUR).all() and (truth_panel[~ignored] == colours[truth[~ignored]]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_evaluation_json_predictions_and_overlays_of_a_tiny_run(isolated: Path, shapes: Path, small: Path) -> None:
+    copy_split(shapes / "test", small / "test")
+    for path in sorted((small / "val/masks").iterdir())[:3]:  # some ignored pixels
+        values = np.asarray(Image.open(path)).copy()
+        values[:3] = 255
+        Image.fromarray(values).save(path)
+    test = {"uri": str(small / "test"), **FOLDER}
+    job = seg_job(isolated, small, epochs=1, data={"batchSize": 4, "test": test})
+    code, message = run_main(isolated, job)
+    assert code == 0, message
+    run, colours = Path(job.run_uri), class_colours(4)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert set(evaluation) == {"val", "test"} and summary(job)["evaluation"]["metrics"] == evaluation["test"]["metrics"]
+    for split, report in evaluation.items():
+        rows = list(csv.DictReader((run / f"predictions-{split}.csv").open()))
+        assert set(rows[0]) == CSV_COLUMNS
+        assert len(rows) == report["images"] == 8 and report["ignoreIndex"] == 255
+        # At imageSize 32 the evaluated and the original resolution are the same: the written masks give the
+        # split's numbers exactly.
+        truths = [np.asarray(Image.open(small / split / r["mask"])) for r in rows]
+        predictions = [np.asarray(Image.open(run / r["prediction"])) for r in rows]
+        truth, predicted = np.stack(truths), np.stack(predictions)
+        keep = truth != 255
+        y_true, y_pred = truth[keep], predicted[keep]
+        assert report["confusion"] == confusion_matrix(y_true, y_pred, labels=range(4)).tolist()
+        assert report["metrics"]["miou"] == pytest.approx(jaccard_score(y_true, y_pred, average="macro"), abs=1e-6)
+        assert [c["name"] for c in report["classes"]] == ["0", "1", "2", "3"]
+        assert_per_class_matches_scikit_learn(report["classes"], y_true, y_pred, 4)
+        for row, one_truth, one_predicted in zip(rows[:SAMPLE_IMAGES], truths, predictions, strict=False):
+            overlay = np.asarray(Image.open(run / "samples" / split / Path(row["image"]).name))
+            assert overlay.shape == (32, 3 * 32, 3)
+            assert (overlay[:, 64:] == colours[one_predicted]).all()
+            ignored = one_truth == 255
+            assert (overlay[:, 32:64][ignored] == IGNORE_COLOUR).all()
+            assert (overlay[:, 32:64][~ignored] == colours[one_truth[~ignored]]).all()
+
+
 # -- networks and weights ----------------------------------------------------------------------------------------
 
 
@@ -309,7 +404,7 @@ def test_one_process_learns_the_shapes(isolated: Path, shapes: Path) -> None:
     assert result["split"] == "test" and result["metrics"]["miou"] > 0.22, result
     assert result["metrics"]["iou/0"] > 0.8, result
     rows = list(csv.DictReader((Path(job.run_uri) / "predictions-test.csv").open()))
-    assert len(rows) == 16 and set(rows[0]) == {"image", "mask", "prediction", "miou", "pixel_accuracy"}
+    assert len(rows) == 16 and set(rows[0]) == CSV_COLUMNS
     png = np.asarray(Image.open(Path(job.run_uri) / rows[0]["prediction"]))
     assert png.shape == (32, 32) and set(np.unique(png)) <= {0, 1, 2, 3}
 
@@ -320,11 +415,19 @@ def test_two_processes_train_validate_test_and_predict(tmp_path: Path, shapes: P
     job = seg_job(
         tmp_path, shapes, epochs=2, resources={"procsPerNode": 2}, ema={"enabled": True, "decay": 0.5},
         data={"batchSize": 4, "test": {"uri": str(shapes / "test"), **FOLDER}}, gradAccumulation=2,
-        loss={"weights": {"dice": 0.5, "focal": 0.5}},
+        loss={"weights": {"dice": 0.5, "focal": 0.5}, "classWeights": "auto"},
     )  # fmt: skip
     result = run_trainer(write_spec(job, tmp_path / "spec.json"), trainer_env(tmp_path), procs=2, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
     run = Path(job.run_uri)
+    # Each rank counted its shard of the training masks: the all-reduced sums are the split's, as numpy counts
+    # them (ranks that each read every mask would double them).
+    stats = json.loads((run / "class-stats.json").read_text())
+    masks = [np.asarray(Image.open(path)) for path in sorted((shapes / "train" / "masks").iterdir())]
+    pixels = np.concatenate([mask.ravel() for mask in masks])
+    assert [c["pixels"] for c in stats["classes"]] == np.bincount(pixels, minlength=4).tolist()
+    assert [c["images"] for c in stats["classes"]] == [sum(bool((m == k).any()) for m in masks) for k in range(4)]
+    assert (result.stdout + result.stderr).count("loss.classWeights auto (balanced, from pixels per class)") == 1
     assert [r["epoch"] for r in metrics_records(run)] == [1, 2]
     assert {"train/loss/dice", "train/loss/focal", "val/miou"} <= set(metrics_records(run)[-1])
     evaluation = json.loads((run / "summary.json").read_text())["evaluation"]
@@ -338,3 +441,9 @@ def test_two_processes_train_validate_test_and_predict(tmp_path: Path, shapes: P
     metrics = evaluation["metrics"]
     assert metrics["miou"] == pytest.approx(jaccard_score(y_true, y_pred, average="macro"), abs=1e-6)
     assert metrics["pixel_accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-6)
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["test"]["confusion"] == confusion_matrix(y_true, y_pred, labels=range(4)).tolist()
+    assert report["val"]["images"] == 32 and len(list((run / "predictions-val").glob("*.png"))) == 32
+    first = [f"{i:04d}.png" for i in range(SAMPLE_IMAGES)]
+    for split in ("val", "test"):  # each rank draws its own share of the first images
+        assert sorted(p.name for p in (run / "samples" / split).iterdir()) == first

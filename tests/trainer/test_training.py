@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import signal
 import socket
 import sys
@@ -16,6 +14,7 @@ from subprocess import Popen
 
 import pytest
 from trainer_testkit import (
+    kill_tree,
     latest_pointer,
     make_job,
     metrics_records,
@@ -37,14 +36,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and its direct children (torchrun's workers live in process groups of their own)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for child in [pid, *map(int, children)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
 
 
 def get(port: int, path: str) -> bytes | None:

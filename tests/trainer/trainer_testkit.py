@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
+from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
 from kiln.api.manifest import TrainingJob
 from kiln.api.resolve import Environment, ResolvedTrainingJob, resolve
@@ -106,6 +110,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its direct children (torchrun's workers live in process groups of their own)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for child in [pid, *map(int, children)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def latest_pointer(checkpoints: Path) -> dict[str, Any] | None:
     try:
         return json.loads((checkpoints / "latest.json").read_text())  # type: ignore[no-any-return]
@@ -115,3 +127,27 @@ def latest_pointer(checkpoints: Path) -> dict[str, Any] | None:
 
 def metrics_records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_per_class_matches_scikit_learn(
+    table: list[dict[str, Any]], y_true: np.ndarray, y_pred: np.ndarray, classes: int
+) -> None:
+    """Each class record (evaluation.json's ``classes``) equals scikit-learn's per-class numbers (zero_division
+    0); a class in neither truth nor prediction has None for its scores; support and predicted are counts."""
+    labels = list(range(classes))
+    f1 = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    reference = {
+        "iou": jaccard_score(y_true, y_pred, labels=labels, average=None, zero_division=0),
+        "dice": f1,
+        "f1": f1,
+        "precision": precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0),
+        "recall": recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0),
+    }
+    assert [row["index"] for row in table] == labels
+    for k, row in enumerate(table):
+        present = bool((y_true == k).any() or (y_pred == k).any())
+        assert set(row) & set(reference), row
+        for name in set(row) & set(reference):
+            expected = pytest.approx(reference[name][k], abs=1e-6) if present else None
+            assert row[name] == expected, (k, name)
+        assert (row["support"], row["predicted"]) == (int((y_true == k).sum()), int((y_pred == k).sum()))

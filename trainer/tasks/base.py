@@ -18,8 +18,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.class_stats import ClassStats
+from kiln.trainer.distributed import World
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
+from kiln.trainer.transfer import Transfer
 
 Batch = dict[str, Any]
 Pipeline = Callable[..., dict[str, Any]]  # an albumentations Compose: pipeline(image=..., [mask=...]) -> dict
@@ -42,12 +45,18 @@ class SplitData(Protocol):
         """How the item at ``index`` is named in the predictions file (its path relative to the split root)."""
         ...
 
+    def count_classes(self, class_names: tuple[str, ...], job: ResolvedTrainingJob, world: World) -> ClassStats:
+        """The split's class statistics, the same on every rank: a split that must read its files to count
+        reads a shard per rank and all-reduces the sums."""
+        ...
+
 
 @dataclass(frozen=True)
 class TaskData:
     splits: Mapping[str, SplitData]
     num_classes: int
     class_names: tuple[str, ...] = field(default=())
+    class_stats: ClassStats | None = None  # the training split's, counted once per run (kiln.trainer.class_stats)
 
 
 class Objective(Protocol):
@@ -59,6 +68,16 @@ class Objective(Protocol):
 
     def loss_terms(self) -> Mapping[str, torch.Tensor]:
         """The unweighted terms of the last ``loss`` when it sums several (logged as train/loss/<name>)."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the engine as each epoch (from 0) starts, and after a resume: what changes per epoch (the
+        weights of loss.schedule) follows the epoch alone, so a restarted run picks up where it was."""
+        ...
+
+    def loss_weights(self) -> Mapping[str, float]:
+        """The weights ``loss`` uses this epoch when loss.schedule moves them (logged as train/loss_weight/<name>
+        once per epoch); empty when they are fixed."""
         ...
 
 
@@ -74,6 +93,11 @@ class Evaluator(Protocol):
 
     def compute(self) -> dict[str, float]: ...
 
+    def details(self) -> dict[str, Any]:
+        """What a person reads in evaluation.json beyond ``compute``'s metrics, JSON-ready and over the whole
+        split (reduced like ``compute``): per-class numbers, with class names, and the confusion matrix."""
+        ...
+
     def prediction_rows(self, outputs: Any, batch: Batch, data: SplitData) -> list[dict[str, Any]]: ...
 
 
@@ -85,6 +109,11 @@ class Task(Protocol):
     def build_objective(self, job: ResolvedTrainingJob, data: TaskData) -> Objective: ...
 
     def build_evaluator(self, job: ResolvedTrainingJob, data: TaskData, device: torch.device) -> Evaluator: ...
+
+    def transfer(self, job: ResolvedTrainingJob, model: nn.Module) -> Transfer | None:
+        """The pretrained part of ``model`` that the spec freezes or trains at a scaled learning rate (the
+        segmentation encoder, a classifier's backbone); None when it asks for neither."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -114,19 +143,29 @@ class LossInfo:
 
 class WeightedLoss:
     """``loss_weights`` ({name: weight}) as one callable summing the weighted terms; with more than one term,
-    ``terms`` keeps each one's unweighted value from the last call (detached), for logging."""
+    ``terms`` keeps each one's unweighted value from the last call (detached), for logging. ``set_epoch`` moves
+    ``weights`` along loss.schedule."""
 
     def __init__(self, registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData) -> None:
-        self._terms = [(name, registry.get(name).build(job, data), weight) for name, weight in job.loss_weights.items()]
+        self._job = job
+        self._terms = [(name, registry.get(name).build(job, data)) for name in job.loss_weights]
+        self.weights: dict[str, float] = dict(job.loss_weights)
         self.terms: dict[str, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.weights = self._job.loss_weights_at(epoch)
+
+    def scheduled_weights(self) -> dict[str, float]:
+        """``weights`` when loss.schedule moves them, for logging; fixed weights are not worth a metric each."""
+        return dict(self.weights) if self._job.spec.loss.schedule else {}
 
     def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
         if len(self._terms) == 1:
-            _, term, weight = self._terms[0]
-            return weight * term(outputs, batch)
-        values = {name: term(outputs, batch) for name, term, _ in self._terms}
+            name, term = self._terms[0]
+            return self.weights[name] * term(outputs, batch)
+        values = {name: term(outputs, batch) for name, term in self._terms}
         self.terms = {name: value.detach() for name, value in values.items()}
-        return torch.stack([weight * values[name] for name, _, weight in self._terms]).sum()
+        return torch.stack([self.weights[name] * values[name] for name, _ in self._terms]).sum()
 
 
 def weighted_loss(registry: Registry[LossInfo], job: ResolvedTrainingJob, data: TaskData) -> WeightedLoss:

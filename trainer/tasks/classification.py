@@ -13,17 +13,21 @@ from timm.data import Mixup
 from torch import nn
 
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.class_stats import auto_class_weights
 from kiln.trainer.errors import InvalidInput
-from kiln.trainer.metrics import ClassificationMetrics
-from kiln.trainer.models import build_model
+from kiln.trainer.metrics import ClassificationMetrics, class_table, confusion_lists
+from kiln.trainer.models import build_model, classifier_paths
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, LossInfo, SplitData, TaskData, weighted_loss
 from kiln.trainer.tasks.classification_data import FORMATS, LabelledImages, class_order, hold_out, index_samples
+from kiln.trainer.transfer import PretrainedPart, Transfer
 
 
 def _cross_entropy(job: ResolvedTrainingJob, data: TaskData) -> Callable[[Any, Batch], torch.Tensor]:
     class_weights = job.spec.loss.class_weights
-    if class_weights is not None and len(class_weights) != data.num_classes:
+    if class_weights == "auto":
+        class_weights = auto_class_weights(data.class_stats)
+    elif class_weights is not None and len(class_weights) != data.num_classes:
         raise InvalidInput(f"loss.classWeights has {len(class_weights)} entries for {data.num_classes} classes")
     weight = torch.tensor(class_weights) if class_weights else None
     smoothing = job.spec.augmentation.label_smoothing
@@ -71,6 +75,12 @@ class ClassificationObjective:
     def loss_terms(self) -> Mapping[str, torch.Tensor]:
         return self._loss.terms
 
+    def set_epoch(self, epoch: int) -> None:
+        self._loss.set_epoch(epoch)
+
+    def loss_weights(self) -> Mapping[str, float]:
+        return self._loss.scheduled_weights()
+
 
 class ClassificationEvaluator:
     metric_names = ("accuracy", "precision", "recall", "f1", "top5", "loss")
@@ -85,9 +95,15 @@ class ClassificationEvaluator:
     def compute(self) -> dict[str, float]:
         return self.metrics.reduce().compute()
 
-    @property
-    def confusion(self) -> list[list[int]]:
-        return [[int(v) for v in row] for row in self.metrics.confusion.tolist()]
+    def details(self) -> dict[str, Any]:
+        """Per-class precision, recall, F1 and support (images) and the confusion matrix, for evaluation.json."""
+        confusion = self.metrics.reduce().confusion
+        columns = {"precision": "precision", "recall": "recall", "f1": "f1"}
+        return {
+            "images": int(self.metrics.totals[1]),
+            "classes": class_table(confusion, self.class_names, columns),
+            "confusion": confusion_lists(confusion),
+        }
 
     def prediction_rows(self, outputs: torch.Tensor, batch: Batch, data: SplitData) -> list[dict[str, Any]]:
         probabilities = outputs.float().softmax(dim=1)
@@ -127,6 +143,25 @@ class ClassificationTask:
 
     def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module:
         return build_model(job.spec.model, data.num_classes, job.spec.storage)
+
+    def transfer(self, job: ResolvedTrainingJob, model: nn.Module) -> Transfer | None:
+        """The backbone: everything but the classifier head that timm's metadata names."""
+        spec = job.spec.model
+        if spec.freeze_backbone is None and spec.backbone_lr_scale is None:
+            return None
+        field = "model.freezeBackbone" if spec.freeze_backbone is not None else "model.backboneLrScale"
+        heads = classifier_paths(model)
+        if not heads:
+            raise InvalidInput(
+                f"{field}: the network names no classifier head (pretrained_cfg['classifier'] or get_classifier()), "
+                "so its backbone is unknown"
+            )
+        return Transfer(
+            PretrainedPart("backbone", exclude=heads),
+            field,
+            freeze_epochs=spec.freeze_backbone.epochs if spec.freeze_backbone is not None else 0,
+            lr_scale=spec.backbone_lr_scale,
+        )
 
     def build_objective(self, job: ResolvedTrainingJob, data: TaskData) -> ClassificationObjective:
         return ClassificationObjective(job, data)

@@ -6,10 +6,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.class_stats import ClassStats
 from kiln.trainer.data import IMAGE_SUFFIXES, csv_rows, hold_out_indices, load_image
+from kiln.trainer.distributed import World
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, Pipeline
@@ -33,6 +37,11 @@ class LabelledImages:
     def describe(self, index: int) -> str:
         path = self.samples[index][0]
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def count_classes(self, class_names: tuple[str, ...], job: ResolvedTrainingJob, world: World) -> ClassStats:
+        """Samples per class, from the listing every rank holds: nothing to read, nothing to reduce."""
+        counts = np.bincount([label for _, label in self.samples], minlength=len(class_names)).tolist()
+        return ClassStats("samples", class_names, tuple(counts), tuple(counts), split_size=len(self))
 
     def subset(self, indices: Sequence[int]) -> LabelledImages:
         return LabelledImages(self.root, tuple(self.samples[i] for i in indices))

@@ -1,5 +1,6 @@
-"""The segmentation task: segmentation-models-pytorch networks, smp's losses, mIoU/Dice/pixel accuracy from an
-all-reduced pixel confusion matrix, and predicted masks written as PNGs.
+"""The segmentation task: segmentation-models-pytorch networks, smp's losses, mIoU/Dice/pixel accuracy (and
+per-class IoU, Dice, precision and recall for evaluation.json) from an all-reduced pixel confusion matrix,
+predicted masks written as PNGs, and overlays of the first few images.
 
 ``model.numClasses`` 1 is binary segmentation: one output channel, a sigmoid, masks of 0 and 1 (metrics then
 count two classes, background and foreground). More classes are multi-class: softmax over numClasses channels.
@@ -9,26 +10,42 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import segmentation_models_pytorch as smp
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from kiln.api.catalogue import TIMM_ENCODER_PREFIX, unknown_name_message
 from kiln.api.resolve import DEFAULT_IGNORE_INDEX, ResolvedTrainingJob
 from kiln.storage import Store, open_store
+from kiln.trainer.class_stats import auto_class_weights
+from kiln.trainer.data import load_image
 from kiln.trainer.errors import InvalidInput
-from kiln.trainer.metrics import SegmentationMetrics, pixel_confusion, segmentation_from_confusion
-from kiln.trainer.models import build_model, load_matching, matching_tensors, read_weights
+from kiln.trainer.metrics import (
+    SegmentationMetrics,
+    class_scores,
+    class_table,
+    confusion_lists,
+    pixel_confusion,
+    segmentation_from_confusion,
+)
 from kiln.trainer.registry import Registry
 from kiln.trainer.tasks.base import Batch, LossInfo, SplitData, TaskData, weighted_loss
-from kiln.trainer.tasks.segmentation_data import MaskedImages, hold_out, read_split
+from kiln.trainer.tasks.segmentation_data import MaskedImages, hold_out, palette_of, read_split
+from kiln.trainer.tasks.segmentation_model import (
+    PRESENCE,
+    build_segmentation_model,
+    encoder_transfer,
+    masks_of,
+    presence_loss,
+)
+from kiln.trainer.tasks.segmentation_overlay import class_colours, overlay_png
+from kiln.trainer.transfer import Transfer
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
 LossBuilder = Callable[[ResolvedTrainingJob, TaskData], LossFn]
@@ -37,56 +54,6 @@ LossBuilder = Callable[[ResolvedTrainingJob, TaskData], LossFn]
 def ignore_index(job: ResolvedTrainingJob) -> int:
     value = job.spec.data.ignore_index  # resolved: set for every segmentation job
     return DEFAULT_IGNORE_INDEX if value is None else value
-
-
-# -- the network -------------------------------------------------------------------------------------------------
-
-
-def _check_encoder(name: str) -> None:
-    if name.startswith(TIMM_ENCODER_PREFIX):
-        if not timm.is_model(name.removeprefix(TIMM_ENCODER_PREFIX)):
-            raise InvalidInput(unknown_name_message("model.encoder timm model (tu-<name>)", name, []))
-        return
-    encoders = smp.encoders.get_encoder_names()
-    if name not in encoders:
-        raise InvalidInput(unknown_name_message("model.encoder (an smp encoder, or tu-<timm model>)", name, encoders))
-
-
-def build_segmentation_model(job: ResolvedTrainingJob, num_classes: int) -> nn.Module:
-    spec, image_size = job.spec.model, job.spec.data.image_size
-    if spec.source:  # a plugin builds the whole network
-        return build_model(spec, num_classes, job.spec.storage)
-    architecture = spec.architecture.lower()
-    if architecture not in smp.MODEL_ARCHITECTURES_MAPPING:
-        valid = smp.MODEL_ARCHITECTURES_MAPPING
-        raise InvalidInput(unknown_name_message("model.architecture (an smp architecture)", spec.architecture, valid))
-    encoder = spec.encoder or ""
-    _check_encoder(encoder)
-    try:
-        # encoder_weights=None always: there is no model hub at run time; weights come from model.pretrained.
-        model = smp.create_model(architecture, encoder_name=encoder, encoder_weights=None, classes=num_classes)
-    except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as exc:
-        raise InvalidInput(f"model: smp cannot build {architecture} with encoder {encoder}: {exc}") from exc
-    stride = getattr(getattr(model, "encoder", None), "output_stride", 1)
-    if getattr(model, "requires_divisible_input_shape", False) and image_size % stride:
-        needs = f"{architecture} with {encoder} needs a multiple of {stride}"
-        raise InvalidInput(f"data.imageSize: {needs}, not {image_size}")
-    if spec.pretrained:
-        load_segmentation_weights(model, spec.pretrained, job)
-    return model
-
-
-def load_segmentation_weights(model: nn.Module, uri: str, job: ResolvedTrainingJob) -> None:
-    """A whole network (a Kiln checkpoint of the same architecture) or the encoder alone (a backbone's state
-    dict: an smp encoder's, or a timm model's for tu- encoders): whichever part matches more tensors."""
-    weights = read_weights(uri, job.spec.storage)
-    encoder = getattr(model, "encoder", None)
-    candidates = [model, encoder, getattr(encoder, "model", None)]  # tu- encoders keep the timm model in .model
-    parts = [part for part in candidates if isinstance(part, nn.Module)]
-    best = max(parts, key=lambda part: len(matching_tensors(part, weights)))
-    if not matching_tensors(best, weights):
-        raise InvalidInput(f"model.pretrained: no tensor in {uri} matches the network or its encoder")
-    load_matching(best, weights, uri)
 
 
 # -- losses (smp's, plus torch's cross-entropy, which alone takes class weights, ignore index and smoothing) --
@@ -98,6 +65,8 @@ def _class_weights(job: ResolvedTrainingJob, data: TaskData) -> list[float] | No
         return None
     if data.num_classes == 1:
         raise InvalidInput("loss.classWeights: binary segmentation (numClasses 1) takes no class weights")
+    if weights == "auto":
+        return auto_class_weights(data.class_stats)
     if len(weights) != data.num_classes:
         raise InvalidInput(f"loss.classWeights has {len(weights)} entries for {data.num_classes} classes")
     return list(weights)
@@ -160,6 +129,7 @@ for _name, _build, _text in (
     ("tversky", _smp_loss(smp.losses.TverskyLoss), "smp TverskyLoss (alpha = beta = 0.5)"),
     ("cross_entropy", _cross_entropy, "cross-entropy (binary when numClasses is 1), class weights, smoothing"),
     ("bce", _binary_cross_entropy, "binary cross-entropy, numClasses 1 only"),
+    (PRESENCE, presence_loss, "which classes each image contains, for model.args.aux_params' classification head"),
 ):
     LOSSES.register(LossInfo(_name, _build, _text))
 
@@ -169,7 +139,7 @@ class SegmentationObjective:
         self._loss = weighted_loss(LOSSES, job, data)
 
     def forward(self, model: nn.Module, batch: Batch, *, training: bool) -> torch.Tensor:
-        return model(batch["image"])
+        return masks_of(model(batch["image"]), batch)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self._loss(outputs.float(), batch)
@@ -177,19 +147,34 @@ class SegmentationObjective:
     def loss_terms(self) -> Mapping[str, torch.Tensor]:
         return self._loss.terms
 
+    def set_epoch(self, epoch: int) -> None:
+        self._loss.set_epoch(epoch)
+
+    def loss_weights(self) -> Mapping[str, float]:
+        return self._loss.scheduled_weights()
+
 
 # -- evaluation ----------------------------------------------------------------------------------------------
 
 
+# Overlays for the first images of each evaluated split: enough to eyeball what the model does without
+# writing a second copy of a large split (the predicted masks already hold every image).
+SAMPLE_IMAGES = 8
+
+
 class SegmentationEvaluator:
     """Metrics over a split from one pixel confusion matrix summed over every rank; per image, the predicted mask
-    (a PNG of class indices at the image's own size) and its mIoU (at the evaluated size, imageSize)."""
+    (a PNG of class indices at the image's own size), its mIoU and per-class IoU (at the evaluated size,
+    imageSize), and for the first SAMPLE_IMAGES images an overlay (image | truth | prediction)."""
 
     METRICS = ("miou", "dice", "pixel_accuracy", "loss")  # plus iou/<class> for each class
 
     def __init__(self, job: ResolvedTrainingJob, data: TaskData, device: torch.device) -> None:
         self.binary = data.num_classes == 1
         self.classes = 2 if self.binary else data.num_classes
+        self.class_names = (
+            data.class_names if len(data.class_names) == self.classes else tuple(map(str, range(self.classes)))
+        )
         self.ignore_index = ignore_index(job)
         self.metric_names = (*self.METRICS, *(f"iou/{k}" for k in range(self.classes)))
         self.metrics = SegmentationMetrics(self.classes, self.ignore_index, device)
@@ -206,13 +191,49 @@ class SegmentationEvaluator:
     def compute(self) -> dict[str, float]:
         return self.metrics.reduce().compute()
 
-    def _write_png(self, key: str, predicted: torch.Tensor) -> None:
+    def details(self) -> dict[str, Any]:
+        """Per-class IoU, Dice, precision, recall and support (pixels, at imageSize, ignored ones left out) and
+        the pixel confusion matrix, for evaluation.json."""
+        confusion = self.metrics.reduce().confusion
+        columns = {"iou": "iou", "dice": "f1", "precision": "precision", "recall": "recall"}
+        return {
+            "images": int(self.metrics.totals[1]),
+            "ignoreIndex": self.ignore_index,
+            "classes": class_table(confusion, self.class_names, columns),
+            "confusion": confusion_lists(confusion),
+        }
+
+    @property
+    def store(self) -> Store:
         if self._store is None:
             self._store = open_store(self._job.run_uri, self._job.spec.storage)
+        return self._store
+
+    def _write_png(self, key: str, predicted: torch.Tensor) -> np.ndarray:
         values = predicted.cpu().numpy().astype(np.uint8 if self.classes <= 256 else np.uint16)
         buffer = io.BytesIO()
         Image.fromarray(values).save(buffer, format="PNG")
-        self._store.write_bytes(key, buffer.getvalue())
+        self.store.write_bytes(key, buffer.getvalue())
+        return values
+
+    def _write_overlay(self, data: MaskedImages, index: int, predicted: np.ndarray) -> None:
+        """Image | ground truth | prediction at the image's original size, from the files, not the batch."""
+        key = f"samples/{data.split}/{Path(data.names[index]).with_suffix('.png').as_posix()}"
+        colours = class_colours(self.classes)
+        truth = data.read_mask(index)  # class indices, also for colour masks (data.palette)
+        png = overlay_png(load_image(data.samples[index][0]), truth, predicted, colours, self.ignore_index)
+        self.store.write_bytes(key, png)
+
+    def _image_scores(self, predicted: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+        """mIoU, pixel accuracy and iou/<class name>; a class in neither truth nor prediction has an empty IoU."""
+        confusion = pixel_confusion(predicted, mask, self.classes, self.ignore_index)
+        summary = segmentation_from_confusion(confusion)
+        scores = class_scores(confusion)
+        iou = {
+            f"iou/{name}": round(float(value), 6) if present else ""
+            for name, value, present in zip(self.class_names, scores["iou"], scores["present"], strict=True)
+        }
+        return {"miou": round(summary["miou"], 6), "pixel_accuracy": round(summary["pixel_accuracy"], 6), **iou}
 
     def prediction_rows(self, outputs: torch.Tensor, batch: Batch, data: SplitData) -> list[dict[str, Any]]:
         if not isinstance(data, MaskedImages):
@@ -221,21 +242,15 @@ class SegmentationEvaluator:
         predicted = self.predict(logits)
         rows = []
         for i, index in enumerate(batch["index"].tolist()):
-            per_image = pixel_confusion(predicted[i], batch["mask"][i], self.classes, self.ignore_index)
-            scores = segmentation_from_confusion(per_image)
             height, width = batch["size"][i].tolist()
+            # Class scores are resized (bilinear) and then decided: class indices are never interpolated.
             full = F.interpolate(logits[i : i + 1], size=(height, width), mode="bilinear", align_corners=False)
             key = data.prediction_key(index)
-            self._write_png(key, self.predict(full)[0])
-            rows.append(
-                {
-                    "image": data.describe(index),
-                    "mask": data.describe_mask(index),
-                    "prediction": key,
-                    "miou": round(scores["miou"], 6),
-                    "pixel_accuracy": round(scores["pixel_accuracy"], 6),
-                }
-            )
+            values = self._write_png(key, self.predict(full)[0])
+            if index < SAMPLE_IMAGES:
+                self._write_overlay(data, index, values)
+            row = {"image": data.describe(index), "mask": data.describe_mask(index), "prediction": key}
+            rows.append({**row, **self._image_scores(predicted[i], batch["mask"][i])})
         return rows
 
 
@@ -249,10 +264,8 @@ class SegmentationTask:
         if ignore < labels:
             raise InvalidInput(f"data.ignoreIndex: {ignore} is a class index; it must be at least {labels}")
         sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
-        splits = {
-            split: read_split(sources[split].format, root, split, labels=labels, ignore_index=ignore)  # type: ignore[union-attr]
-            for split, root in roots.items()
-        }
+        read = partial(read_split, labels=labels, ignore_index=ignore, palette=palette_of(job, ignore))
+        splits = {split: read(sources[split].format, root, split) for split, root in roots.items()}  # type: ignore[union-attr]
         if spec.data.val_split is not None:
             splits["train"], splits["val"] = hold_out(splits["train"], spec.data.val_split, spec.seed)
         names = ("background", "foreground") if num_classes == 1 else tuple(str(k) for k in range(num_classes))
@@ -260,6 +273,9 @@ class SegmentationTask:
 
     def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module:
         return build_segmentation_model(job, data.num_classes)
+
+    def transfer(self, job: ResolvedTrainingJob, model: nn.Module) -> Transfer | None:
+        return encoder_transfer(job)
 
     def build_objective(self, job: ResolvedTrainingJob, data: TaskData) -> SegmentationObjective:
         return SegmentationObjective(job, data)

@@ -1,0 +1,135 @@
+"""The method the overhead benchmarks share: Kiln's ``Trainer.train_epoch`` against a minimal hand-written loop.
+
+Both loops iterate the same in-memory data (decoded once, so decoding does not dilute the comparison) through
+one loader shape (a seeded ``RandomSampler`` of exactly ``steps`` full batches, ``num_workers=0``) in short
+timed windows. Windows alternate ABBA (Kiln, plain, plain, Kiln, ...) so that neither loop always runs second
+on a warmer cache, and each Kiln window is paired with the plain window next to it. The first ``warmup`` pairs
+are discarded. The figure is the median over pairs of ``kiln images/s / plain images/s`` (pairing cancels the
+machine's drift between pairs), with its IQR and min/max; the 1-minute load average is sampled at every window,
+since other processes on a shared machine move both numbers. The same ratio is also computed from the process's
+CPU time per window (``cpu_ratio_*``): with one intra-op thread and nothing else running in the process, that is
+the work each loop did, without the time the process spent descheduled; on a busy VM it is the steadier figure.
+
+Used by ``trainer_overhead.py`` (classification) and ``segmentation_overhead.py``; run those, not this.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from kiln.api.parse import parse_manifest
+from kiln.api.resolve import Environment, resolve
+from kiln.trainer.distributed import World
+from kiln.trainer.progress import LatestSnapshot
+from kiln.trainer.trainer import Trainer
+
+SEED = 0
+LR = 1e-3
+# Nothing but the training loop in Kiln's window: no validation, and no checkpoint (everyEpochs out of reach,
+# everySteps 0). What remains is Kiln's per-step bookkeeping, which is exactly the overhead being measured.
+KILN_LOOP_ONLY: dict[str, Any] = {
+    "augmentation": {"preset": "none"},  # augmented once would be augmented forever: the data is cached
+    "optimizer": {"name": "adamw", "lr": LR, "weightDecay": 0.0},
+    "scheduler": {"name": "none"},
+    "precision": "fp32",
+    "seed": SEED,
+    "epochs": 1,
+    "checkpoint": {"everyEpochs": 1000, "everySteps": 0},
+    "resources": {"gpusPerNode": 0, "procsPerNode": 1},
+}
+
+
+class InMemory(Dataset[dict[str, Any]]):
+    def __init__(self, source: Dataset[dict[str, Any]]) -> None:
+        self.items = [source[i] for i in range(len(source))]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def window_loader(dataset: Dataset[Any], batch_size: int, steps: int) -> DataLoader[Any]:
+    """Exactly ``steps`` full batches, reshuffled on every pass: the one loader shape both loops iterate."""
+    sampler = RandomSampler(dataset, num_samples=steps * batch_size, generator=torch.Generator().manual_seed(SEED))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)
+
+
+def kiln_trainer(spec: dict[str, Any], out: Path, *, batch_size: int, steps: int) -> Trainer:
+    """A one-process CPU Trainer for ``spec`` (KILN_LOOP_ONLY applied), its training split decoded into memory
+    and served by ``window_loader``."""
+    manifest = {
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "bench"},
+        "spec": {**spec, **KILN_LOOP_ONLY, "data": {**spec["data"], "batchSize": batch_size, "workers": 0}},
+    }  # fmt: skip
+    job = resolve(parse_manifest(manifest), Environment(storage_root=str(out)), mode="local")
+    # Rank 0 of a real run reports progress to the /progress server; keep that bookkeeping in the window.
+    trainer = Trainer(job, World(0, 1, 0, torch.device("cpu")), reporter=LatestSnapshot())
+    trainer.c.train_loader = window_loader(InMemory(trainer.c.train_loader.dataset), batch_size, steps)
+    return trainer
+
+
+def kiln_window(trainer: Trainer) -> None:
+    trainer.batch = 0  # each window is a fresh pass over its loader, as an epoch would be
+    assert trainer.train_epoch(), "not preempted"
+
+
+def images_per_second(run: Callable[[], None], images: int) -> tuple[float, float]:
+    """(images per wall-clock second, images per second of this process's CPU time)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def paired_windows(
+    kiln: Callable[[], None], plain: Callable[[], None], *, images: int, pairs: int, warmup: int
+) -> dict[str, Any]:
+    """Run ``pairs`` ABBA window pairs of ``images`` images each; the summary of the pairs after ``warmup``."""
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    kiln_rates: list[float] = []
+    plain_rates: list[float] = []
+    loads: list[float] = []
+    runs = {"kiln": kiln, "plain": plain}
+    for pair in range(pairs):
+        order = ("kiln", "plain") if pair % 2 == 0 else ("plain", "kiln")  # ABBA: K P P K K P ...
+        rate, cpu_rate = {}, {}
+        for name in order:
+            rate[name], cpu_rate[name] = images_per_second(runs[name], images)
+            loads.append(os.getloadavg()[0])
+        if pair >= warmup:
+            kiln_rates.append(rate["kiln"])
+            plain_rates.append(rate["plain"])
+            ratios.append(rate["kiln"] / rate["plain"])
+            cpu_ratios.append(cpu_rate["kiln"] / cpu_rate["plain"])
+    q1, q3 = quartiles(ratios)
+    cpu_q1, cpu_q3 = quartiles(cpu_ratios)
+    return {
+        "pairs": len(ratios), "warmup_pairs": warmup, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "ratio_median": round(statistics.median(ratios), 3), "ratio_iqr": [round(q1, 3), round(q3, 3)],
+        "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+        "kiln_images_per_s_median": round(statistics.median(kiln_rates), 1),
+        "plain_images_per_s_median": round(statistics.median(plain_rates), 1),
+        "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+        "cpu_ratio_iqr": [round(cpu_q1, 3), round(cpu_q3, 3)],
+        "load_1min_min_mean_max": [round(min(loads), 2), round(statistics.mean(loads), 2), round(max(loads), 2)],
+    }  # fmt: skip
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps an Adam-family optimizer has taken (it keeps a per-parameter count): to check both did the same work."""
+    return int(next(iter(optimizer.state.values()))["step"])

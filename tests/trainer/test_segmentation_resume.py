@@ -1,0 +1,101 @@
+"""Segmentation under torchrun with S3 for data and checkpoints: a SIGKILLed run resumes and ends where an
+uninterrupted run with the same seed ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+from trainer_testkit import kill_tree, make_job, trainer_env, wait_for, write_spec
+
+from kiln.api.resolve import ResolvedTrainingJob
+from kiln.storage import StorageError, Store, open_store
+from kiln.testing.s3 import S3Server
+from kiln.trainer.shapes import write_shapes
+
+pytestmark = pytest.mark.slow
+StartTrainer = Callable[..., Popen[str]]
+
+EPOCHS = 4
+FOLDER = {"format": "segmentation-folder"}
+# A network small enough to train in seconds on a CPU core (3 M parameters).
+TINY = {"architecture": "unet", "encoder": "tu-tf_mobilenetv3_small_minimal_100", "numClasses": 4}
+
+
+def upload_shapes(s3: S3Server, bucket: str, root: Path) -> str:
+    """Tiny shapes splits (32 px) under s3://bucket/shapes/<split>/{images,masks}/."""
+    local = write_shapes(root, splits={"train": 32, "val": 8, "test": 8}, size=32)
+    for path in sorted(local.rglob("*.png")):
+        s3.client().upload_file(str(path), bucket, f"shapes/{path.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/shapes"
+
+
+def s3_job(tmp_path: Path, data: str, s3: S3Server, bucket: str, name: str) -> ResolvedTrainingJob:
+    """Two processes, batch 4 each: 4 steps per epoch; a checkpoint in S3 after every epoch."""
+    splits = {split: {"uri": f"{data}/{split}", **FOLDER} for split in ("train", "val", "test")}
+    return make_job(
+        tmp_path, tmp_path, name=name, task="segmentation", model=TINY, epochs=EPOCHS, optimizer={"lr": 0.01},
+        data={**splits, "imageSize": 32, "batchSize": 4}, resources={"procsPerNode": 2},
+        output={"uri": f"s3://{bucket}/runs/{name}"}, storage={"endpointUrl": s3.endpoint_url},
+        checkpoint={"everyEpochs": 1, "keepLast": 2},
+    )  # fmt: skip
+
+
+def read_json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.read_bytes(key))
+    except StorageError:
+        return None
+
+
+def s3_metrics_records(run: Store) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_resume_from_s3_after_sigkill_and_match_an_uninterrupted_run(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, start_trainer: StartTrainer
+) -> None:
+    data = upload_shapes(s3_server, s3_bucket, tmp_path / "shapes")
+    jobs = {name: s3_job(tmp_path, data, s3_server, s3_bucket, name) for name in ("reference", "resumed")}
+    specs = {name: write_spec(job, tmp_path / f"{name}.json") for name, job in jobs.items()}
+    for name in jobs:
+        (tmp_path / name).mkdir()
+    envs = {name: trainer_env(tmp_path / name) for name in jobs}  # a node-local cache each: both stage from S3
+    runs = {name: open_store(job.run_uri, s3_server.storage()) for name, job in jobs.items()}
+    checkpoints = open_store(jobs["resumed"].checkpoint_uri, s3_server.storage())
+
+    reference = start_trainer(specs["reference"], envs["reference"], procs=2)  # alongside, on the same data
+    first = start_trainer(specs["resumed"], envs["resumed"], procs=2)
+    wait_for(lambda: (read_json(checkpoints, "latest.json") or {}).get("epoch", 0) >= 1, 150, "a checkpoint")
+    kill_tree(first.pid)  # a lost node: torchrun and both workers die at once, nothing gets to save
+    first.wait()
+    killed_at = read_json(checkpoints, "latest.json")
+    assert 1 <= killed_at["epoch"] < EPOCHS, killed_at  # killed mid-training, after at least one checkpoint
+    assert read_json(runs["resumed"], "summary.json")["state"] == "running"
+
+    second = start_trainer(specs["resumed"], envs["resumed"], procs=2)
+    output, _ = second.communicate(timeout=150)
+    assert second.returncode == 0, output
+    assert f"resumed at epoch {killed_at['epoch']}, batch 0, step {killed_at['step']}" in output
+    reference_output, _ = reference.communicate(timeout=150)
+    assert reference.returncode == 0, reference_output
+
+    resumed_summary, reference_summary = (read_json(runs[name], "summary.json") for name in ("resumed", "reference"))
+    assert resumed_summary["state"] == "completed" and resumed_summary["progress"]["step"] == EPOCHS * 4
+    records = {name: s3_metrics_records(runs[name]) for name in runs}
+    assert [r["epoch"] for r in records["resumed"]] == list(range(1, EPOCHS + 1))  # none repeated, none lost
+    # On CPU with one thread per rank, a resumed run is the uninterrupted run: the same weights, optimizer and
+    # schedule state and RNG states from the checkpoint, the same per-epoch shuffle, a deterministic gloo sum of
+    # two gradients and unaugmented data. So its numbers equal the reference's up to float formatting, not merely
+    # within training noise (which at this size is several points of mIoU).
+    for resumed, uninterrupted in zip(records["resumed"], records["reference"], strict=True):
+        for key in ("train/loss", "val/loss", "val/miou"):
+            assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-6), (resumed["epoch"], key)
+    test_miou = resumed_summary["evaluation"]["metrics"]["miou"]
+    assert resumed_summary["evaluation"]["split"] == "test"
+    assert test_miou == pytest.approx(reference_summary["evaluation"]["metrics"]["miou"], abs=1e-6)
