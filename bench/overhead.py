@@ -9,6 +9,9 @@ machine's drift between pairs), with its IQR and min/max; the 1-minute load aver
 since other processes on a shared machine move both numbers. The same ratio is also computed from the process's
 CPU time per window (``cpu_ratio_*``): with one intra-op thread and nothing else running in the process, that is
 the work each loop did, without the time the process spent descheduled; on a busy VM it is the steadier figure.
+Minor page faults per step are counted for each loop too: both loops share one process, hence one malloc heap, and
+when glibc returns freed memory to the kernel, the next allocations fault it back in page by page, which costs CPU
+time that belongs to neither loop's code.
 
 Used by ``trainer_overhead.py`` (classification) and ``segmentation_overhead.py``; run those, not this.
 """
@@ -16,6 +19,7 @@ Used by ``trainer_overhead.py`` (classification) and ``segmentation_overhead.py`
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -83,11 +87,13 @@ def kiln_window(trainer: Trainer) -> None:
     assert trainer.train_epoch(), "not preempted"
 
 
-def images_per_second(run: Callable[[], None], images: int) -> tuple[float, float]:
-    """(images per wall-clock second, images per second of this process's CPU time)."""
+def images_per_second(run: Callable[[], None], images: int) -> tuple[float, float, int]:
+    """(images per wall-clock second, images per second of this process's CPU time, minor page faults)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return images / wall, images / cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -96,22 +102,26 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def paired_windows(
-    kiln: Callable[[], None], plain: Callable[[], None], *, images: int, pairs: int, warmup: int
+    kiln: Callable[[], None], plain: Callable[[], None], *, images: int, steps: int, pairs: int, warmup: int
 ) -> dict[str, Any]:
-    """Run ``pairs`` ABBA window pairs of ``images`` images each; the summary of the pairs after ``warmup``."""
+    """Run ``pairs`` ABBA window pairs of ``steps`` steps and ``images`` images each; the summary of the pairs
+    after ``warmup``."""
     ratios: list[float] = []
     cpu_ratios: list[float] = []
     kiln_rates: list[float] = []
     plain_rates: list[float] = []
     loads: list[float] = []
+    faults: dict[str, list[int]] = {"kiln": [], "plain": []}
     runs = {"kiln": kiln, "plain": plain}
     for pair in range(pairs):
         order = ("kiln", "plain") if pair % 2 == 0 else ("plain", "kiln")  # ABBA: K P P K K P ...
-        rate, cpu_rate = {}, {}
+        rate, cpu_rate, fault = {}, {}, {}
         for name in order:
-            rate[name], cpu_rate[name] = images_per_second(runs[name], images)
+            rate[name], cpu_rate[name], fault[name] = images_per_second(runs[name], images)
             loads.append(os.getloadavg()[0])
         if pair >= warmup:
+            for name in runs:
+                faults[name].append(fault[name])
             kiln_rates.append(rate["kiln"])
             plain_rates.append(rate["plain"])
             ratios.append(rate["kiln"] / rate["plain"])
@@ -126,6 +136,7 @@ def paired_windows(
         "plain_images_per_s_median": round(statistics.median(plain_rates), 1),
         "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
         "cpu_ratio_iqr": [round(cpu_q1, 3), round(cpu_q3, 3)],
+        "minor_faults_per_step_median": {name: round(statistics.median(f) / steps) for name, f in faults.items()},
         "load_1min_min_mean_max": [round(min(loads), 2), round(statistics.mean(loads), 2), round(max(loads), 2)],
     }  # fmt: skip
 

@@ -16,10 +16,10 @@ the paired ``kiln images/s / plain images/s`` ratios, their IQR and min/max, and
     .venv/bin/python bench/segmentation_overhead.py [--architecture unet] [--encoder resnet18]
         [--image-size 32] [--batch-size 16] [--threads 1] [--steps 10] [--pairs 16] [--warmup 2]
 
-The defaults are the shapes example's network and batch (examples/shapes-segmentation.yaml) at half its input
-size, 32 px: the smaller the step, the larger the share of Kiln's fixed per-step cost, and a run fits in a few
-minutes on a shared 2-core VM (``--image-size 64`` is the example's own). Prints one JSON line. Target: median
-ratio >= 0.97.
+The defaults are smp's Unet with a resnet18 encoder and smp's default decoder, batch 16, at 32 px: the shapes
+example's encoder (examples/shapes-segmentation.yaml narrows the decoder with model.args and trains at 64 px). The
+smaller the step, the larger the share of Kiln's fixed per-step cost, and a run fits in a few minutes on a
+shared 2-core VM. Prints one JSON line. Target: median ratio >= 0.97.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
         plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps)
         stats = paired_windows(
             lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader, dice),
-            images=args.steps * args.batch_size, pairs=args.pairs, warmup=args.warmup,
+            images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
         )  # fmt: skip
         plain_steps = optimizer_steps(optimizer)
         assert trainer.step == plain_steps == args.pairs * args.steps, (trainer.step, plain_steps)

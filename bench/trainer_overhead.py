@@ -78,7 +78,7 @@ def main() -> None:
         plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps)
         stats = paired_windows(
             lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader),
-            images=args.steps * args.batch_size, pairs=args.pairs, warmup=args.warmup,
+            images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
         )  # fmt: skip
         # Same work, checked: as many optimizer steps on each side.
         plain_steps = optimizer_steps(optimizer)

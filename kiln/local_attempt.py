@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kiln.api.contract import Env, ExitCode, TrainerReport, is_retriable_exit, parse_report
+from kiln.api.contract import MALLOC_ENV, Env, ExitCode, TrainerReport, is_retriable_exit, parse_report
 from kiln.api.resolve import ResolvedTrainingJob
 
 STDERR_TAIL_LINES = 20
@@ -47,6 +47,7 @@ class LocalRun:
 
     def environment(self, node: int, attempt: int, metrics_port: int) -> dict[str, str]:
         env = {
+            **MALLOC_ENV,  # before os.environ: a user's own malloc tuning wins
             **os.environ,
             Env.METRICS_PORT: str(metrics_port),  # only global rank 0 serves it
             Env.TERMINATION_LOG: str(self.termination_log(node)),

@@ -92,6 +92,7 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
         {"name": Env.CACHE_DIR, "value": contract.CACHE_DIR},
         {"name": Env.ATTEMPT, "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *({"name": name, "value": value} for name, value in contract.MALLOC_ENV.items()),
     ]
     return env + storage_env(storage)
 

@@ -82,6 +82,14 @@ class Env:
     stderr carries only the launcher's own noise."""
 
 
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+"""glibc's malloc tuning for every trainer process (pods and ``kiln run``; torchrun's workers inherit it). With
+glibc's dynamic thresholds, memory freed at the end of a CPU training step goes back to the kernel and the next
+step faults it in again page by page: 18,000 minor faults per step and 0.905 of a plain loop's throughput in
+bench/segmentation_overhead.py; with the thresholds fixed (mmap only above 32 MiB, trim only above 1 GiB free),
+0 faults and 0.98 (docs/benchmarks.md). CUDA memory is torch's caching allocator's, unaffected."""
+
+
 class ExitCode(IntEnum):
     """The trainer's exit codes; the operator's retry policy and ``kiln run`` read them.
 

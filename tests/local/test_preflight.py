@@ -13,6 +13,7 @@ from local_testkit import cli_env, kiln_run_command, write_manifest
 
 from kiln.api.parse import load_training_job
 from kiln.api.resolve import Environment, ResolvedTrainingJob, resolve
+from kiln.local_attempt import LocalRun
 from kiln.preflight import NO_CUDA, NOT_APPLIED, not_applied_locally, preflight
 
 
@@ -142,3 +143,15 @@ def test_plain_manifest_lists_nothing(tmp_path: Path, data: Path) -> None:
         raise AssertionError("gpusPerNode 0 applies anywhere (it hides CUDA); nothing to probe")
 
     assert not_applied_locally(load_training_job(manifest).spec, gpus=no_probe) == []
+
+
+def test_trainer_processes_get_the_malloc_tuning_unless_the_user_set_their_own(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_manifest(tmp_path / "job.yaml", "ok", data, checkpoint={"resume": "never"})
+    run = LocalRun(resolved(manifest), tmp_path / "spec.json", tmp_path)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    env = run.environment(0, 1, 0)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432"  # docs/benchmarks.md, segmentation overhead
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"

@@ -85,6 +85,8 @@ def test_container_runs_torchrun_with_the_contract_flags_and_env() -> None:
     assert env["KILN_METRICS_PORT"] == "9400"
     assert env["KILN_TERMINATION_LOG"] == "/dev/termination-log"
     assert "KILN_CACHE_DIR" in env
+    # glibc keeps freed memory mapped (mmap above 32 MiB, trim above 1 GiB): docs/benchmarks.md, segmentation
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
 
 
