@@ -116,8 +116,6 @@ READERS: dict[str, tuple[str, ...]] = {
     "loss.name": (RESOLVE,),
     "loss.weights": (RESOLVE,),
     "loss.schedule": (RESOLVE,),
-    "loss.schedule.epoch": (RESOLVE,),
-    "loss.schedule.weights": (RESOLVE,),
     "loss.class_weights": (CLASSIFICATION, SEGMENTATION),
     "epochs": (TRAINER, COMPONENTS, OPERATOR),
     "seed": (COMPONENTS, DATA),
