@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError
 
@@ -169,27 +169,15 @@ def is_retriable_exit(code: int, retriable_exit_codes: Iterable[int]) -> bool:
     return code >= 128 or code in set(retriable_exit_codes)
 
 
+_Report = TypeVar("_Report", bound=StatusModel)
+
+
 def parse_report(text: str | None) -> TrainerReport | None:
     """A report from a termination message or a /progress body; None when the text is not one.
 
     Unknown keys are tolerated (a newer trainer may report more); a malformed value is not a report.
     """
-    if not text or not text.strip():
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    known = {key: value for key, value in data.items() if key in _REPORT_KEYS}
-    try:
-        return TrainerReport.model_validate(known)
-    except ValidationError:
-        return None
-
-
-_REPORT_KEYS = {field.alias or name for name, field in TrainerReport.model_fields.items()}
+    return _parse_known(text, TrainerReport)
 
 
 # -- the exporter's report ------------------------------------------------------------------------------------
@@ -317,24 +305,22 @@ def parse_export_report(text: str | None) -> ExportReport | None:
     Like :func:`parse_report`: unknown keys are tolerated (a newer exporter may report more), a malformed value
     is not a report.
     """
-    data = _json_object(text)
-    if data is None:
-        return None
-    known = {key: value for key, value in data.items() if key in _EXPORT_REPORT_KEYS}
-    try:
-        return ExportReport.model_validate(known)
-    except ValidationError:
-        return None
+    return _parse_known(text, ExportReport)
 
 
-def _json_object(text: str | None) -> dict[str, Any] | None:
+def _parse_known(text: str | None, model: type[_Report]) -> _Report | None:
+    """``model`` from a JSON object's keys that it knows (by alias or name); None when the text is no such object
+    or a known value is malformed."""
     if not text or not text.strip():
         return None
     try:
         data = json.loads(text)
     except ValueError:
         return None
-    return data if isinstance(data, dict) else None
-
-
-_EXPORT_REPORT_KEYS = {field.alias or name for name, field in ExportReport.model_fields.items()}
+    if not isinstance(data, dict):
+        return None
+    keys = {field.alias or name for name, field in model.model_fields.items()}
+    try:
+        return model.model_validate({key: value for key, value in data.items() if key in keys})
+    except ValidationError:
+        return None
