@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 export UV_LINK_MODE ?= copy
 
-.PHONY: test demo cluster lint typecheck pytest controlplane venv crds
+.PHONY: test demo cluster lint typecheck pytest controlplane tools venv crds
 
 venv: $(VENV)/.synced
 
@@ -17,6 +17,10 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 controlplane:
 	@bash controlplane/build.sh
+
+# helm, prometheus/promtool, lua, buildah: pinned, cached outside the clone (tools/README.md).
+tools:
+	@bash tools/install-all.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -35,7 +39,7 @@ crds: venv
 	$(VENV)/bin/kiln crds
 
 # pytest's exit code 5 means "no tests collected"; that is not a failure of the suite.
-pytest: venv controlplane
+pytest: venv controlplane tools
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 test: lint typecheck pytest
