@@ -7,6 +7,7 @@ Torch-free: the launchers are ``python -m kiln.trainer.launch`` child processes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -45,11 +46,17 @@ class LocalRun:
             "-m", "kiln.trainer", "--spec", str(self.spec_path),
         ]  # fmt: skip
 
-    def environment(self, node: int, attempt: int, metrics_port: int) -> dict[str, str]:
+    def prometheus_targets(self) -> Path:
+        """A Prometheus file_sd file listing every rank's /metrics of the current attempt (rewritten per attempt,
+        as the ports change): point a local Prometheus's ``file_sd_configs`` at it."""
+        return self.run_dir / "prometheus-targets.json"
+
+    def environment(self, node: int, attempt: int, metrics_ports: list[int]) -> dict[str, str]:
         env = {
             **MALLOC_ENV,  # before os.environ: a user's own malloc tuning wins
             **os.environ,
-            Env.METRICS_PORT: str(metrics_port),  # only global rank 0 serves it
+            # Every rank serves /metrics, and all "nodes" share this host: each rank gets a port of its own.
+            Env.METRICS_PORTS: ",".join(str(port) for port in metrics_ports),
             Env.TERMINATION_LOG: str(self.termination_log(node)),
             Env.LOG_STREAM: "stdout",
             Env.ATTEMPT: str(attempt),
@@ -147,7 +154,12 @@ class Attempt:
 
     def __init__(self, run: LocalRun, number: int, show: Callable[[str], object], cwd: Path) -> None:
         self.run, self.number = run, number
-        self.metrics_port, master_port = free_ports(2)
+        master_port, *rank_ports = free_ports(1 + run.job.nodes * run.job.procs_per_node)
+        self.metrics_port = rank_ports[0]  # global rank 0's, which also serves /progress
+        per_node = run.job.procs_per_node
+        node_ports = [rank_ports[node * per_node : (node + 1) * per_node] for node in range(run.job.nodes)]
+        targets = [{"targets": [f"127.0.0.1:{port}" for port in rank_ports]}]
+        run.prometheus_targets().write_text(json.dumps(targets, indent=1))
         for node in range(run.job.nodes):
             run.termination_log(node).unlink(missing_ok=True)
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -159,7 +171,7 @@ class Attempt:
                 # The first launcher leads a new process group (outside the terminal's foreground group, so
                 # Ctrl-C reaches only kiln run); the others join it, so one killpg reaches every launcher.
                 group = 0 if node == 0 else self.launchers[0].pid
-                command, env = run.command(node, master_port), run.environment(node, number, self.metrics_port)
+                command, env = run.command(node, master_port), run.environment(node, number, node_ports[node])
                 self.launchers.append(
                     subprocess.Popen(
                         command,

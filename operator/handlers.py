@@ -216,7 +216,7 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         seen = ctx.schedule.entries.get((namespace or "", name))
         if seen is None or seen.phase != phase:  # created, deleted or moved on: re-check the exports waiting on it
             ctx.export_schedule.wake(namespace or "", lambda export: waits_for(export, name))
-        ctx.metrics.phases.observe(uid, phase)
+        ctx.metrics.observe_trainingjob(uid, namespace or "", name, None if deleted else body)
         ctx.schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:
             ctx.locks.pop(lock_key(namespace or "", name), None)

@@ -1,47 +1,95 @@
 """Prometheus metrics and the /metrics, /healthz and /readyz endpoints.
 
-Series (all prefixed kiln_operator_ except the gauge, named for what users query):
+Series (all prefixed kiln_operator_ except the gauges, named for what users query):
   kiln_operator_reconcile_total{kind,result}        reconciles by trigger kind and result (ok, error)
   kiln_operator_reconcile_duration_seconds{kind}    reconcile latency histogram
+  kiln_operator_queue_wait_seconds                  creation to the first attempt's start (Pending/Queued -> Running)
   kiln_trainingjobs{phase}                          TrainingJobs this operator sees, by phase
+  kiln_trainingjob_phase{trainingjob_namespace,trainingjob,phase}  1 for each TrainingJob's current phase
+  kiln_trainingjob_restarts{trainingjob_namespace,trainingjob}     each TrainingJob's status.restarts
   kiln_operator_trainingjobs_created_total / _succeeded_total / _failed_total / _restarted_total
+
+The per-job series carry kiln.api.contract.MetricLabel's names, as the trainer's do, so the two join.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kiln.api.contract import MetricLabel
 from kiln.api.status import Phase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+WAITING_PHASES = frozenset({Phase.PENDING.value, Phase.QUEUED.value})
+JOB_LABELS = [MetricLabel.NAMESPACE, MetricLabel.JOB]
+
+
+@dataclass(frozen=True)
+class JobSeen:
+    namespace: str
+    name: str
+    phase: str
+    restarts: int
+
+
 class _PhaseCollector(Collector):
+    """Every TrainingJob's phase and restarts as the watch last delivered them, turned into gauges on scrape."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._phases: dict[str, str] = {}
+        self._jobs: dict[str, JobSeen] = {}
 
-    def observe(self, uid: str, phase: str | None) -> None:
+    def observe(self, uid: str, seen: JobSeen | None) -> JobSeen | None:
+        """Record (None: forget) a job; returns what was recorded before."""
         with self._lock:
-            if phase is None:
-                self._phases.pop(uid, None)
+            before = self._jobs.get(uid)
+            if seen is None:
+                self._jobs.pop(uid, None)
             else:
-                self._phases[uid] = phase
+                self._jobs[uid] = seen
+            return before
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            tally = Tally(self._phases.values())
+            jobs = list(self._jobs.values())
+        tally = Tally(job.phase for job in jobs)
         family = GaugeMetricFamily("kiln_trainingjobs", "TrainingJobs by phase.", labels=["phase"])
         for phase in Phase:
             family.add_metric([phase.value], tally.get(phase.value, 0))
         yield family
+        phases = GaugeMetricFamily("kiln_trainingjob_phase", "1 for each TrainingJob's current phase.",
+                                   labels=[*JOB_LABELS, "phase"])  # fmt: skip
+        restarts = GaugeMetricFamily("kiln_trainingjob_restarts", "Whole-gang restarts of each TrainingJob.",
+                                     labels=JOB_LABELS)  # fmt: skip
+        for job in jobs:
+            phases.add_metric([job.namespace, job.name, job.phase], 1)
+            restarts.add_metric([job.namespace, job.name], job.restarts)
+        yield phases
+        yield restarts
+
+
+def queue_wait_seconds(body: Mapping[str, Any]) -> float | None:
+    """From the TrainingJob's creation to its first attempt's start (status.startTime); None if either is unset."""
+    created = (body.get("metadata") or {}).get("creationTimestamp")
+    started = (body.get("status") or {}).get("startTime")
+    if not created or not started:
+        return None
+    try:
+        return max(0.0, (datetime.fromisoformat(started) - datetime.fromisoformat(created)).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
 class Metrics:
@@ -70,9 +118,33 @@ class Metrics:
         )
         self.failed = Counter("kiln_operator_trainingjobs_failed", "TrainingJobs that failed.", registry=self.registry)
         self.restarted = Counter("kiln_operator_trainingjobs_restarted", "Whole-gang restarts.", registry=self.registry)
+        self.queue_wait = Histogram(
+            "kiln_operator_queue_wait_seconds",
+            "From a TrainingJob's creation to its first attempt's start (Pending or Queued to Running).",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+            registry=self.registry,
+        )
+        self._queue_waits_seen: set[str] = set()
         self.phases = _PhaseCollector()
         self.registry.register(self.phases)
         self.ready = threading.Event()
+
+    def observe_trainingjob(self, uid: str, namespace: str, name: str, body: Mapping[str, Any] | None) -> None:
+        """A TrainingJob as the watch delivered it (None: deleted): its phase and restarts, and its queue wait
+        once, when it moves from Pending or Queued to Running for the first time this operator sees."""
+        if body is None:
+            self.phases.observe(uid, None)
+            self._queue_waits_seen.discard(uid)
+            return
+        status = body.get("status") or {}
+        phase = status.get("phase") or Phase.PENDING.value
+        seen = JobSeen(namespace, name, phase, int(status.get("restarts") or 0))
+        before = self.phases.observe(uid, seen)
+        if before is not None and before.phase in WAITING_PHASES and phase == Phase.RUNNING.value:
+            wait = queue_wait_seconds(body)
+            if wait is not None and uid not in self._queue_waits_seen:
+                self._queue_waits_seen.add(uid)
+                self.queue_wait.observe(wait)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -173,6 +173,15 @@ def torchrun_args(resolved: ResolvedTrainingJob) -> list[str]:
     ]  # fmt: skip
 
 
+def metrics_ports(procs_per_node: int) -> list[Obj]:
+    """Every local rank serves /metrics on METRICS_PORT + its local rank; each port is declared and named, so a
+    PodMonitor scrapes one target per rank (kiln.api.contract.METRICS_PORT_NAME_PATTERN)."""
+    return [
+        {"name": contract.metrics_port_name(k), "containerPort": contract.METRICS_PORT + k, "protocol": "TCP"}
+        for k in range(procs_per_node)
+    ]
+
+
 def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
     container: Obj = {
         "name": contract.CONTAINER_NAME,
@@ -181,7 +190,7 @@ def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
         "args": torchrun_args(resolved),
         "env": _env(resolved, attempt),
         "ports": [
-            {"name": "metrics", "containerPort": contract.METRICS_PORT, "protocol": "TCP"},
+            *metrics_ports(resolved.procs_per_node),
             {"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(resolved),

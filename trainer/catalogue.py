@@ -1,10 +1,10 @@
 """Generates ``kiln/api/catalogue.json``: every name the trainer resolves, read off its registries and libraries.
 
 Nothing here spells a name: tasks, formats, losses, metrics, flavors, optimizers, schedulers, presets and
-transforms come from the trainer's own registries, the rest from the installed timm,
-segmentation-models-pytorch and torchvision. ``kiln crds`` writes the result and ``kiln crds --check`` fails
-when the committed file differs, so the torch-free checks in ``kiln.api.semantics`` cannot drift from what the
-trainer accepts.
+transforms (and the torchvision detectors Kiln builds) come from the trainer's own registries, the rest from the
+installed timm, segmentation-models-pytorch and albumentations. ``kiln crds`` writes the result and ``kiln crds
+--check`` fails when the committed file differs, so the torch-free checks in ``kiln.api.semantics`` cannot
+drift from what the trainer accepts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
-import torchvision
 from timm.optim import get_optimizer_info
 
 from kiln.api.resolve import TASK_DEFAULTS
@@ -25,6 +24,7 @@ from kiln.trainer.augment import PRESETS, transforms_registry
 from kiln.trainer.models import MODELS
 from kiln.trainer.optim import OPTIMIZERS, SCHEDULERS
 from kiln.trainer.tasks import TASKS
+from kiln.trainer.tasks.detection_model import DETECTORS, accepted_args
 
 # The libraries whose names the catalogue lists; their versions are recorded in it.
 LIBRARIES = ("albumentations", "segmentation-models-pytorch", "timm", "torch", "torchvision")
@@ -55,11 +55,24 @@ def _segmentation() -> dict[str, Any]:
     }
 
 
+def _detection() -> dict[str, Any]:
+    from kiln.trainer.tasks.detection import FORMATS, LOSSES, DetectionEvaluator
+
+    return {
+        "formats": list(FORMATS),
+        "losses": LOSSES.names(),
+        # Per-class ap/<k> is not reported as a metric (evaluation.json has it): only these can be watched.
+        "metrics": sorted(DetectionEvaluator.metric_names),
+        "default_metric": TASK_DEFAULTS["detection"].metric,
+    }
+
+
 # Where each implemented task keeps its names. A task registered in TASKS without an entry here fails the
 # generation, so a new task cannot ship without its names being checked.
 TASK_NAMES: dict[str, Callable[[], dict[str, Any]]] = {
     "classification": _classification,
     "segmentation": _segmentation,
+    "detection": _detection,
 }
 
 
@@ -91,7 +104,7 @@ def build_catalogue() -> dict[str, Any]:
         "architectures": {
             "classification": sorted({*MODELS.names(), *timm.list_models()}),
             "segmentation": sorted(smp.MODEL_ARCHITECTURES_MAPPING),
-            "detection": sorted(torchvision.models.list_models(module=torchvision.models.detection)),
+            "detection": DETECTORS.names(),
         },
         "kiln_flavors": MODELS.names(),
         "encoders": sorted(smp.encoders.get_encoder_names()),
@@ -100,6 +113,9 @@ def build_catalogue() -> dict[str, Any]:
         "presets": PRESETS.names(),
         "transforms": {info.name: _constructor(info.cls) for info in transforms_registry()},
         "segmentation_args": {name: _constructor(cls) for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()},
+        "detection_args": {
+            info.name: {"args": sorted(accepted_args(info)), "var_kwargs": False} for info in DETECTORS
+        },
         # The local build label (+cu132, +cpu) does not change a name, so it is left out.
         "versions": {library: version(library).split("+", 1)[0] for library in LIBRARIES},
     }

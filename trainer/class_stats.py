@@ -1,7 +1,8 @@
 """The training split's class statistics, written to the run's output as ``class-stats.json``, and the class
 weights ``loss.classWeights: auto`` derives from them.
 
-Classification counts samples per class, from the listing. Segmentation counts pixels per class, the images
+Classification counts samples per class, from the listing; detection counts boxes per class and the images
+holding each class, from the listing too. Segmentation counts pixels per class, the images
 holding each class, and the pixels of data.ignoreIndex (apart from every class), from the masks: each rank
 reads its shard and the sums are all-reduced, so 8 ranks do not each read every mask. This happens once per
 run: a restart finds the file and reads it back instead of counting again.
@@ -27,7 +28,7 @@ STATS_KEY = "class-stats.json"
 
 @dataclass(frozen=True)
 class ClassStats:
-    unit: Literal["samples", "pixels"]
+    unit: Literal["samples", "pixels", "boxes"]
     """What ``counts`` counts, and the key each class's count has in the file."""
     classes: tuple[str, ...]
     counts: tuple[int, ...]
@@ -44,7 +45,7 @@ class ClassStats:
         for index, (name, count, images) in enumerate(zip(self.classes, self.counts, self.images, strict=True)):
             record: dict[str, Any] = {"index": index, "name": name, self.unit: count}
             record["frequency"] = count / total if total else 0.0
-            if self.unit == "pixels":
+            if self.unit != "samples":
                 record["images"] = images
             classes.append(record)
         document: dict[str, Any] = {"split": "train", "images": self.split_size, "unit": self.unit}

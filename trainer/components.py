@@ -31,7 +31,7 @@ from kiln.trainer.history import EarlyStopping, RunLog
 from kiln.trainer.models import data_config
 from kiln.trainer.optim import Horizon, Schedule, create_optimizer
 from kiln.trainer.tasks import create_task
-from kiln.trainer.tasks.base import Evaluator, Objective, Task, TaskData
+from kiln.trainer.tasks.base import Evaluator, Objective, OwnBatching, Task, TaskData
 from kiln.trainer.transfer import Freezer
 
 
@@ -91,14 +91,20 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         (spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize else (config["mean"], config["std"])
     )
     size = spec.data.image_size
-    train_set = data.splits["train"].dataset(train_pipeline(spec.augmentation, size, mean, std))
+    if isinstance(task, OwnBatching):
+        train_pipe, eval_pipe = task.pipelines(job, mean, std)
+        collate = task.collate
+    else:
+        train_pipe, eval_pipe = train_pipeline(spec.augmentation, size, mean, std), eval_pipeline(size, mean, std)
+        collate = None
+    train_set = data.splits["train"].dataset(train_pipe)
     mixing = spec.augmentation.mixup > 0 or spec.augmentation.cutmix > 0
-    loader, sampler = train_loader(train_set, job, world, drop_last=mixing)
+    loader, sampler = train_loader(train_set, job, world, drop_last=mixing, collate=collate)
     if len(loader) == 0:
         train_images = len(data.splits["train"])
         raise InvalidInput(f"data.train: {train_images} images leave no batch for {world.world_size} processes")
     evals = {
-        split: eval_loader(data.splits[split].dataset(eval_pipeline(size, mean, std)), job, world)
+        split: eval_loader(data.splits[split].dataset(eval_pipe), job, world, collate=collate)
         for split in ("val", "test")
         if split in data.splits
     }
@@ -110,6 +116,7 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         grad_clip=spec.grad_clip,
         channels_last=spec.channels_last,
         compile_model=spec.compile,
+        find_unused_parameters=spec.resources.find_unused_parameters,
     )
     ema = ModelEmaV3(model, decay=spec.ema.decay, device=world.device) if spec.ema.enabled else None
     prepared = accelerator.prepare(model)

@@ -10,7 +10,7 @@ import csv
 import math
 import os
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +121,24 @@ class ShardSampler(Sampler[int]):
         return len(self._indices)
 
 
+Collate = Callable[[list[Any]], Any]
+
+
 def _loader(
-    dataset: Dataset[Any], sampler: Sampler[int], job: ResolvedTrainingJob, world: World, *, drop_last: bool
+    dataset: Dataset[Any],
+    sampler: Sampler[int],
+    job: ResolvedTrainingJob,
+    world: World,
+    *,
+    drop_last: bool,
+    collate: Collate | None,
 ) -> DataLoader[Any]:
     workers = job.spec.data.workers
     return DataLoader(
         dataset,
         batch_size=job.spec.data.batch_size,
         sampler=sampler,
+        collate_fn=collate,  # None: torch's default, which stacks tensors of one shape
         num_workers=workers,
         pin_memory=world.device.type == "cuda",
         drop_last=drop_last,
@@ -139,17 +149,21 @@ def _loader(
 
 
 def train_loader(
-    dataset: Dataset[Any], job: ResolvedTrainingJob, world: World, *, drop_last: bool = False
-) -> tuple[DataLoader[Any], ResumableDistributedSampler]:
+    dataset: Dataset[Any], job: ResolvedTrainingJob, world: World, *, drop_last: bool = False,
+    collate: Collate | None = None,
+) -> tuple[DataLoader[Any], ResumableDistributedSampler]:  # fmt: skip
     size = len(dataset)  # type: ignore[arg-type]
     per_rank = math.ceil(size / world.world_size)
     drop_last = drop_last and per_rank >= job.spec.data.batch_size
     sampler = ResumableDistributedSampler(dataset, world, seed=job.spec.seed, drop_last=False)  # type: ignore[arg-type]
-    return _loader(dataset, sampler, job, world, drop_last=drop_last), sampler
+    return _loader(dataset, sampler, job, world, drop_last=drop_last, collate=collate), sampler
 
 
-def eval_loader(dataset: Dataset[Any], job: ResolvedTrainingJob, world: World) -> DataLoader[Any]:
-    return _loader(dataset, ShardSampler(len(dataset), world), job, world, drop_last=False)  # type: ignore[arg-type]
+def eval_loader(
+    dataset: Dataset[Any], job: ResolvedTrainingJob, world: World, *, collate: Collate | None = None
+) -> DataLoader[Any]:
+    sampler = ShardSampler(len(dataset), world)  # type: ignore[arg-type]
+    return _loader(dataset, sampler, job, world, drop_last=False, collate=collate)
 
 
 def csv_rows(path: Path, split: str, header: tuple[str, str]) -> tuple[Path, list[tuple[int, list[str]]]]:

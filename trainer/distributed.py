@@ -98,6 +98,16 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled: for what a tensor collective cannot hold,
+    such as lists of per-image tensors of different lengths and counts)."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running stats). DDP broadcasts them before each forward,
     but the forward then updates them from the local batch, so after training they differ per rank."""
@@ -153,8 +163,10 @@ class Accelerator:
         grad_clip: float = 0.0,
         channels_last: bool = False,
         compile_model: bool = False,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.world = world
+        self.find_unused_parameters = find_unused_parameters
         self.precision = precision
         self.grad_accumulation = grad_accumulation
         self.grad_clip = grad_clip
@@ -172,10 +184,10 @@ class Accelerator:
         """Move to the device, set the memory format, wrap in DDP and optionally torch.compile."""
         model = model.to(self.world.device).to(memory_format=self.memory_format)
         if self.world.world_size > 1:
-            if self.world.device.type == "cpu":
-                model = nn.parallel.DistributedDataParallel(model)
-            else:
-                model = nn.parallel.DistributedDataParallel(model, device_ids=[self.world.local_rank])
+            devices = [self.world.local_rank] if self.world.device.type != "cpu" else None
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=devices, find_unused_parameters=self.find_unused_parameters
+            )
         if self.compile_model:
             model = torch.compile(model)  # type: ignore[assignment]
         return model
@@ -186,7 +198,14 @@ class Accelerator:
         unsynchronized. Call it between optimizer steps, where no accumulated gradient is waiting."""
         return self.prepare(unwrap(model))
 
-    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+    def to_device(self, value: Any) -> Any:
+        """A tensor on the device (4-D ones in the memory format); lists and tuples of them element-wise
+        (detection batches hold one image and one box tensor per image); anything else as it is."""
+        if isinstance(value, list | tuple):
+            return type(value)(self.to_device(item) for item in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensor = value
         if tensor.dim() == 4:
             return tensor.to(self.world.device, non_blocking=True, memory_format=self.memory_format)
         return tensor.to(self.world.device, non_blocking=True)

@@ -1,7 +1,7 @@
 """Entry point: ``torchrun ... -m kiln.trainer --spec /etc/kiln/trainingjob.json``.
 
-Reads the ResolvedTrainingJob, joins the process group, serves /metrics and /progress on rank 0, trains,
-and turns the outcome into an exit code and a termination message (see ``kiln.trainer.errors``).
+Reads the ResolvedTrainingJob, joins the process group, serves /metrics on every rank and /progress on rank 0,
+trains, and turns the outcome into an exit code and a termination message (see ``kiln.trainer.errors``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from kiln.api import contract
 from kiln.api.contract import Env, ExitCode, TrainerReport
 from kiln.api.resolve import ResolvedTrainingJob
-from kiln.trainer.distributed import close_distributed, init_distributed
+from kiln.trainer.distributed import barrier, close_distributed, init_distributed
 from kiln.trainer.errors import InvalidInput, one_line
-from kiln.trainer.observability import StatusServer, TrainerMetrics
+from kiln.trainer.observability import StatusServer, TrainerMetrics, rank_labels, status_port
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import LatestSnapshot, write_termination_log
 
@@ -33,6 +33,16 @@ def load_spec(path: Path) -> ResolvedTrainingJob:
         raise InvalidInput(f"--spec {path}: {exc.strerror}") from exc
     except ValidationError as exc:
         raise InvalidInput(f"--spec {path}: not a ResolvedTrainingJob: {exc.errors()[0]['msg']}") from exc
+
+
+def serve_status(port: int, metrics: TrainerMetrics, progress: LatestSnapshot | None) -> StatusServer | None:
+    if not port:
+        return None
+    try:
+        return StatusServer(port, metrics, progress).start()
+    except OSError as exc:
+        log.warning("cannot serve metrics on port %d: %s", port, exc)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
 
         job = load_spec(args.spec)
         world = init_distributed()
-        metrics, progress = TrainerMetrics(), LatestSnapshot()
-        port = int(os.environ.get(Env.METRICS_PORT, str(contract.METRICS_PORT)))
-        if world.is_main and port:
-            try:
-                server = StatusServer(port, metrics, progress).start()
-            except OSError as exc:
-                log.warning("cannot serve metrics on port %d: %s", port, exc)
+        node_rank = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's name for the node rank
+        labels = rank_labels(job.namespace, job.name, world.rank, node_rank)
+        metrics = TrainerMetrics(labels, restarts=max(int(os.environ.get(Env.ATTEMPT, "1")) - 1, 0))
+        progress = LatestSnapshot()
+        # Every rank serves /metrics (a straggler's step times are its own), global rank 0 first: where pods share
+        # a host (hostNetwork, the tests' local executor) another pod's local rank 0 wants the same port, and the
+        # operator polls rank 0's /progress there.
+        port = status_port(world.local_rank)
+        if world.is_main:
+            server = serve_status(port, metrics, progress)
+        barrier()
+        if not world.is_main:
+            server = serve_status(port, metrics, None)
         trainer = Trainer(job, world, preemption=preemption, reporter=progress, metrics=metrics)
         state = trainer.train()
         if world.is_main:

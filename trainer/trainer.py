@@ -19,6 +19,7 @@ from kiln.trainer.distributed import World, any_rank, broadcast_buffers, broadca
 from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, now_rfc3339
+from kiln.trainer.tasks.base import Evaluator, OwnPredictions, SplitAware
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Trainer:
         return loss
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: self.c.accelerator.to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: self.c.accelerator.to_device(v) for k, v in batch.items()}
 
     def observe_step(
         self, loss: torch.Tensor, seconds: float, data_wait: float, batch_size: int, terms: dict[str, torch.Tensor]
@@ -146,22 +147,28 @@ class Trainer:
             step=self.step,
             seconds=seconds,
             data_wait=data_wait,
-            samples_per_second=images_per_second,
+            samples_per_second=batch_size / max(seconds, 1e-9),  # this rank's own: a straggler shows
+            terms={name: self.latest_metrics[f"train/loss/{name}"] for name in terms},
+            progress=min(1.0, self.step / max(self.c.horizon.total_steps, 1)),
         )
+        self.metrics.observe_memory(self.world.device)
         self.report()
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
         self, split: str, *, predictions: bool = False
-    ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
+    ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any], Evaluator]:
         """The split's metrics on every rank; with ``predictions``, also every rank's prediction rows (on rank 0)
-        and the evaluator's details (per-class numbers, confusion matrix) for evaluation.json."""
+        and the evaluator's details (per-class numbers, confusion matrix) for evaluation.json; and the evaluator,
+        which may write its own predictions file (``OwnPredictions``)."""
         c = self.c
         model = c.ema.module if c.ema is not None else unwrap(c.model)
         broadcast_buffers(model)  # every rank evaluates exactly the weights rank 0 checkpoints
         model.eval()
         evaluator = c.evaluator(self.job, self.world)
+        if isinstance(evaluator, SplitAware):
+            evaluator.begin(split, c.data.splits[split])
         rows: list[dict[str, Any]] = []
         for raw in c.eval_loaders[split]:
             batch = self.to_device(raw)
@@ -173,13 +180,13 @@ class Trainer:
                 rows.extend(evaluator.prediction_rows(outputs, batch, c.data.splits[split]))
         c.model.train()
         all_rows = [row for part in gather_objects(rows) for row in part] if predictions else []
-        return evaluator.compute(), all_rows, evaluator.details() if predictions else {}
+        return evaluator.compute(), all_rows, evaluator.details() if predictions else {}, evaluator
 
     def validate_if_due(self) -> float | None:
         last = self.epoch == self.spec.epochs
         if "val" not in self.c.eval_loaders or not (self.epoch % self.spec.validation.every == 0 or last):
             return None
-        metrics, _, _ = self.evaluate("val")
+        metrics, _, _, _ = self.evaluate("val")
         self.latest_metrics.update({f"val/{k}": v for k, v in metrics.items()})
         self.metrics.observe_validation(metrics)
         score = metrics[self.job.metric.name]
@@ -211,10 +218,14 @@ class Trainer:
                 self.c.ema.module.load_state_dict(state["ema"])
         checkpoint = self.c.checkpointer.uri(best)
         for split in splits:  # the last split evaluated is the run's result in summary.json
-            metrics, rows, details = self.evaluate(split, predictions=True)
+            metrics, rows, details, evaluator = self.evaluate(split, predictions=True)
             self.final = {"evaluation": {"split": split, "checkpoint": checkpoint, "metrics": metrics}}
             if self.world.is_main:
-                self.final["predictions"] = self.c.run_log.write_predictions(f"predictions-{split}.csv", rows)
+                self.final["predictions"] = (
+                    evaluator.write_predictions(split, rows, self.c.run_log)
+                    if isinstance(evaluator, OwnPredictions)
+                    else self.c.run_log.write_predictions(f"predictions-{split}.csv", rows)
+                )
                 evaluation = {"checkpoint": checkpoint, "metrics": metrics, **details}
                 self.final["evaluationDetails"] = self.c.run_log.write_evaluation(split, evaluation)
                 log.info("%s on the best checkpoint: %s", split, _fmt(metrics))
@@ -294,7 +305,10 @@ class Trainer:
         state = self.state_dict()  # every rank: the RNG states are gathered
         uri = self.c.checkpointer.save(state, epoch=self.epoch, step=self.step, score=score)
         if uri is not None:
-            self.metrics.checkpoint_save_seconds.set(self.c.checkpointer.save_seconds)
+            latest = self.c.checkpointer.latest
+            self.metrics.observe_checkpoint(
+                seconds=self.c.checkpointer.save_seconds, size_bytes=latest.size if latest is not None else None
+            )
         self.report()
 
     # -- reporting ----------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class Catalogue:
     transforms: Mapping[str, TransformArgs]
     segmentation_args: Mapping[str, TransformArgs]
     """Each smp architecture's constructor arguments, for model.args."""
+    detection_args: Mapping[str, TransformArgs]
+    """Each torchvision detector's arguments (builder, model class and input transform), for model.args."""
     versions: Mapping[str, str]
 
     @classmethod
@@ -94,6 +96,10 @@ class Catalogue:
             segmentation_args={
                 name: TransformArgs(frozenset(info["args"]), info["var_kwargs"])
                 for name, info in data["segmentation_args"].items()
+            },
+            detection_args={
+                name: TransformArgs(frozenset(info["args"]), info["var_kwargs"])
+                for name, info in data["detection_args"].items()
             },
             versions=dict(data["versions"]),
         )

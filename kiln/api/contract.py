@@ -57,7 +57,11 @@ TERMINATION_LOG = "/dev/termination-log"
 CACHE_DIR = "/var/cache/kiln"
 """Node-local dataset cache (an emptyDir in the pod)."""
 METRICS_PORT = 9400
-"""Rank 0 serves /metrics (Prometheus), /progress (the report) and /healthz here."""
+"""Local rank 0 of each pod serves /metrics (Prometheus) here, global rank 0 also /progress (the report); local
+rank k serves its own /metrics on METRICS_PORT + k, so every rank of a multi-process pod is scraped."""
+METRICS_PORT_NAME_PATTERN = "metrics(-[0-9]+)?"
+"""The container port names of the trainer's /metrics ports (:func:`metrics_port_name`), for a PodMonitor's
+relabeling keep rule: one scrape target per rank."""
 RENDEZVOUS_PORT = 29500
 """torchrun's c10d rendezvous port on pod 0 (torch's default)."""
 CONTAINER_NAME = "trainer"
@@ -70,7 +74,10 @@ class Env:
     """Environment variables the operator (or ``kiln run``) sets and the trainer reads."""
 
     METRICS_PORT = "KILN_METRICS_PORT"
-    """Port of rank 0's status server; 0 turns it off."""
+    """Port of local rank 0's status server (local rank k: this + k); 0 turns them off."""
+    METRICS_PORTS = "KILN_METRICS_PORTS"
+    """Comma-separated ports, one per local rank, instead of METRICS_PORT + k: ``kiln run`` puts several "nodes"
+    on one host, so it hands every rank a free port of its own."""
     TERMINATION_LOG = "KILN_TERMINATION_LOG"
     """Path the final report is written to."""
     CACHE_DIR = "KILN_CACHE_DIR"
@@ -88,6 +95,23 @@ glibc's dynamic thresholds, memory freed at the end of a CPU training step goes 
 step faults it in again page by page: 18,000 minor faults per step and 0.905 of a plain loop's throughput in
 bench/segmentation_overhead.py; with the thresholds fixed (mmap only above 32 MiB, trim only above 1 GiB free),
 0 faults and 0.98 (docs/benchmarks.md). CUDA memory is torch's caching allocator's, unaffected."""
+
+
+def metrics_port_name(local_rank: int) -> str:
+    """The trainer container's port name for local rank ``local_rank``'s /metrics (at most 15 characters)."""
+    return "metrics" if local_rank == 0 else f"metrics-{local_rank}"
+
+
+class MetricLabel:
+    """Labels on every per-job Prometheus series (the trainer's and the operator's per-TrainingJob ones). Not
+    ``namespace`` or ``job``: Prometheus sets those on every target, and a clash would rename ours."""
+
+    NAMESPACE = "trainingjob_namespace"
+    JOB = "trainingjob"
+    RANK = "rank"
+    """The global rank."""
+    NODE_RANK = "node_rank"
+    """The node's (pod's) index in the gang."""
 
 
 class ExitCode(IntEnum):

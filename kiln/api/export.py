@@ -154,8 +154,3 @@ class ExportJobSpec(RuleModel):
             field="quantize.mode",
         ),
     )
-
-
-# The exporter's name for the spec it validates, from when the API still refused every ExportJob (no controller
-# acted on one) and the exporter validated under every rule but that gate. The gate is gone, so it is the same type.
-RunnableExportJobSpec = ExportJobSpec

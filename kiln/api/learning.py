@@ -106,8 +106,8 @@ class LossSpec(RuleModel):
     """A single loss by name. Classification: cross_entropy (the default). Segmentation (smp's losses): dice,
     jaccard, focal, lovasz, tversky, cross_entropy (binary cross-entropy when numClasses is 1), bce
     (numClasses 1 only) and presence (trains model.args.aux_params' classification head, beside a mask loss);
-    the default is {dice: 0.5, cross_entropy: 0.5}. Detection (the model's own losses) is
-    not implemented yet."""
+    the default is {dice: 0.5, cross_entropy: 0.5}. Detection: model, the sum of the torchvision detector's own
+    loss terms (the default; each term is logged on its own, train/loss/classifier, train/loss/box_reg, ...)."""
 
     weights: Annotated[dict[str, Annotated[float, Field(ge=0)]], Field(max_length=8)] | None = None
     """A weighted sum of named losses, for example {dice: 0.5, cross_entropy: 0.5}; each term is also logged

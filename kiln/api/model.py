@@ -57,10 +57,17 @@ KILN_MODEL_ARGS: dict[str, str] = {
     "encoder_name": "model.encoder",
     "encoder_weights": "model.pretrained",
     "pretrained": "model.pretrained",
+    "weights": "model.pretrained",  # torchvision's builders
+    "weights_backbone": "model.pretrained",
+    "progress": "model.pretrained",  # torchvision's download progress bar: there is no download
 }
 # smp arguments segmentation refuses in model.args (and in its aux_params): Kiln's losses and metrics take
 # logits, which an activation would turn into probabilities.
 SEGMENTATION_LOGITS_ONLY = {"activation": "Kiln's losses and metrics take logits; leave activation out"}
+
+
+# Detection datasets with more classes than this are not named by hand in a spec.
+MAX_CLASS_NAMES = 1024
 
 
 class FreezeSpec(KilnModel):
@@ -74,9 +81,11 @@ class ModelSpec(RuleModel):
     architecture: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
     """The network. Classification: a Kiln flavor (debug, debug_small) or any timm model name (resnet18,
     convnext_tiny, vit_small_patch16_224, ...). Segmentation: a segmentation-models-pytorch architecture, any
-    case (unet, UnetPlusPlus, fpn, deeplabv3plus, segformer, ...). Not implemented yet: detection (a
-    torchvision detector: fasterrcnn_resnet50_fpn_v2, retinanet_resnet50_fpn, ...). Ignored when source names a
-    plugin."""
+    case (unet, UnetPlusPlus, fpn, deeplabv3plus, segformer, ...). Detection: a torchvision detector
+    (fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_mobilenet_v3_large_320_fpn, retinanet_resnet50_fpn, retinanet_resnet50_fpn_v2, fcos_resnet50_fpn,
+    ssd300_vgg16, ssdlite320_mobilenet_v3_large), built with random weights and its input transform sized to
+    data.imageSize. Ignored when source names a plugin."""
 
     encoder: Name | None = None
     """Segmentation only: the encoder (backbone) of the smp architecture, for example resnet34,
@@ -85,7 +94,14 @@ class ModelSpec(RuleModel):
     num_classes: Annotated[int, Field(ge=1, le=100000)] | None = None
     """Number of classes. Classification: inferred from the training data when omitted; an explicit value must
     agree with it. Segmentation: required (masks do not list their classes); mask pixels hold class indices
-    0..numClasses-1, and numClasses 1 is binary segmentation (masks of 0 and 1, a sigmoid output)."""
+    0..numClasses-1, and numClasses 1 is binary segmentation (masks of 0 and 1, a sigmoid output). Detection:
+    the object classes, background not counted (Kiln adds torchvision's background class itself); inferred from
+    the training data when omitted, an explicit value must agree with it."""
+
+    class_names: Annotated[list[Name], Field(min_length=1, max_length=MAX_CLASS_NAMES)] | None = None
+    """Detection only: the object classes in class-id order (class k is classNames[k]). voc: the classes to
+    read, in this order (omitted: the sorted names found in the training annotations); a name not listed is an
+    invalid input naming the file. coco and yolo name their classes themselves: given here, they must match."""
 
     pretrained: StorageUri | None = None
     """Initial weights as an explicit URI: s3://bucket/key or a file path. Omit to start from random weights.
@@ -103,9 +119,13 @@ class ModelSpec(RuleModel):
     (drop_rate, drop_path_rate, ...). Segmentation: the smp architecture's (decoder_channels,
     decoder_attention_type, ...); a tu- encoder's timm model takes the rest. aux_params adds smp's
     classification head: it learns which classes each image's mask contains, through the presence loss (add
-    presence to loss.weights); metrics and predictions use the masks alone. With source: the plugin factory's.
-    Kiln sets num_classes (classes), encoder_name, encoder_weights and pretrained from numClasses, encoder and
-    pretrained, so they are refused here, as is segmentation's activation (the losses take logits) and an
+    presence to loss.weights); metrics and predictions use the masks alone. Detection: the torchvision
+    builder's (min_size, max_size, box_score_thresh, box_detections_per_img, trainable_backbone_layers, ...;
+    min_size and max_size default to data.imageSize, image_mean and image_std to data.normalize or ImageNet's;
+    torchvision honours trainable_backbone_layers only with its own backbone weights, which Kiln never
+    downloads). With source: the plugin factory's.
+    Kiln sets num_classes (classes), encoder_name, encoder_weights, pretrained, weights and weights_backbone
+    from numClasses, encoder and pretrained, so they are refused here, as is segmentation's activation (the losses take logits) and an
     argument the constructor does not take (by kiln validate for smp architectures, else when the trainer
     starts, exit 2)."""
 

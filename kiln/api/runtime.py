@@ -40,6 +40,13 @@ class ResourcesSpec(KilnModel):
     gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
     """nvidia.com/gpu requested per pod. 0 trains on CPU with gloo."""
 
+    find_unused_parameters: bool = False
+    """DDP's find_unused_parameters: with more than one process, look for parameters a step left without a
+    gradient, at the cost of a walk over the autograd graph every step. Off by default: every built-in network
+    gives each trainable parameter a gradient on every step, the torchvision detectors too, also on a batch
+    without boxes. Turn it on for a model.source network with branches a step can skip (DDP then fails with
+    'Expected to have finished reduction in the prior iteration')."""
+
     cpu: Quantity | None = None
     """CPU request and limit per pod, as a Kubernetes quantity."""
 

@@ -61,6 +61,11 @@ def _model_args(spec: TrainingJobSpec) -> Iterator[Problem]:
     model, catalogue = spec.model, load_catalogue()
     for key in sorted(model.args.keys() & KILN_MODEL_ARGS.keys()):
         yield f"model.args.{key}", f"set by {KILN_MODEL_ARGS[key]}; Kiln passes it to the constructor"
+    detector = catalogue.detection_args.get(model.architecture) if spec.task == "detection" else None
+    if detector is not None and model.source is None:  # an unknown architecture is _model's to report
+        valid = detector.args - KILN_MODEL_ARGS.keys()
+        for key in sorted(model.args.keys() - detector.args - KILN_MODEL_ARGS.keys()):
+            yield f"model.args.{key}", unknown_name_message(f"{model.architecture} argument", key, valid)
     if spec.task != "segmentation" or _implemented(spec) is None:
         return
     yield from _aux_head(spec)
@@ -185,6 +190,22 @@ def _segmentation_losses(spec: TrainingJobSpec) -> Iterator[Problem]:
         yield "augmentation.labelSmoothing", "applies to the cross_entropy and bce losses; the loss has neither"
 
 
+def _detection(spec: TrainingJobSpec) -> Iterator[Problem]:
+    """Options detection would otherwise take and ignore: torchvision's detectors weigh their own classes."""
+    if spec.task != "detection":
+        return
+    if spec.loss.class_weights is not None:
+        yield "loss.classWeights", "detection trains with the detector's own losses, which take no class weights"
+    if spec.augmentation.label_smoothing > 0:
+        yield "augmentation.labelSmoothing", "detection trains with the detector's own losses, which take no smoothing"
+    names, declared = spec.model.class_names, spec.model.num_classes
+    if names is not None and declared is not None and len(names) != declared:
+        yield "model.classNames", f"has {len(names)} names but model.numClasses is {declared}"
+    if names is not None and len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        yield "model.classNames", f"names a class twice: {', '.join(repeated)}"
+
+
 def _transforms(spec: TrainingJobSpec) -> Iterator[Problem]:
     known = load_catalogue().transforms
     for index, transform in enumerate(spec.augmentation.transforms or ()):
@@ -212,6 +233,7 @@ TRAINING_CHECKS: tuple[Callable[[TrainingJobSpec], Iterator[Problem]], ...] = (
     _checkpoints,
     _classes,
     _segmentation_losses,
+    _detection,
     _transforms,
 )
 

@@ -4,7 +4,6 @@ Names that resolve through a registry at run time (timm architectures, optimizer
 transforms and their arguments, losses, metrics) are free strings in the schema, which cannot enumerate
 thousands of them; ``kiln.api.semantics`` checks each against the generated name catalogue
 (``kiln.api.catalogue``), so ``kiln validate`` and the operator refuse a typo with the closest valid names.
-Detection is part of the API but not implemented by the trainer yet; the same checks say so.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ Palette = Annotated[
 ]
 
 Task = Literal["classification", "segmentation", "detection"]
-DataFormat = Literal["imagefolder", "csv", "segmentation-folder", "coco", "yolo"]
+DataFormat = Literal["imagefolder", "csv", "segmentation-folder", "coco", "yolo", "voc"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 AugmentationPreset = Literal["none", "light", "medium", "heavy"]
 StagingMode = Literal["auto", "copy", "direct"]
@@ -60,7 +59,7 @@ StagingMode = Literal["auto", "copy", "direct"]
 FORMATS_BY_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("imagefolder", "csv"),
     "segmentation": ("segmentation-folder", "csv"),
-    "detection": ("coco", "yolo"),
+    "detection": ("coco", "yolo", "voc"),
 }
 
 
@@ -86,7 +85,11 @@ class DataSource(KilnModel):
     """Layout. Classification: imagefolder (one folder per class) or csv (path,label rows). Segmentation:
     segmentation-folder (images/ and masks/ whose files match by name, a mask being a single-channel PNG of
     class indices, or a colour image with data.palette) or csv (image,mask rows, paths relative to the csv).
-    Not implemented yet: coco (annotations JSON) or yolo (images/ and labels/) for detection."""
+    Detection: coco (annotations.json, COCO instances, beside an images/ folder), yolo (Ultralytics: images/,
+    labels/<stem>.txt of normalized 'class cx cy w h' lines, and a data.yaml with names in the split or its
+    parent folder; a missing label file is an image without boxes) or voc (Pascal VOC: JPEGImages/ and
+    Annotations/*.xml). Images without boxes are negatives; boxes are clipped to the image and degenerate ones
+    dropped, with one counted warning per split."""
 
 
 class Staging(KilnModel):
@@ -367,6 +370,12 @@ class TrainingJobSpec(RuleModel):
             message="model.encoder applies to segmentation only; the architecture names the whole network",
             holds=lambda s: s.model.encoder is None or s.task == "segmentation",
             field="model.encoder",
+        ),
+        Rule(
+            cel="!has(self.model.classNames) || self.task == 'detection'",
+            message="model.classNames applies to detection only; classification reads class names from its data",
+            holds=lambda s: s.model.class_names is None or s.task == "detection",
+            field="model.classNames",
         ),
         *transfer_rules("segmentation", "encoder"),
         *transfer_rules("classification", "backbone"),

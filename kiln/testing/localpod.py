@@ -8,7 +8,11 @@ What a container runtime would provide, approximated on the host:
 - in-cluster DNS names of pods in the pod's subdomain (``<host>.<subdomain>[.<ns>[.svc[.cluster.local]]]``)
   and of Services in its namespace (``<svc>.<ns>.svc[.cluster.local]``) become 127.0.0.1,
   so torchrun's static rendezvous on node 0 is reachable by the other ranks;
-- ``$(VAR)`` references are expanded with Kubernetes' rules before any rewriting.
+- ``$(VAR)`` references are expanded with Kubernetes' rules before any rewriting;
+- the in-cluster credentials: client libraries read the ServiceAccount token from a fixed path
+  (``SERVICE_ACCOUNT_DIR``) that no rewriting reaches, so when the pod mounts it (the ServiceAccount admission's
+  projected token volume) the process gets ``KUBECONFIG``, a kubeconfig with that token and CA. The in-cluster
+  loaders of the kubernetes client, kopf and kubectl find no token file and fall back to it: same identity.
 
 Images are ignored: the command must exist on the host (``python`` resolves to the
 executor's own interpreter first).
@@ -28,6 +32,7 @@ from typing import Any
 
 from kiln.testing import executor_layout
 from kiln.testing.kube import JSON, ApiError, KubeClient, namespaced
+from kiln.testing.kubeconfig import write_kubeconfig
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -36,6 +41,8 @@ DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 _NAME_START, _NAME_END = r"(?<![\w.-])", r"(?![\w-]|\.[\w-])"
 # Host variables a container would get from its image; everything else stays out.
 INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "PYTHONPATH", "SSL_CERT_FILE")
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where a container finds its ServiceAccount's token, ca.crt and namespace (fixed by every client library)."""
 
 
 class PodConfigError(Exception):
@@ -89,6 +96,8 @@ def prepare_launch(kube: KubeClient, pod: JSON, root: Path, apiserver_port: int)
         "KUBERNETES_SERVICE_HOST": LOOPBACK,
         "KUBERNETES_SERVICE_PORT": str(apiserver_port),
     }
+    if (credentials := path_map.get(SERVICE_ACCOUNT_DIR)) is not None:
+        base_env["KUBECONFIG"] = str(_service_account_kubeconfig(pod, credentials, directory, apiserver_port))
     container_env = _container_env(kube, pod, container)
     argv = [rewrite(expand(arg, container_env)) for arg in [*container["command"], *container.get("args", [])]]
     env = base_env | {name: rewrite(value) for name, value in container_env.items()}
@@ -293,6 +302,20 @@ def _service_account_token(kube: KubeClient, pod: JSON, ref: JSON) -> str:
     account = pod["spec"].get("serviceAccountName", "default")
     path = namespaced("serviceaccounts", meta["namespace"], account) + "/token"
     return str(kube.create(path, request)["status"]["token"])
+
+
+def _service_account_kubeconfig(pod: JSON, credentials: Path, directory: Path, apiserver_port: int) -> Path:
+    """The pod's in-cluster identity as a kubeconfig: its projected token, the cluster CA, its namespace."""
+    namespace = pod["metadata"]["namespace"]
+    account = pod["spec"].get("serviceAccountName", "default")
+    return write_kubeconfig(
+        directory / "kubeconfig",
+        server=f"https://{LOOPBACK}:{apiserver_port}",
+        ca_cert=credentials / "ca.crt",
+        user=f"system:serviceaccount:{namespace}:{account}",
+        token=(credentials / "token").read_text(),
+        namespace=namespace,
+    )
 
 
 def _mount_source(volumes: dict[str, Path], mount: JSON) -> Path:

@@ -41,7 +41,6 @@ SEGMENTATION = {
     "model": {"architecture": "unet", "encoder": "resnet34", "numClasses": 3},
     "data": {"train": {"uri": "s3://bucket/train", "format": "segmentation-folder"}},
 }
-# A spec the schema accepts for a task the trainer does not implement yet.
 DETECTION = {
     "task": "detection",
     "model": {"architecture": "fasterrcnn_resnet50_fpn_v2"},
@@ -184,10 +183,28 @@ def test_a_plugin_names_any_architecture() -> None:
     assert errors(model={"architecture": "my-net", "source": "my_models.nets:build"}) == []
 
 
-def test_unimplemented_tasks_are_refused_in_one_line() -> None:
+def test_unimplemented_tasks_are_refused_in_one_line(patched: Any) -> None:
+    patched(tasks={name: names for name, names in load_catalogue().tasks.items() if name != "detection"})
     assert errors(DETECTION) == [
         "spec.task: detection is not implemented yet; implemented: classification, segmentation"
     ]
+
+
+def test_detection_names_are_checked() -> None:
+    assert errors(DETECTION) == []
+    model = {"architecture": "fasterrcnn_resnet50_fpn_v3"}
+    [line] = errors(DETECTION, model=model)
+    assert line.startswith("spec.model.architecture: unknown detection architecture 'fasterrcnn_resnet50_fpn_v3'")
+    assert "did you mean fasterrcnn_resnet50_fpn_v2" in line
+    args = {"box_score_tresh": 0.1, "min_size": 320, "num_classes": 3}
+    lines = errors(DETECTION, model={**DETECTION["model"], "args": args})
+    assert lines[0] == "spec.model.args.num_classes: set by model.numClasses; Kiln passes it to the constructor"
+    assert lines[1].startswith("spec.model.args.box_score_tresh: unknown fasterrcnn_resnet50_fpn_v2 argument")
+    assert "did you mean box_score_thresh" in lines[1] and len(lines) == 2
+    [line] = errors(DETECTION, validation={"metric": "map_50"})
+    assert line.startswith("spec.validation.metric: unknown detection metric 'map_50'; did you mean map50")
+    [line] = errors(DETECTION, loss={"classWeights": [1.0, 2.0]})
+    assert line.startswith("spec.loss.classWeights: detection trains with the detector's own losses")
 
 
 def test_an_unimplemented_format_is_refused(patched: Any) -> None:

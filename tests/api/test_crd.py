@@ -123,21 +123,25 @@ def test_crd_metadata() -> None:
 
 
 def test_generated_files_are_current() -> None:
-    paths = ["-o", str(ROOT / "crds"), "--docs", str(ROOT / "docs/api.md")]
+    paths = ["-o", str(ROOT / "crds"), "--chart-crds", str(ROOT / "helm/kiln/crds")]
+    paths += ["--docs", str(ROOT / "docs/api.md")]
     result = CliRunner().invoke(app, ["crds", "--check", *paths, "--catalogue", str(ROOT / "kiln/api/catalogue.json")])
     assert result.exit_code == 0, result.output
 
 
 def test_check_detects_stale_files(tmp_path: Path) -> None:
-    args = ["crds", "-o", str(tmp_path / "crds"), "--docs", str(tmp_path / "api.md")]
-    args += ["--catalogue", str(tmp_path / "catalogue.json")]
+    args = ["crds", "-o", str(tmp_path / "crds"), "--chart-crds", str(tmp_path / "chart")]
+    args += ["--docs", str(tmp_path / "api.md"), "--catalogue", str(tmp_path / "catalogue.json")]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert CliRunner().invoke(app, [*args, "--check"]).exit_code == 0
-    target = tmp_path / "crds" / "trainingjobs.kiln.dev.yaml"
-    target.write_text(target.read_text().replace("Passes over the training split.", "Edited by hand."))
-    result = CliRunner().invoke(app, [*args, "--check"])
-    assert result.exit_code == EXIT_FAILED
-    assert "trainingjobs.kiln.dev.yaml" in result.output
+    for directory in ("crds", "chart"):  # the chart's copy is checked as strictly as crds/
+        target = tmp_path / directory / "trainingjobs.kiln.dev.yaml"
+        original = target.read_text()
+        target.write_text(original.replace("Passes over the training split.", "Edited by hand."))
+        result = CliRunner().invoke(app, [*args, "--check"])
+        assert result.exit_code == EXIT_FAILED
+        assert f"{directory}/trainingjobs.kiln.dev.yaml" in result.output
+        target.write_text(original)
 
 
 def test_api_docs_cover_every_spec_field() -> None:

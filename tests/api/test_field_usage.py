@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
+from kiln.api.catalogue import load_catalogue
 from kiln.api.export import ExportJobSpec
 from kiln.api.parse import InvalidManifest, parse_manifest
 from kiln.api.training import TrainingJobSpec
@@ -50,17 +52,19 @@ CHECKPOINT, CLASSIFICATION, CLASSIFICATION_DATA, SEGMENTATION = (
 S3 = "kiln/storage/s3.py"
 SEGMENTATION_MODEL = "trainer/tasks/segmentation_model.py"
 SEGMENTATION_DATA = "trainer/tasks/segmentation_data.py"
+DETECTION, DETECTION_MODEL = "trainer/tasks/detection.py", "trainer/tasks/detection_model.py"
 
 # field (python names, dotted) -> the modules that act on it
 READERS: dict[str, tuple[str, ...]] = {
     "task": (COMPONENTS, RESOLVE),
     "model": (CLASSIFICATION, SEGMENTATION),
-    "model.architecture": (MODELS, SEGMENTATION_MODEL),
+    "model.architecture": (MODELS, SEGMENTATION_MODEL, DETECTION_MODEL),
     "model.encoder": (SEGMENTATION_MODEL,),
-    "model.num_classes": (CLASSIFICATION, SEGMENTATION),
+    "model.num_classes": (CLASSIFICATION, SEGMENTATION, DETECTION),
+    "model.class_names": (DETECTION,),
     "model.pretrained": (MODELS, PREFLIGHT, SEGMENTATION_MODEL),
     "model.source": (MODELS, SEGMENTATION_MODEL),
-    "model.args": (MODELS, SEGMENTATION_MODEL),
+    "model.args": (MODELS, SEGMENTATION_MODEL, DETECTION_MODEL),
     "model.freeze_encoder": (SEGMENTATION_MODEL,),
     "model.freeze_encoder.epochs": (SEGMENTATION_MODEL,),
     "model.encoder_lr_scale": (SEGMENTATION_MODEL,),
@@ -149,6 +153,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "resources.nodes": (RESOLVE, STATUS),
     "resources.procs_per_node": (RESOLVE,),
     "resources.gpus_per_node": (RENDER, RESOLVE),
+    "resources.find_unused_parameters": (COMPONENTS,),
     "resources.cpu": (RENDER,),
     "resources.memory": (RENDER,),
     "resources.node_selector": (RENDER,),
@@ -204,8 +209,12 @@ def test_each_reader_reads_its_field(field: str, readers: tuple[str, ...]) -> No
         assert {leaf, to_camel(leaf)} & names_read(module), f"{module} does not read {field}"
 
 
-def test_a_task_nothing_implements_is_refused_with_its_fields() -> None:
-    """detection is in the schema (and its formats), but no task plugin reads any of it yet."""
+def test_a_task_nothing_implements_is_refused_with_its_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task in the schema that no trainer plugin implements (detection, in a catalogue without it) is refused,
+    fields and all, rather than accepted and ignored."""
+    catalogue = load_catalogue()
+    tasks = {name: names for name, names in catalogue.tasks.items() if name != "detection"}
+    monkeypatch.setattr("kiln.api.semantics.load_catalogue", lambda: dataclasses.replace(catalogue, tasks=tasks))
     document = copy.deepcopy(TRAINING_BASE)
     document["spec"].update({"task": "detection", "data": {"train": {"uri": "s3://bucket/x", "format": "coco"}}})
     with pytest.raises(InvalidManifest, match="detection is not implemented yet"):

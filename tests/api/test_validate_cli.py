@@ -13,8 +13,6 @@ from typer.testing import CliRunner
 from kiln.cli import EXIT_INVALID, app
 
 EXAMPLES = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
-# Manifests for what is not implemented yet (a task, a kind): refused for that reason alone.
-PLANNED = sorted(Path(__file__).parents[2].joinpath("examples", "planned").glob("*.yaml"))
 
 VALID: dict[str, Any] = {
     "apiVersion": "kiln.dev/v1alpha1",
@@ -167,14 +165,16 @@ def test_segmentation_rules(tmp_path: Path) -> None:
     assert "spec.data.train.format: data.train.format does not fit the task" in output
 
 
-def test_unimplemented_task_is_refused_before_the_pod(tmp_path: Path) -> None:
+def test_detection_is_accepted_and_its_typos_refused_before_the_pod(tmp_path: Path) -> None:
     document = copy.deepcopy(VALID)
     document["spec"]["task"] = "detection"
-    document["spec"]["model"] = {"architecture": "fasterrcnn_resnet50_fpn_v2"}
-    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train", "format": "coco"}}
+    document["spec"]["model"] = {"architecture": "fasterrcnn_resnet50_fpn_v2", "classNames": ["bolt", "nut"]}
+    document["spec"]["data"] = {"train": {"uri": "s3://bucket/train", "format": "voc"}}
+    assert run_validate(tmp_path, yaml.safe_dump(document))[0] == 0
+    document["spec"]["model"]["architecture"] = "retinanet_resnet50"
     code, output = run_validate(tmp_path, yaml.safe_dump(document))
     assert code == EXIT_INVALID
-    assert "spec.task: detection is not implemented yet; implemented: classification, segmentation" in output
+    assert "spec.model.architecture: unknown detection architecture 'retinanet_resnet50'; did you mean" in output
 
 
 def test_segmentation_is_accepted(tmp_path: Path) -> None:
@@ -248,14 +248,6 @@ def test_every_error_of_a_file_is_reported(tmp_path: Path) -> None:
 def test_examples_are_valid(example: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(example)])
     assert result.exit_code == 0, result.output
-
-
-@pytest.mark.parametrize("example", PLANNED, ids=lambda p: p.name)
-def test_planned_examples_are_refused_only_as_not_implemented_yet(example: Path) -> None:
-    result = CliRunner().invoke(app, ["validate", str(example)])
-    assert result.exit_code == EXIT_INVALID, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines and all("is not implemented yet" in line for line in lines), lines
 
 
 def test_multi_document_file_reports_document_index(tmp_path: Path) -> None:

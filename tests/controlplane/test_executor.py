@@ -197,3 +197,35 @@ def test_missing_config_waits_then_runs_once_it_exists(
 
     assert cluster.wait_for_pod_phase(namespace, "needs-config")["status"]["phase"] == "Succeeded"
     assert cluster.pod_log(namespace, "needs-config") == "0.5\n"
+
+
+# What kopf's login and the operator's client do: in-cluster config first, else the kubeconfig.
+WHOAMI = """
+from kubernetes import client, config
+try:
+    config.load_incluster_config()
+except config.ConfigException:
+    config.load_kube_config()
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+print(client.AuthenticationV1Api().create_self_subject_review(review).status.user_info.username)
+"""
+
+
+def test_a_pod_talks_to_the_apiserver_as_its_service_account(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    """The ServiceAccount admission mounts a projected token; the process authenticates with it."""
+    cluster.kube.create(
+        namespaced("serviceaccounts", namespace),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "worker"}},
+    )
+    pod = executor_pod("whoami", ["python", "-c", WHOAMI])
+    pod["spec"]["serviceAccountName"] = "worker"
+
+    finished = run_to_completion(cluster, namespace, pod)
+
+    log = cluster.pod_log(namespace, "whoami")
+    assert finished["status"]["phase"] == "Succeeded", log
+    assert log.strip() == f"system:serviceaccount:{namespace}:worker"

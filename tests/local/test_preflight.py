@@ -152,6 +152,6 @@ def test_trainer_processes_get_the_malloc_tuning_unless_the_user_set_their_own(
     run = LocalRun(resolved(manifest), tmp_path / "spec.json", tmp_path)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
-    env = run.environment(0, 1, 0)
+    env = run.environment(0, 1, [0])
     assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432"  # docs/benchmarks.md, segmentation overhead
     assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"

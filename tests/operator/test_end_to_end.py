@@ -4,7 +4,8 @@ A TrainingJob with two nodes lands on the local executor node; the executor runs
 as real ``torchrun ... -m kiln.trainer`` processes that rendezvous on 127.0.0.1, stage a tiny digits
 imagefolder from S3 (moto), train ``debug_small`` for two epochs and checkpoint back to S3. The operator polls
 rank 0's /progress while it runs and reads the final state from rank 0's termination message. A segmentation
-job (a tiny smp U-Net on the synthetic shapes) takes the same path once more.
+job (a tiny smp U-Net on the synthetic shapes) and a detection job (a small torchvision Faster R-CNN on the
+synthetic boxes) take the same path once more.
 """
 
 from __future__ import annotations
@@ -236,3 +237,53 @@ def test_segmentation_trainingjob_succeeds_with_miou_in_its_status(
     assert progress["metric"].startswith("miou="), progress
     best = status["checkpoints"]["best"]
     assert best.startswith(f"s3://{s3_bucket}/runs/{SHAPES}/checkpoints/") and s3_exists(s3_server, best), status
+
+
+DETECTION = "boxes"
+
+
+def upload_detection_shapes(s3: S3Server, bucket: str, tmp_path: Path) -> int:
+    """The detection generator's shapes (64 px; 16 train and 8 val images, COCO layout) under
+    s3://bucket/boxes/{train,val}/."""
+    from kiln.trainer.detection_shapes import write_detection_shapes
+
+    local = write_detection_shapes(tmp_path / "boxes", splits={"train": 16, "val": 8}, size=64, formats=("coco",))
+    paths = sorted(path for path in (local / "coco").rglob("*") if path.is_file())
+    for path in paths:
+        s3.client().upload_file(str(path), bucket, f"boxes/{path.relative_to(local / 'coco').as_posix()}")
+    return len(paths)
+
+
+def test_detection_trainingjob_succeeds_with_map_in_its_status(
+    cluster: ControlPlane,
+    kiln_operator: OperatorProcess,
+    namespace: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """The same two pods, now a detection task: a small torchvision Faster R-CNN on the shapes, validated by mAP."""
+    assert upload_detection_shapes(s3_server, s3_bucket, tmp_path) == 26  # 24 images, 2 annotation files
+    create_secret(cluster, namespace, s3_server)
+    document = manifest(namespace, s3_bucket, s3_server, name=DETECTION)
+    splits = {split: {"uri": f"s3://{s3_bucket}/boxes/{split}", "format": "coco"} for split in ("train", "val")}
+    document["spec"].update(
+        task="detection",
+        model={"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn", "args": {"box_score_thresh": 0.0}},
+        data={**splits, "imageSize": 64, "batchSize": 4, "workers": 0},
+        optimizer={"name": "sgd", "lr": 0.01},
+        validation={"every": 1},  # the default metric: map
+    )
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+
+    tj, _ = watch_until_finished(cluster, namespace, timeout=240, name=DETECTION)
+    assert tj["status"]["phase"] == "Succeeded", diagnostics(cluster, namespace, kiln_operator, DETECTION)
+    status = tj["status"]
+    assert status["workers"]["succeeded"] == 2, status
+    progress = status["progress"]
+    assert progress["epoch"] == 2 and progress["percent"] == 100.0, progress
+    assert 0.0 <= progress["metrics"]["val/map"] <= 1.0, progress
+    assert {"val/map50", "val/map75", "train/loss/classifier", "train/loss/objectness"} <= set(progress["metrics"])
+    assert progress["metric"].startswith("map="), progress
+    best = status["checkpoints"]["best"]
+    assert best.startswith(f"s3://{s3_bucket}/runs/{DETECTION}/checkpoints/") and s3_exists(s3_server, best), status

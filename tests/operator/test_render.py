@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tj_builders import SETTINGS, body, resolved_from
 
+from kiln.api.contract import METRICS_PORT_NAME_PATTERN
 from kiln.operator.render import render_configmap, render_job, render_service
 
 OWNER = {
@@ -87,7 +89,15 @@ def test_container_runs_torchrun_with_the_contract_flags_and_env() -> None:
     assert "KILN_CACHE_DIR" in env
     # glibc keeps freed memory mapped (mmap above 32 MiB, trim above 1 GiB): docs/benchmarks.md, segmentation
     assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
-    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+    # nproc-per-node 4: every local rank serves its own /metrics, each port named for a PodMonitor to keep
+    metrics = [port for port in container["ports"] if re.fullmatch(METRICS_PORT_NAME_PATTERN, port["name"])]
+    assert metrics == [
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+        {"name": "metrics-1", "containerPort": 9401, "protocol": "TCP"},
+        {"name": "metrics-2", "containerPort": 9402, "protocol": "TCP"},
+        {"name": "metrics-3", "containerPort": 9403, "protocol": "TCP"},
+    ]
+    assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container["ports"]
 
 
 def test_resources_and_placement_come_from_the_spec() -> None:

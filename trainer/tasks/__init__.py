@@ -17,7 +17,14 @@ def _segmentation() -> Task:
     return SegmentationTask()
 
 
+def _detection() -> Task:
+    from kiln.trainer.tasks.detection import DetectionTask
+
+    return DetectionTask()
+
+
 TASKS.register(TaskInfo("classification", _classification, "timm image classifiers on imagefolder or csv data"))
 TASKS.register(TaskInfo("segmentation", _segmentation, "smp networks on segmentation-folder or csv masks"))
+TASKS.register(TaskInfo("detection", _detection, "torchvision detectors on coco, yolo or voc boxes"))
 
 __all__ = ["TASKS", "Task", "TaskInfo", "create_task"]

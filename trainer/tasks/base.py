@@ -1,17 +1,22 @@
-"""The contract between the engine and a task plugin (classification and segmentation now; detection next).
+"""The contract between the engine and a task plugin (classification, segmentation and detection).
 
 The engine owns the loop, DDP, AMP, checkpoints and observability. A task owns what differs between
 problems: how a split's layout is read, which network is built, how a batch becomes a loss, and which
-metrics and per-image predictions come out of evaluation. Batches are dicts of tensors with at least
-``image`` and ``index``; everything else in them is the task's business.
+metrics and per-image predictions come out of evaluation. Batches are dicts with at least ``image`` and
+``index``; ``image`` is a tensor or a list of per-image tensors (detection's images keep their own boxes),
+and ``len(batch["image"])`` is the batch size. Everything else in them is the task's business.
+
+Beyond ``Task``, ``Objective`` and ``Evaluator``, a plugin may implement capabilities the engine asks for
+with ``isinstance`` (each a small runtime-checkable protocol): ``OwnBatching`` (its pipelines and collate),
+``SplitAware`` (its evaluator reads the evaluated split's files) and ``OwnPredictions`` (its predictions file).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -21,6 +26,7 @@ from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.class_stats import ClassStats
 from kiln.trainer.distributed import World
 from kiln.trainer.errors import InvalidInput
+from kiln.trainer.history import RunLog
 from kiln.trainer.registry import Registry
 from kiln.trainer.transfer import Transfer
 
@@ -113,6 +119,38 @@ class Task(Protocol):
     def transfer(self, job: ResolvedTrainingJob, model: nn.Module) -> Transfer | None:
         """The pretrained part of ``model`` that the spec freezes or trains at a scaled learning rate (the
         segmentation encoder, a classifier's backbone); None when it asks for neither."""
+        ...
+
+
+@runtime_checkable
+class OwnBatching(Protocol):
+    """A task whose items the default pipelines and collate cannot handle (detection: boxes move with the image,
+    and images of one batch keep their own box counts)."""
+
+    def pipelines(self, job: ResolvedTrainingJob, mean: Sequence[float], std: Sequence[float]) -> tuple[Pipeline, Pipeline]:
+        """(training pipeline, evaluation pipeline)."""
+        ...
+
+    def collate(self, items: list[Batch]) -> Batch: ...
+
+
+@runtime_checkable
+class SplitAware(Protocol):
+    """An evaluator that reads the evaluated split itself (detection scores against the split's own boxes in
+    original pixels, not the resized ones in the batch)."""
+
+    def begin(self, split: str, data: SplitData) -> None:
+        """Called once, before the first ``update`` of an evaluation of ``split``."""
+        ...
+
+
+@runtime_checkable
+class OwnPredictions(Protocol):
+    """An evaluator whose predictions file is not the default CSV of its rows (detection: a COCO results JSON,
+    beside the split's ground truth as COCO JSON, so anyone can recompute mAP with pycocotools)."""
+
+    def write_predictions(self, split: str, rows: list[dict[str, Any]], run_log: RunLog) -> str:
+        """Write every rank's rows (on rank 0 only); the URI of the predictions file."""
         ...
 
 
