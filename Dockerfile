@@ -28,27 +28,25 @@ RUN python3 -m venv /opt/uv \
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 
-# -- one virtual environment per image: dependencies first (a layer that changes only with the lock), then Kiln
-# itself, installed as a wheel (not editable), so /src does not travel into the final stage ----------------------
+# -- Kiln itself, as a wheel both images install (no sources, no editable install) -----------------------------
+FROM uv AS wheel
+COPY . /src
+RUN /opt/uv/bin/uv build --wheel --out-dir /wheels /src
+
+# -- one virtual environment per image, under /opt/kiln: the locked dependencies, then the wheel ------------------
 FROM uv AS operator-env
 RUN --mount=type=cache,target=/root/.cache/uv \
     /opt/uv/bin/uv sync --frozen --no-install-project --extra operator
-COPY README.md ./
-COPY kiln kiln
-COPY operator operator
-COPY trainer trainer
-RUN --mount=type=cache,target=/root/.cache/uv \
-    /opt/uv/bin/uv sync --frozen --no-editable --extra operator
+COPY --from=wheel /wheels /wheels
+RUN /opt/uv/bin/uv pip install --python /opt/kiln/bin/python --no-deps /wheels/*.whl
 
+# One RUN, so torch and its CUDA libraries are one layer: every further layer over them would be another copy
+# under vfs storage (tools/images.sh), and a cached dependency layer saves little once uv's cache is warm.
 FROM uv AS trainer-env
+COPY --from=wheel /wheels /wheels
 RUN --mount=type=cache,target=/root/.cache/uv \
-    /opt/uv/bin/uv sync --frozen --no-install-project --extra trainer
-COPY README.md ./
-COPY kiln kiln
-COPY operator operator
-COPY trainer trainer
-RUN --mount=type=cache,target=/root/.cache/uv \
-    /opt/uv/bin/uv sync --frozen --no-editable --extra trainer
+    /opt/uv/bin/uv sync --frozen --no-install-project --extra trainer \
+    && /opt/uv/bin/uv pip install --python /opt/kiln/bin/python --no-deps /wheels/*.whl
 
 # -- what both images share: the base, one non-root user, no uv, pip or sources ---------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -69,15 +67,16 @@ LABEL org.opencontainers.image.vendor="Kiln" \
 WORKDIR /home/kiln
 USER ${KILN_UID}:${KILN_UID}
 
+# The virtual environment comes last in each image: a layer after it would copy it again under vfs storage.
 FROM runtime AS operator
 LABEL org.opencontainers.image.title="kiln-operator" \
       org.opencontainers.image.description="The Kiln operator: TrainingJob and ExportJob controllers (kopf), no torch"
-COPY --from=operator-env /opt/kiln /opt/kiln
 ENTRYPOINT ["kiln", "operator"]
+COPY --from=operator-env /opt/kiln /opt/kiln
 
 FROM runtime AS trainer
 LABEL org.opencontainers.image.title="kiln-trainer" \
       org.opencontainers.image.description="The Kiln trainer and exporter: torch, timm, smp, albumentations, onnxruntime"
-COPY --from=trainer-env /opt/kiln /opt/kiln
 ENTRYPOINT ["torchrun"]
 CMD ["--nproc-per-node", "1", "-m", "kiln.trainer", "--spec", "/etc/kiln/trainingjob.json"]
+COPY --from=trainer-env /opt/kiln /opt/kiln

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 export UV_LINK_MODE ?= copy
 
-.PHONY: test demo cluster lint typecheck pytest controlplane tools venv crds
+.PHONY: test demo cluster lint typecheck pytest controlplane tools venv crds images test-trainer-image
 
 venv: $(VENV)/.synced
 
@@ -21,6 +21,16 @@ controlplane:
 # helm, prometheus/promtool, lua, buildah: pinned, cached outside the clone (tools/README.md).
 tools:
 	@bash tools/install-all.sh
+
+# The Dockerfile's operator and trainer images, built with buildah (no daemon). BASE_IMAGE=local (the default)
+# builds the base with debootstrap; BASE_IMAGE=docker.io/library/python:3.11-slim uses the public one.
+images: tools
+	bash tools/images.sh build operator
+	bash tools/images.sh build trainer
+
+# The slow tier, not part of `make test`: build the multi-GB trainer image and train one epoch inside it.
+test-trainer-image: venv tools
+	KILN_TEST_TRAINER_IMAGE=1 $(PY) -m pytest tests/images/test_images.py -k trainer_image -s $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,8 @@ Minor page faults per step are counted for each loop too: both loops share one p
 when glibc returns freed memory to the kernel, the next allocations fault it back in page by page, which costs CPU
 time that belongs to neither loop's code.
 
-Used by ``trainer_overhead.py`` (classification) and ``segmentation_overhead.py``; run those, not this.
+Used by ``trainer_overhead.py`` (classification), ``segmentation_overhead.py`` and ``detection_overhead.py``; run
+those, not this.
 """
 
 from __future__ import annotations
@@ -62,13 +63,20 @@ class InMemory(Dataset[dict[str, Any]]):
         return self.items[index]
 
 
-def window_loader(dataset: Dataset[Any], batch_size: int, steps: int) -> DataLoader[Any]:
-    """Exactly ``steps`` full batches, reshuffled on every pass: the one loader shape both loops iterate."""
+def window_loader(
+    dataset: Dataset[Any], batch_size: int, steps: int, collate: Callable[[list[Any]], Any] | None = None
+) -> DataLoader[Any]:
+    """Exactly ``steps`` full batches, reshuffled on every pass: the one loader shape both loops iterate (with the
+    task's own collate where it has one: detection's batches are lists)."""
     sampler = RandomSampler(dataset, num_samples=steps * batch_size, generator=torch.Generator().manual_seed(SEED))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=0, drop_last=True, collate_fn=collate
+    )
 
 
-def kiln_trainer(spec: dict[str, Any], out: Path, *, batch_size: int, steps: int) -> Trainer:
+def kiln_trainer(
+    spec: dict[str, Any], out: Path, *, batch_size: int, steps: int, collate: Callable[[list[Any]], Any] | None = None
+) -> Trainer:
     """A one-process CPU Trainer for ``spec`` (KILN_LOOP_ONLY applied), its training split decoded into memory
     and served by ``window_loader``."""
     manifest = {
@@ -78,7 +86,7 @@ def kiln_trainer(spec: dict[str, Any], out: Path, *, batch_size: int, steps: int
     job = resolve(parse_manifest(manifest), Environment(storage_root=str(out)), mode="local")
     # Rank 0 of a real run reports progress to the /progress server; keep that bookkeeping in the window.
     trainer = Trainer(job, World(0, 1, 0, torch.device("cpu")), reporter=LatestSnapshot())
-    trainer.c.train_loader = window_loader(InMemory(trainer.c.train_loader.dataset), batch_size, steps)
+    trainer.c.train_loader = window_loader(InMemory(trainer.c.train_loader.dataset), batch_size, steps, collate)
     return trainer
 
 

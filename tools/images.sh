@@ -5,8 +5,10 @@
 #   tools/images.sh base                    build (once) and cache the local Debian base image
 #   tools/images.sh build operator|trainer  build a Dockerfile target; prints the image name
 #   tools/images.sh run operator|trainer CMD...  run CMD in a throwaway container of that image
-#   tools/images.sh size operator|trainer   the image's size in bytes
-#   tools/images.sh rm operator|trainer     remove the image (and any dangling layers of its build)
+#   tools/images.sh inspect operator|trainer  the image's configuration (JSON)
+#   tools/images.sh size operator|trainer   the image's size
+#   tools/images.sh rm operator|trainer     remove the image, then prune
+#   tools/images.sh prune                   remove the images no tag holds (intermediate layers of old builds)
 #   tools/images.sh name operator|trainer   the image's name
 #
 # BASE_IMAGE: the Dockerfile's base. "local" (the default here) builds it with debootstrap from Debian packages,
@@ -85,8 +87,15 @@ build() {
         --build-arg "REVISION=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)" \
         --build-arg UV_CACHE_DIR=/uv-cache --volume "$uv_cache:/uv-cache" "${trust[@]}" \
         --tag "$name" --file "$repo/Dockerfile" "$repo" >/dev/null
+    # Every changed layer is a whole copy of its image under vfs: past the limit, drop what no tag holds (the next
+    # build then misses the layer cache once).
+    if (($(du -sm "$store/root" | cut -f1) > ${KILN_IMAGES_STORE_MAX_MB:-6000})); then
+        prune
+    fi
     echo "$name"
 }
+
+prune() { bah rmi --prune >/dev/null 2>&1 || true; }
 
 run_in() {
     local target="$1" ctr status=0
@@ -103,9 +112,10 @@ case "$command" in
     base) build_local_base; echo "$local_base" ;;
     build) build "$@" ;;
     run) run_in "$@" ;;
-    size) bah inspect --type image --format '{{.Size}}' "$(image_name "$1")" 2>/dev/null \
-              || bah images --noheading --format '{{.Size}}' "$(image_name "$1")" ;;
-    rm) bah rmi --force "$(image_name "$1")" >/dev/null; bah rmi --prune >/dev/null 2>&1 || true ;;
+    inspect) bah inspect --type image "$(image_name "$1")" ;;
+    size) bah images --noheading --format '{{.Size}}' "$(image_name "$1")" ;;
+    rm) bah rmi --force "$(image_name "$1")" >/dev/null; prune ;;
+    prune) prune ;;
     name) image_name "$1" ;;
-    *) echo "usage: tools/images.sh base|build|run|size|rm|name [operator|trainer] [CMD...]" >&2; exit 2 ;;
+    *) echo "usage: tools/images.sh base|build|run|inspect|size|rm|prune|name [operator|trainer] [CMD...]" >&2; exit 2 ;;
 esac

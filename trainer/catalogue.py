@@ -113,9 +113,7 @@ def build_catalogue() -> dict[str, Any]:
         "presets": PRESETS.names(),
         "transforms": {info.name: _constructor(info.cls) for info in transforms_registry()},
         "segmentation_args": {name: _constructor(cls) for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()},
-        "detection_args": {
-            info.name: {"args": sorted(accepted_args(info)), "var_kwargs": False} for info in DETECTORS
-        },
+        "detection_args": {info.name: {"args": sorted(accepted_args(info)), "var_kwargs": False} for info in DETECTORS},
         # The local build label (+cu132, +cpu) does not change a name, so it is left out.
         "versions": {library: version(library).split("+", 1)[0] for library in LIBRARIES},
     }

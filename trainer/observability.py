@@ -53,11 +53,10 @@ class TrainerMetrics:
         names = list(self._labels)
 
         def gauge(name: str, doc: str) -> Any:
-            return Gauge(f"{PREFIX}{name}", doc, names, registry=self.registry).labels(**self._labels)
+            return self._bind(Gauge(f"{PREFIX}{name}", doc, names, registry=self.registry))
 
         def histogram(name: str, doc: str) -> Any:
-            metric = Histogram(f"{PREFIX}{name}", doc, names, buckets=STEP_BUCKETS, registry=self.registry)
-            return metric.labels(**self._labels)
+            return self._bind(Histogram(f"{PREFIX}{name}", doc, names, buckets=STEP_BUCKETS, registry=self.registry))
 
         self.step_seconds = histogram("step_seconds", "Wall time of one training step, data wait included.")
         self.data_wait_seconds = histogram("data_wait_seconds", "Time that step waited for the DataLoader.")
@@ -84,6 +83,11 @@ class TrainerMetrics:
         # Only where there is a GPU: a CPU rank has no accelerator memory to report.
         self._accelerator_memory = Gauge(f"{PREFIX}accelerator_memory_bytes", "Peak accelerator memory "
                                          "allocated by this rank.", names, registry=self.registry)  # fmt: skip
+
+    def _bind(self, metric: Any) -> Any:
+        # prometheus_client refuses .labels() on a series declared without label names (an unlabelled
+        # TrainerMetrics(), as in-process tests build).
+        return metric.labels(**self._labels) if self._labels else metric
 
     def observe_step(
         self,
@@ -113,14 +117,14 @@ class TrainerMetrics:
             self._validation.labels(**self._labels, metric=name).set(value)
 
     def observe_checkpoint(self, *, seconds: float, size_bytes: int | None) -> None:
-        self._checkpoint_save_seconds.labels(**self._labels).set(seconds)
+        self._bind(self._checkpoint_save_seconds).set(seconds)
         if size_bytes is not None:
-            self._checkpoint_size_bytes.labels(**self._labels).set(size_bytes)
-        self._checkpoint_saved_at.labels(**self._labels).set(time.time())
+            self._bind(self._checkpoint_size_bytes).set(size_bytes)
+        self._bind(self._checkpoint_saved_at).set(time.time())
 
     def observe_memory(self, device: torch.device) -> None:
         if device.type == "cuda":
-            self._accelerator_memory.labels(**self._labels).set(torch.cuda.max_memory_allocated(device))
+            self._bind(self._accelerator_memory).set(torch.cuda.max_memory_allocated(device))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -120,14 +120,14 @@ class ModelSpec(RuleModel):
     decoder_attention_type, ...); a tu- encoder's timm model takes the rest. aux_params adds smp's
     classification head: it learns which classes each image's mask contains, through the presence loss (add
     presence to loss.weights); metrics and predictions use the masks alone. Detection: the torchvision
-    builder's (min_size, max_size, box_score_thresh, box_detections_per_img, trainable_backbone_layers, ...;
-    min_size and max_size default to data.imageSize, image_mean and image_std to data.normalize or ImageNet's;
-    torchvision honours trainable_backbone_layers only with its own backbone weights, which Kiln never
-    downloads). With source: the plugin factory's.
-    Kiln sets num_classes (classes), encoder_name, encoder_weights, pretrained, weights and weights_backbone
-    from numClasses, encoder and pretrained, so they are refused here, as is segmentation's activation (the losses take logits) and an
-    argument the constructor does not take (by kiln validate for smp architectures, else when the trainer
-    starts, exit 2)."""
+    builder's, model class's and input transform's (min_size, max_size, box_score_thresh,
+    box_detections_per_img, ...; min_size and max_size default to data.imageSize, image_mean and image_std to
+    data.normalize, else the network's own; torchvision honours trainable_backbone_layers only with its own
+    backbone weights, which Kiln never downloads). With source: the plugin factory's. Kiln sets num_classes
+    (classes), encoder_name, encoder_weights, pretrained, weights, weights_backbone and progress from
+    numClasses, encoder and pretrained, so they are refused here, as is segmentation's activation (the losses
+    take logits) and an argument the constructor does not take (by kiln validate for smp and torchvision
+    architectures, else when the trainer starts, exit 2)."""
 
     freeze_encoder: FreezeSpec | None = None
     """Segmentation only: train the first epochs with the encoder frozen (the decoder and head learn on a fixed

@@ -64,7 +64,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "model.class_names": (DETECTION,),
     "model.pretrained": (MODELS, PREFLIGHT, SEGMENTATION_MODEL),
     "model.source": (MODELS, SEGMENTATION_MODEL),
-    "model.args": (MODELS, SEGMENTATION_MODEL, DETECTION_MODEL),
+    "model.args": (MODELS, SEGMENTATION_MODEL),
     "model.freeze_encoder": (SEGMENTATION_MODEL,),
     "model.freeze_encoder.epochs": (SEGMENTATION_MODEL,),
     "model.encoder_lr_scale": (SEGMENTATION_MODEL,),

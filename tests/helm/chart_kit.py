@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm/kiln"
 # helm keeps repositories, plugins and caches under these; the tests leave the user's own alone.
 _HELM_HOME = Path(tempfile.mkdtemp(prefix="kiln-helm-home-"))
+atexit.register(shutil.rmtree, _HELM_HOME, ignore_errors=True)
 
 
 def helm(

@@ -64,10 +64,10 @@ def test_model_args_reach_the_builder_and_reserved_ones_are_refused(tmp_path: Pa
     assert model.transform.min_size == (96,)  # type: ignore[union-attr]
     for key in ("num_classes", "weights", "weights_backbone"):
         reserved = detection_job(tmp_path, shapes, model={"architecture": SMALL, "args": {key: 1}})
-        with pytest.raises(InvalidInput, match=f"model.args.{key}: set by model"):
+        with pytest.raises(InvalidInput, match=rf"model\.args\.{key}: set by model"):
             build_detector(reserved, num_classes=3)
     typo = detection_job(tmp_path, shapes, model={"architecture": SMALL, "args": {"box_score_tresh": 0.2}})
-    with pytest.raises(InvalidInput, match="model.args.box_score_tresh"):
+    with pytest.raises(InvalidInput, match=r"model\.args\.box_score_tresh: unknown .* did you mean box_score_thresh"):
         build_detector(typo, num_classes=3)
 
 

@@ -144,7 +144,9 @@ def test_a_class_without_ground_truth_has_no_scores() -> None:
 def test_labels_shift_past_the_background_and_back() -> None:
     targets = to_targets([torch.zeros(1, 4)], [torch.tensor([0])])
     assert targets[0]["labels"].tolist() == [1]  # class 0 is torchvision's label 1; 0 is the background
-    detections = [{"boxes": torch.ones(3, 4), "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 1, 3])}]
+    detections = [
+        {"boxes": torch.ones(3, 4), "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 1, 3])}
+    ]
     (out,) = from_detections(detections)
     assert out["labels"].tolist() == [0, 2]  # the background detection is dropped
     assert out["scores"].tolist() == pytest.approx([0.8, 0.7])
@@ -166,4 +168,3 @@ def test_sample_picture_has_both_panels() -> None:
     assert picture.size == (2 * 576, 384)  # enlarged to 384 px on the shorter side, truth | prediction
     pixels = np.asarray(picture)
     assert pixels[:, :576].any() and pixels[:, 576:].any()  # boxes drawn on both panels
-

@@ -82,5 +82,7 @@ def test_two_detection_processes_resume_from_s3_after_sigkill_and_match_an_unint
             assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-5), (resumed["epoch"], key)
     evaluations = {name: summaries[name]["evaluation"] for name in runs}
     assert evaluations["resumed"]["split"] == "test"
-    assert evaluations["resumed"]["metrics"]["map"] == pytest.approx(evaluations["reference"]["metrics"]["map"], abs=1e-5)
+    assert evaluations["resumed"]["metrics"]["map"] == pytest.approx(
+        evaluations["reference"]["metrics"]["map"], abs=1e-5
+    )
     assert runs["resumed"].read_bytes("predictions-test.json") and runs["resumed"].read_bytes("gt-test.json")

@@ -2,9 +2,10 @@
 model card), how outputs become predictions, and the validation metric a quantized model is judged by.
 
 Pre- and post-processing stay outside the graph for every task: the graph takes normalized NCHW float32 and
-returns raw scores, and the model card states the normalization and how to read the scores. For detection
-(not yet a Kiln task) the plan is the opposite for post-processing: box decoding and NMS go inside the graph,
-because a client cannot reproduce them from a card; normalization still stays outside.
+returns raw scores, and the model card states the normalization and how to read the scores. Detection has no
+entry yet, so its checkpoints are refused (InvalidSource, exit 2, "the exporter does not handle it yet"). The
+plan: export the whole torchvision detector in eval mode, its own normalization, box decoding and NMS inside
+the graph (a client cannot rebuild those from a card), with boxes, scores and labels as outputs.
 """
 
 from __future__ import annotations

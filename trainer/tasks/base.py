@@ -127,7 +127,9 @@ class OwnBatching(Protocol):
     """A task whose items the default pipelines and collate cannot handle (detection: boxes move with the image,
     and images of one batch keep their own box counts)."""
 
-    def pipelines(self, job: ResolvedTrainingJob, mean: Sequence[float], std: Sequence[float]) -> tuple[Pipeline, Pipeline]:
+    def pipelines(
+        self, job: ResolvedTrainingJob, mean: Sequence[float], std: Sequence[float]
+    ) -> tuple[Pipeline, Pipeline]:
         """(training pipeline, evaluation pipeline)."""
         ...
 

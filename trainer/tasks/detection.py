@@ -116,7 +116,10 @@ class DetectionEvaluator:
 
     def update(self, outputs: list[dict[str, torch.Tensor]], batch: Batch, loss: torch.Tensor) -> None:
         indices = batch["index"].tolist()
-        predictions = [self._original(d, batch["scale"][i], index) for i, (d, index) in enumerate(zip(outputs, indices, strict=True))]
+        predictions = [
+            self._original(d, batch["scale"][i], index)
+            for i, (d, index) in enumerate(zip(outputs, indices, strict=True))
+        ]
         self.metrics.update(predictions, [self._truth(batch, i, index) for i, index in enumerate(indices)])
         self._last = {
             index: (p["boxes"].cpu().numpy(), p["scores"].cpu().numpy(), p["labels"].cpu().numpy())
@@ -148,7 +151,9 @@ class DetectionEvaluator:
             if index < SAMPLE_IMAGES:
                 image = load_image(Path(data.root) / data.describe(index))
                 png = sample_png(image, data.annotations(index), (boxes, scores, labels), self.class_names)
-                self.store.write_bytes(f"samples/{self._split}/{Path(data.describe(index)).with_suffix('.png').as_posix()}", png)
+                self.store.write_bytes(
+                    f"samples/{self._split}/{Path(data.describe(index)).with_suffix('.png').as_posix()}", png
+                )
         return rows
 
     def write_predictions(self, split: str, rows: list[dict[str, Any]], run_log: RunLog) -> str:
@@ -184,7 +189,9 @@ class DetectionTask:
     def transfer(self, job: ResolvedTrainingJob, model: nn.Module) -> Transfer | None:
         return None  # the spec's transfer fields belong to classification and segmentation (refused here)
 
-    def pipelines(self, job: ResolvedTrainingJob, mean: Sequence[float], std: Sequence[float]) -> tuple[Pipeline, Pipeline]:
+    def pipelines(
+        self, job: ResolvedTrainingJob, mean: Sequence[float], std: Sequence[float]
+    ) -> tuple[Pipeline, Pipeline]:
         """Box-aware pipelines to a padded 0..1 square; mean and std are the network's business (its transform)."""
         size = job.spec.data.image_size
         return detection_train_pipeline(job.spec.augmentation, size), detection_eval_pipeline(size)

@@ -134,7 +134,11 @@ def from_detections(detections: Sequence[dict[str, torch.Tensor]]) -> list[dict[
     for detection in detections:
         keep = detection["labels"] > 0
         out.append(
-            {"boxes": detection["boxes"][keep], "scores": detection["scores"][keep], "labels": detection["labels"][keep] - 1}
+            {
+                "boxes": detection["boxes"][keep],
+                "scores": detection["scores"][keep],
+                "labels": detection["labels"][keep] - 1,
+            }
         )
     return out
 

@@ -23,9 +23,7 @@ SAMPLE_MIN_SIDE = 384
 TRUTH_COLOUR = (40, 220, 60)
 
 
-def result_rows(
-    image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray
-) -> list[dict[str, Any]]:
+def result_rows(image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
     """One COCO result per detection: boxes xyxy in original pixels become [x, y, width, height]; categories
     are class index + 1, as in the ground truth's categories."""
     rows = []
@@ -41,12 +39,7 @@ def json_bytes(document: Any) -> bytes:
 
 
 def _draw(
-    image: Image.Image,
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    texts: Sequence[str],
-    colours: Sequence[tuple[int, int, int]],
-    scale: float,
+    image: Image.Image, boxes: np.ndarray, texts: Sequence[str], colours: Sequence[tuple[int, int, int]], scale: float
 ) -> Image.Image:
     panel = image.copy()
     draw = ImageDraw.Draw(panel)
@@ -71,16 +64,14 @@ def sample_png(
     scale = max(1.0, SAMPLE_MIN_SIDE / min(height, width))
     base = Image.fromarray(image).resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
     truth_boxes, truth_labels = truth
-    left = _draw(
-        base, truth_boxes, truth_labels, [class_names[k] for k in truth_labels.tolist()],
-        [TRUTH_COLOUR] * len(truth_labels), scale,
-    )  # fmt: skip
+    truth_texts = [class_names[k] for k in truth_labels.tolist()]
+    left = _draw(base, truth_boxes, truth_texts, [TRUTH_COLOUR] * len(truth_labels), scale)
     boxes, scores, labels = predicted
     keep = scores >= SAMPLE_SCORE
     palette = class_colours(len(class_names) + 1)[1:]  # skip black, the background's colour
     colours = [tuple(int(c) for c in palette[k]) for k in labels[keep].tolist()]
     texts = [f"{class_names[k]} {s:.2f}" for k, s in zip(labels[keep].tolist(), scores[keep].tolist(), strict=True)]
-    right = _draw(base, boxes[keep], labels[keep], texts, colours, scale)  # type: ignore[arg-type]
+    right = _draw(base, boxes[keep], texts, colours, scale)  # type: ignore[arg-type]
     canvas = Image.new("RGB", (left.width * 2, left.height))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))
