@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kiln.api.status import TERMINAL_PHASES, Phase
+from kiln.operator.control import control_annotations
 from kiln.operator.status import parse_time
 
 Obj = dict[str, Any]
@@ -66,7 +67,10 @@ class Schedule:
         if body is None:
             self.entries.pop(key, None)
         elif key in self.entries:
-            self.entries[key].body = body
+            entry = self.entries[key]
+            if control_annotations(_annotations(body)) != control_annotations(_annotations(entry.body)):
+                entry.next_progress = 0.0  # a stop or checkpoint request: deliver it at the next tick
+            entry.body = body
         else:
             self.entries[key] = Entry(body=body, next_resync=now + self.resync_interval_s)
 
@@ -90,6 +94,10 @@ class Schedule:
             if expires is not None and wall >= expires and now >= entry.next_expire:
                 entry.next_expire = now + 5.0
                 yield "expire", key, entry.body
+
+
+def _annotations(body: Obj) -> dict[str, str] | None:
+    return (body.get("metadata") or {}).get("annotations")
 
 
 Action = Callable[[str, str, Obj], object]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kiln.api.base import GROUP, VERSION
+from kiln.api.contract import Label
 
 TJ_GROUP, TJ_VERSION, TJ_PLURAL, TJ_KIND = GROUP, VERSION, "trainingjobs", "TrainingJob"
 EJ_PLURAL, EJ_KIND = "exportjobs", "ExportJob"
@@ -13,8 +14,9 @@ INSTANCE = "app.kubernetes.io/instance"
 COMPONENT = "app.kubernetes.io/component"
 PART_OF = "app.kubernetes.io/part-of"
 MANAGED_BY = "app.kubernetes.io/managed-by"
-TRAINING_JOB = "kiln.dev/training-job"
-ATTEMPT = "kiln.dev/attempt"
+# The pod-selecting keys are shared with `kubectl kiln logs` (kiln.api.contract.Label).
+TRAINING_JOB = Label.TRAINING_JOB
+ATTEMPT = Label.ATTEMPT
 EXPORT_JOB = "kiln.dev/export-job"
 """On an ExportJob's children instead of TRAINING_JOB, so the TrainingJob watches never see them."""
 
@@ -23,8 +25,8 @@ EXPORTER_APP_NAME = "kiln-exporter"
 MANAGER = "kiln-operator"
 
 # Set by Kubernetes itself on Indexed Job pods.
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+COMPLETION_INDEX_ANNOTATION = Label.COMPLETION_INDEX
+COMPLETION_INDEX_LABEL = Label.COMPLETION_INDEX
 
 KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 

@@ -1,4 +1,5 @@
-"""Live progress: poll rank 0's ``GET /progress`` and copy it into TrainingJob.status.
+"""Live progress: poll rank 0's ``GET /progress`` and copy it into TrainingJob.status; while the control
+annotations ask for something, the poll is a ``POST /control`` carrying that request instead (same answer).
 
 Pull, not push: the pods need no Kubernetes credentials (automountServiceAccountToken is off), a slow or
 dead trainer only misses a poll, and the operator rate-limits its own status writes (one patch per poll
@@ -12,9 +13,10 @@ import urllib.request
 from typing import Any
 
 from kiln.api import contract
-from kiln.api.contract import TrainerReport, parse_report
-from kiln.api.status import CheckpointStatus, Progress
+from kiln.api.contract import ControlRequest, TrainerReport, parse_report
+from kiln.api.status import CheckpointStatus, ControlStatus, Progress
 from kiln.operator import labels as L
+from kiln.operator.control import control_request
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import load_status
 from kiln.operator.status import merge_model
@@ -32,9 +34,16 @@ def rank0_address(pods: list[Obj]) -> str | None:
     return None
 
 
-def fetch_report(address: str, timeout_s: float) -> TrainerReport | None:
-    url = f"http://{address}:{contract.METRICS_PORT}/progress"
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+def fetch_report(address: str, timeout_s: float, request: ControlRequest | None = None) -> TrainerReport | None:
+    """GET the report, or POST ``request`` and get it in return."""
+    base = f"http://{address}:{contract.METRICS_PORT}"
+    if request is None:
+        call = urllib.request.Request(base + contract.PROGRESS_PATH)
+    else:
+        body = request.model_dump_json(by_alias=True, exclude_none=True).encode()
+        call = urllib.request.Request(base + contract.CONTROL_PATH, data=body, method="POST",
+                                      headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(call, timeout=timeout_s) as response:
         return parse_report(response.read(65536).decode("utf-8", "replace"))
 
 
@@ -52,6 +61,10 @@ def progress_patch(status: Obj, report: TrainerReport | None) -> Obj:
         checkpoints = merge_model(current.checkpoints, CheckpointStatus, report.checkpoints.to_dict())
         if checkpoints is not None and checkpoints != current.checkpoints:
             patch["checkpoints"] = checkpoints.to_dict()
+    if report.control is not None:
+        control = merge_model(current.control, ControlStatus, report.control.to_dict())
+        if control is not None and control != current.control:
+            patch["control"] = control.to_dict()
     return patch
 
 
@@ -62,7 +75,8 @@ def poll_progress(kube: Kube, body: Obj, timeout_s: float) -> Obj:
     address = rank0_address(kube.attempt_pods(meta["namespace"], meta["name"], attempt)) if attempt else None
     if address is None:
         return {}
-    patch = progress_patch(status, fetch_report(address, timeout_s))
+    request = control_request(meta.get("annotations"), load_status(status).control)
+    patch = progress_patch(status, fetch_report(address, timeout_s, request))
     if patch:
         kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch)
     return patch

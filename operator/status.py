@@ -18,6 +18,7 @@ from kiln.api.status import (
     CheckpointStatus,
     Condition,
     ConditionType,
+    ControlStatus,
     ExportJobStatus,
     Phase,
     Progress,
@@ -298,6 +299,9 @@ def _decide(observed: Observed, b: ConditionBuilder, now: datetime) -> Decision:
         if observed.report is not None and observed.report.state == "preempted":
             reason = "rank 0 was interrupted (SIGTERM), saved a checkpoint and exited"
             return _after_failure(observed, b, Failure(retriable=True, message=reason), now)
+        if observed.report is not None and observed.report.stopped:
+            b.set(C.SUCCEEDED, True, R.STOPPED, observed.report.stop_reason or "stopped on request")
+            return _finish(observed, b, Phase.SUCCEEDED, now)
         b.set(C.SUCCEEDED, True, R.JOB_COMPLETED, f"all {observed.nodes} workers completed")
         return _finish(observed, b, Phase.SUCCEEDED, now)
     return _observe_running(observed, b, now)
@@ -349,6 +353,8 @@ def _finish(observed: Observed, b: ConditionBuilder, phase: Phase, now: datetime
         update["progress"] = merge_model(status.progress, Progress, report.progress.to_dict())
     if report.checkpoints is not None:
         update["checkpoints"] = merge_model(status.checkpoints, CheckpointStatus, report.checkpoints.to_dict())
+    if report.control is not None:
+        update["control"] = merge_model(status.control, ControlStatus, report.control.to_dict())
     return Decision(status=status.model_copy(update=update), cleanup_attempts=tuple(range(1, status.attempt)))
 
 

@@ -81,7 +81,7 @@ build() {
     [[ -f "$host_ca_bundle" ]] && trust=(--volume "$host_ca_bundle:/etc/ssl/certs/ca-certificates.crt:ro")
     # The host's uv cache is lent to the RUN steps (UV_CACHE_DIR), so wheels the tests already downloaded are
     # not fetched again; the Dockerfile's own cache mount serves BuildKit users.
-    bah build --isolation chroot --layers --quiet --target "$target" \
+    bah build --isolation chroot --layers --force-rm --quiet --target "$target" \
         --build-arg "BASE_IMAGE=$base" \
         --build-arg "VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/pyproject.toml" | head -1)" \
         --build-arg "REVISION=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)" \

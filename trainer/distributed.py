@@ -80,6 +80,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def any_rank_each(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
+    """``any_rank`` for several flags in one all-reduce: the step boundary's SIGTERM and control requests cost
+    one collective, not one each."""
+    if not _active():
+        return flags
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in value.tolist())
+
+
 def broadcast_object(obj: T) -> T:
     """Rank 0's value of ``obj`` on every rank."""
     if not _active():

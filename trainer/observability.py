@@ -6,6 +6,8 @@ Each rank runs one server (``status_port``: ``KILN_METRICS_PORT`` + local rank, 
                  the global rank and the node rank (kiln.api.contract.MetricLabel), so a straggler shows up
   GET /progress  global rank 0 only: the latest ``TrainerReport`` (kiln.api.contract) as JSON (the operator
                  polls it)
+  POST /control  global rank 0 only: a ``ControlRequest`` (stop, checkpoint now; ``kiln.trainer.control``);
+                 the answer is the report, as on /progress
 
 docs/operations.md ("Dashboards and alerts") lists the series and what the shipped dashboards and alerts make of
 them.
@@ -13,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -24,13 +27,17 @@ from typing import Any
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 
+from pydantic import ValidationError
+
 from kiln.api import contract
-from kiln.api.contract import Env, MetricLabel
+from kiln.api.contract import ControlRequest, Env, MetricLabel
+from kiln.trainer.control import ControlState
 from kiln.trainer.progress import LatestSnapshot
 
 log = logging.getLogger(__name__)
 
 PREFIX = "kiln_trainer_"
+CONTROL_BODY_LIMIT = 4096
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -141,14 +148,28 @@ def status_port(local_rank: int, environ: Mapping[str, str] = os.environ) -> int
 
 
 class StatusServer:
-    """A small threaded HTTP server for /metrics (every rank) and /progress (when given: global rank 0)."""
+    """A small threaded HTTP server for /metrics (every rank), and /progress and /control (when given: global
+    rank 0)."""
 
     def __init__(
-        self, port: int, metrics: TrainerMetrics, progress: LatestSnapshot | None, host: str = "0.0.0.0"
+        self,
+        port: int,
+        metrics: TrainerMetrics,
+        progress: LatestSnapshot | None,
+        host: str = "0.0.0.0",
+        control: ControlState | None = None,
     ) -> None:
+        def report() -> tuple[str, bytes]:
+            assert progress is not None
+            body = progress.json_bytes()
+            live = control.status() if control is not None else None
+            if live is not None:  # what the HTTP thread just received shows at once, not at the next report
+                body = json.dumps({**json.loads(body), "control": live.to_dict()}, separators=(",", ":")).encode()
+            return "application/json", body
+
         routes = {"/metrics": lambda: (CONTENT_TYPE_LATEST, metrics.exposition())}
         if progress is not None:
-            routes["/progress"] = lambda: ("application/json", progress.json_bytes())
+            routes[contract.PROGRESS_PATH] = report
         missing = "try " + " or ".join(sorted(routes))
 
         class Handler(BaseHTTPRequestHandler):
@@ -157,7 +178,25 @@ class StatusServer:
                 if route is None:
                     self.send_error(404, missing)
                     return
-                content_type, body = route()
+                self._send(*route())
+
+            def do_POST(self) -> None:
+                if self.path.split("?", 1)[0] != contract.CONTROL_PATH or control is None or progress is None:
+                    self.send_error(404, f"POST {contract.CONTROL_PATH} on global rank 0 only")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > CONTROL_BODY_LIMIT:
+                    self.send_error(413, f"a control request is at most {CONTROL_BODY_LIMIT} bytes")
+                    return
+                try:
+                    request = ControlRequest.model_validate_json(self.rfile.read(length))
+                except ValidationError as exc:
+                    self.send_error(400, f"not a ControlRequest: {exc.errors()[0]['msg']}")
+                    return
+                control.request(request)
+                self._send(*report())
+
+            def _send(self, content_type: str, body: bytes) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from kiln.api import contract
 from kiln.api.contract import Env, ExitCode, TrainerReport
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.control import ControlState
 from kiln.trainer.distributed import barrier, close_distributed, init_distributed
 from kiln.trainer.errors import InvalidInput, one_line
 from kiln.trainer.observability import StatusServer, TrainerMetrics, rank_labels, status_port
@@ -35,11 +36,13 @@ def load_spec(path: Path) -> ResolvedTrainingJob:
         raise InvalidInput(f"--spec {path}: not a ResolvedTrainingJob: {exc.errors()[0]['msg']}") from exc
 
 
-def serve_status(port: int, metrics: TrainerMetrics, progress: LatestSnapshot | None) -> StatusServer | None:
+def serve_status(
+    port: int, metrics: TrainerMetrics, progress: LatestSnapshot | None, control: ControlState | None = None
+) -> StatusServer | None:
     if not port:
         return None
     try:
-        return StatusServer(port, metrics, progress).start()
+        return StatusServer(port, metrics, progress, control=control).start()
     except OSError as exc:
         log.warning("cannot serve metrics on port %d: %s", port, exc)
         return None
@@ -68,17 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         node_rank = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's name for the node rank
         labels = rank_labels(job.namespace, job.name, world.rank, node_rank)
         metrics = TrainerMetrics(labels, restarts=max(int(os.environ.get(Env.ATTEMPT, "1")) - 1, 0))
-        progress = LatestSnapshot()
+        progress, control = LatestSnapshot(), ControlState()
         # Every rank serves /metrics (a straggler's step times are its own), global rank 0 first: where pods share
         # a host (hostNetwork, the tests' local executor) another pod's local rank 0 wants the same port, and the
         # operator polls rank 0's /progress there.
         port = status_port(world.local_rank)
         if world.is_main:
-            server = serve_status(port, metrics, progress)
+            server = serve_status(port, metrics, progress, control)
         barrier()
         if not world.is_main:
             server = serve_status(port, metrics, None)
-        trainer = Trainer(job, world, preemption=preemption, reporter=progress, metrics=metrics)
+        trainer = Trainer(job, world, preemption=preemption, reporter=progress, metrics=metrics, control=control)
         state = trainer.train()
         if world.is_main:
             write_termination_log(termination_log, trainer.snapshot().to_json())

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.api.base import MAX_MAP
-from kiln.api.contract import TrainerReport, TrainerState
+from kiln.api.base import MAX_LIST, MAX_MAP
+from kiln.api.contract import Annotation, TrainerReport, TrainerState
 from kiln.api.resolve import ResolvedTrainingJob
-from kiln.api.status import CheckpointStatus, Progress
+from kiln.api.status import CheckpointStatus, KeptCheckpoint, Progress
 from kiln.trainer.components import Components, build_components
-from kiln.trainer.distributed import World, any_rank, broadcast_buffers, broadcast_object, gather_objects, unwrap
+from kiln.trainer.control import ControlState, Signals
+from kiln.trainer.distributed import World, broadcast_buffers, broadcast_object, gather_objects, unwrap
 from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, now_rfc3339
@@ -36,9 +37,11 @@ class Trainer:
         preemption: PreemptionFlag | None = None,
         reporter: ProgressReporter | None = None,
         metrics: TrainerMetrics | None = None,
+        control: ControlState | None = None,
     ) -> None:
         self.job, self.spec, self.world = job, job.spec, world
         self.preemption = preemption or PreemptionFlag()
+        self.control = control or ControlState()  # rank 0's receives the operator's requests (POST /control)
         self.reporter: ProgressReporter = reporter or NullReporter()
         self.metrics = metrics or TrainerMetrics()
         self.c: Components = build_components(job, world)
@@ -57,17 +60,19 @@ class Trainer:
         self.c.run_log.load()
         self.eta = EtaClock(self.step)
         while self.should_continue():
-            if not self.train_epoch():
+            if not self.train_epoch():  # SIGTERM, or a stop request, mid-epoch
                 self.save_checkpoint(score=None)
-                self.finish("preempted")
-                return self.state
+                if self.control.last.preempt:
+                    self.finish("preempted")
+                    return self.state
+                break
             self.epoch, self.batch = self.epoch + 1, 0
             score = self.validate_if_due()
             self.record_epoch()
-            if self.c.checkpointer.due_at_epoch(self.epoch, last=not self.should_continue()):
+            signals = self.sync_signals()
+            if signals.save or self.c.checkpointer.due_at_epoch(self.epoch, last=not self.should_continue()):
                 self.save_checkpoint(score=score)
-            if any_rank(self.preemption.requested, self.world.device):
-                self.save_checkpoint(score=score)
+            if signals.preempt:
                 self.finish("preempted")
                 return self.state
         self.evaluate_best()
@@ -109,12 +114,23 @@ class Trainer:
                 seconds = time.perf_counter() - tick
                 self.observe_step(loss_sum / loss_count, seconds, data_wait, len(batch["image"]), terms)
                 loss_sum, loss_count, term_sums = torch.zeros((), device=self.world.device), 0, {}
-            if any_rank(self.preemption.requested, self.world.device):
+            signals = self.sync_signals()
+            last = index == remaining - 1  # the epoch's end acts on the same signals again (they persist)
+            if signals.preempt or (signals.stop and not last):
                 return False
-            if c.checkpointer.due_at_step(self.step) and index != remaining - 1:
+            if (signals.checkpoint or c.checkpointer.due_at_step(self.step)) and not last:
                 self.save_checkpoint(score=None)
             tick = time.perf_counter()
         return True
+
+    def sync_signals(self) -> Signals:
+        """The step boundary's one collective: SIGTERM on any rank, rank 0's stop and checkpoint requests."""
+        signals = self.control.sync(self.preemption.requested, self.world.device)
+        if signals.stop and self.stop_reason is None:
+            self.stop_reason = f"stopped on request ({Annotation.STOP}) at epoch {self.epoch}, step {self.step}"
+            self.control.stopped_at_step = self.step
+            log.info("%s", self.stop_reason)
+        return signals
 
     def train_step(self, batch: dict[str, Any], *, last: bool) -> torch.Tensor:
         c = self.c
@@ -245,6 +261,7 @@ class Trainer:
             "ema": c.ema.module.state_dict() if c.ema is not None else None,
             "early_stopping": c.early_stopping.state_dict() if c.early_stopping is not None else None,
             "stop_reason": self.stop_reason,  # a restart after the decision must not train on
+            "stopped_at_step": self.control.stopped_at_step,  # and still ends Stopped
             "epoch": self.epoch,
             "batch": self.batch,
             "step": self.step,
@@ -269,12 +286,13 @@ class Trainer:
         # computes the test loss with the weights an uninterrupted run would have ended on.
         c.objective.set_epoch(self.epoch if self.batch else max(self.epoch - 1, 0))
         self.stop_reason = state.get("stop_reason")
+        self.control.stopped_at_step = state.get("stopped_at_step")
         stored_epochs = ((state.get("spec") or {}).get("spec") or {}).get("epochs")
         if self.stop_reason is not None and isinstance(stored_epochs, int) and stored_epochs < self.spec.epochs:
             # spec.epochs was raised after early stopping ended the run: train on, with fresh patience.
             log.info("epochs raised from %d to %d: training on after %s", stored_epochs, self.spec.epochs,
                      self.stop_reason)  # fmt: skip
-            self.stop_reason = None
+            self.stop_reason = self.control.stopped_at_step = None
             if c.early_stopping is not None:
                 c.early_stopping.stale = 0
         self.latest_metrics = dict(state.get("metrics", {}))
@@ -302,9 +320,11 @@ class Trainer:
             log.info("resumed at epoch %d, batch %d, step %d", self.epoch, self.batch, self.step)
 
     def save_checkpoint(self, *, score: float | None) -> None:
+        requested = self.control.pending_checkpoint()  # a save that starts after a request answers it
         state = self.state_dict()  # every rank: the RNG states are gathered
         uri = self.c.checkpointer.save(state, epoch=self.epoch, step=self.step, score=score)
         if uri is not None:
+            self.control.acknowledge(requested, uri, self.step)
             latest = self.c.checkpointer.latest
             self.metrics.observe_checkpoint(
                 seconds=self.c.checkpointer.save_seconds, size_bytes=latest.size if latest is not None else None
@@ -316,7 +336,10 @@ class Trainer:
         total = self.c.horizon.total_steps
         metric = self.job.metric.name
         value = self.latest_metrics.get(f"val/{metric}")
-        best = self.c.checkpointer.best
+        checkpointer = self.c.checkpointer
+        best = checkpointer.best
+        kept = [KeptCheckpoint(uri=checkpointer.uri(e) or "", epoch=e.epoch, step=e.step, metric=e.score)
+                for e in sorted(checkpointer.entries, key=lambda e: e.step)][-MAX_LIST:]  # fmt: skip
         return TrainerReport(
             state=self.state,
             progress=Progress(
@@ -333,8 +356,10 @@ class Trainer:
                 latest=self.c.checkpointer.uri(self.c.checkpointer.latest),
                 best=self.c.checkpointer.uri(best),
                 best_metric=best.score if best is not None else None,
+                kept=kept or None,
             ),
             stop_reason=self.stop_reason,
+            control=self.control.status(),
         )
 
     def report(self) -> None:

@@ -31,8 +31,10 @@ from pydantic import Field, ValidationError
 
 from kiln.api.base import MAX_LIST, MAX_TEXT, Uri
 from kiln.api.status import (
+    MAX_CONTROL_TOKEN,
     Artifact,
     CheckpointStatus,
+    ControlStatus,
     ExportedWeights,
     LatencyMs,
     Progress,
@@ -68,6 +70,43 @@ CONTAINER_NAME = "trainer"
 """The trainer container's name in every worker pod."""
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
 """The trainer image of jobs that name none, unless the operator is configured with another."""
+PROGRESS_PATH = "/progress"
+"""Global rank 0's GET: the latest TrainerReport as JSON (the operator's poll, ``kiln run``'s progress bars)."""
+CONTROL_PATH = "/control"
+"""Global rank 0's POST: a ControlRequest from the operator; the answer is the report, as on PROGRESS_PATH."""
+
+
+class Annotation:
+    """Annotations a user (or ``kubectl kiln``) sets on a TrainingJob to control the running attempt."""
+
+    STOP = "kiln.dev/stop"
+    """``"true"``: save a checkpoint at the next step boundary, evaluate the best checkpoint, end Succeeded with
+    reason Stopped. Any other value is no request."""
+    STOP_VALUE = "true"
+    CHECKPOINT = "kiln.dev/checkpoint"
+    """Any new value (a token, at most MAX_CONTROL_TOKEN characters): save a checkpoint at the next step boundary;
+    status.control.checkpointAcknowledged then holds the token and status.control.checkpoint the checkpoint."""
+
+
+class Label:
+    """Labels on every pod of a TrainingJob's attempt (the operator sets them; ``kubectl kiln logs`` selects by
+    them)."""
+
+    TRAINING_JOB = "kiln.dev/training-job"
+    ATTEMPT = "kiln.dev/attempt"
+    COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+    """Set by Kubernetes on Indexed Job pods (label and annotation): the pod's node rank."""
+
+
+class ControlRequest(StatusModel):
+    """What the operator POSTs to CONTROL_PATH: the wanted state, derived from the annotations. Idempotent: the same
+    request again changes nothing, so the operator sends it on every poll until rank 0 acknowledges it."""
+
+    stop: bool = False
+    """Stop gracefully (kiln.dev/stop). Sticky: a later request without it does not cancel a stop."""
+
+    checkpoint: Annotated[str, Field(min_length=1, max_length=MAX_CONTROL_TOKEN)] | None = None
+    """Save a checkpoint for this token (kiln.dev/checkpoint), unless it is the one last acknowledged."""
 
 
 class Env:
@@ -163,23 +202,36 @@ class TrainerReport(StatusModel):
     exit_code: ExitCode | None = None
     """The trainer's own exit code when it failed (torchrun reports every child failure as 1)."""
 
+    control: ControlStatus | None = None
+    """What rank 0 did with the control requests it received."""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop request (kiln.dev/stop) ended the run before its last epoch."""
+        return self.control is not None and self.control.stopped_at_step is not None
+
     @property
     def finished_cleanly(self) -> bool:
         return self.state in ("completed", "preempted")
 
     def to_json(self) -> str:
-        """Compact JSON under the termination-message limit: metrics are dropped, least important last."""
+        """Compact JSON under the termination-message limit: metrics are dropped, least important last, then the
+        oldest kept checkpoints (latest and best stay named on their own)."""
         payload = self.to_dict()
         progress = payload.get("progress") or {}
         metrics: dict[str, float] = progress.get("metrics", {})
+        kept: list[Any] = (payload.get("checkpoints") or {}).get("kept", [])
         keep = sorted(metrics, key=lambda name: (not name.startswith("val/"), name))
         while True:
             if progress:
                 progress["metrics"] = {name: metrics[name] for name in keep}
             text = json.dumps(payload, separators=(",", ":"))
-            if len(text.encode()) <= REPORT_LIMIT or not keep:
+            if len(text.encode()) <= REPORT_LIMIT or not (keep or kept):
                 return text
-            keep.pop()
+            if keep:
+                keep.pop()
+            else:
+                kept.pop(0)
 
     @classmethod
     def failure(cls, reason: str, exit_code: ExitCode) -> TrainerReport:

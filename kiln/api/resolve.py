@@ -19,6 +19,7 @@ from kiln.api.contract import DEFAULT_TRAINER_IMAGE
 from kiln.api.learning import LossKeyframe, MetricMode
 from kiln.api.manifest import InvalidManifest, ManifestError, TrainingJob
 from kiln.api.parse import parse_manifest
+from kiln.api.tracking import resolve_tracking
 from kiln.api.training import TrainingJobSpec
 
 
@@ -191,6 +192,7 @@ def resolve(
             "validation": validation,
             "early_stopping": early_stopping,
             "output": spec.output.model_copy(update={"uri": run_uri}),
+            "tracking": resolve_tracking(spec.tracking, namespace, job.metadata.name),
             "checkpoint": spec.checkpoint.model_copy(update={"uri": checkpoint_uri}),
             "resources": spec.resources.model_copy(update={"procs_per_node": procs}),
             "image": image,

@@ -9,6 +9,10 @@ from pydantic import ConfigDict, Field
 
 from kiln.api.base import MAX_LIST, MAX_MAP, MAX_TEXT, KilnModel, Uri
 
+MAX_CONTROL_TOKEN = 253
+"""The longest kiln.dev/checkpoint value acted on: `kubectl kiln checkpoint` refuses a longer one, the operator logs a
+warning and ignores it."""
+
 
 class Phase(StrEnum):
     PENDING = "Pending"
@@ -54,6 +58,7 @@ class Reason(StrEnum):
     JOB_FINISHED = "JobFinished"
     SPEC_APPLIED = "SpecApplied"
     EPOCHS_RAISED = "EpochsRaised"
+    STOPPED = "Stopped"
     EXPORTED = "Exported"
     VERIFICATION_FAILED = "VerificationFailed"
     SOURCE_NOT_FOUND = "SourceNotFound"
@@ -135,6 +140,20 @@ class Progress(StatusModel):
     """When the trainer last reported (RFC 3339)."""
 
 
+class KeptCheckpoint(StatusModel):
+    uri: Uri
+    """URI of the checkpoint's state.pt."""
+
+    epoch: int
+    """Epochs completed when it was saved."""
+
+    step: int
+    """Optimizer steps completed when it was saved."""
+
+    metric: float | None = None
+    """The deciding validation metric at that point; unset when it was saved without a validation (mid-epoch)."""
+
+
 class CheckpointStatus(StatusModel):
     latest: Uri | None = None
     """URI of the most recent checkpoint."""
@@ -144,6 +163,30 @@ class CheckpointStatus(StatusModel):
 
     best_metric: float | None = None
     """The deciding metric's value at the best checkpoint."""
+
+    kept: Annotated[list[KeptCheckpoint], Field(max_length=MAX_LIST)] | None = None
+    """Every checkpoint checkpoint.keepLast and keepBest keep, oldest first (at most 64, the newest)."""
+
+
+class ControlStatus(StatusModel):
+    """What rank 0 did with the control annotations (kiln.dev/stop, kiln.dev/checkpoint). Unset fields are
+    unknown, not false: a restarted attempt reports only what it was asked itself."""
+
+    stop_requested: bool | None = None
+    """The trainer received kiln.dev/stop: it saves a checkpoint at the next step boundary, evaluates the best
+    checkpoint and ends Succeeded with reason Stopped."""
+
+    stopped_at_step: int | None = None
+    """The optimizer step the run stopped at on request."""
+
+    checkpoint_acknowledged: Annotated[str, Field(max_length=MAX_CONTROL_TOKEN)] | None = None
+    """The last kiln.dev/checkpoint value the trainer acted on."""
+
+    checkpoint: Uri | None = None
+    """The checkpoint saved for it (retention may delete it later, like any other)."""
+
+    checkpoint_step: int | None = None
+    """The optimizer step of that checkpoint."""
 
 
 class TrainingJobStatus(StatusModel):
@@ -177,6 +220,9 @@ class TrainingJobStatus(StatusModel):
 
     checkpoints: CheckpointStatus | None = None
     """Checkpoint URIs, reported by rank 0."""
+
+    control: ControlStatus | None = None
+    """The control annotations' acknowledgements, reported by rank 0."""
 
 
 class LatencyMs(StatusModel):
@@ -297,8 +343,10 @@ __all__ = [
     "CheckpointStatus",
     "Condition",
     "ConditionType",
+    "ControlStatus",
     "ExportJobStatus",
     "ExportedWeights",
+    "KeptCheckpoint",
     "LatencyMs",
     "Phase",
     "Progress",

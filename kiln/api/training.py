@@ -26,6 +26,7 @@ from kiln.api.learning import (
 )
 from kiln.api.model import ModelSpec, transfer_rules
 from kiln.api.runtime import ResourcesSpec, RunPolicy, StorageSpec
+from kiln.api.tracking import TrackingSpec
 
 # An RGB mask colour, [r, g, b] with 0..255 each.
 Colour = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
@@ -288,6 +289,9 @@ class TrainingJobSpec(RuleModel):
 
     output: OutputSpec = Field(default_factory=OutputSpec)
     """Where metrics and predictions go."""
+
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """Experiment tracking: TensorBoard event files always go under output.uri/tensorboard; MLflow is optional."""
 
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Nodes, processes, GPUs and placement."""

@@ -80,8 +80,11 @@ def _running() -> TrainingJobStatus:
 
 def _succeeded() -> TrainingJobStatus:
     report = TrainerReport.model_validate(
-        {"state": "completed", "progress": {"epoch": 30, "totalEpochs": 30, "step": 9000, "percent": 100.0},
-         "checkpoints": {"best": BEST, "latest": BEST}}
+        {
+            "state": "completed",
+            "progress": {"epoch": 30, "totalEpochs": 30, "step": 9000, "percent": 100.0},
+            "checkpoints": {"best": BEST, "latest": BEST},
+        }
     )
     return _observe(_running(), _job(succeeded=NODES, complete=True), report=report)
 
@@ -105,8 +108,9 @@ TRAINING_STATUSES: dict[str, Callable[[], TrainingJobStatus | None]] = {
     "trainingjob-queued": lambda: _observe(TrainingJobStatus(), run_policy=RunPolicy(queue_name="gpu-a100")),
     "trainingjob-running": _running,
     "trainingjob-restarting": lambda: _failed_attempt(True, "pod flowers-resnet18-1-1 was killed by signal 9"),
-    "trainingjob-suspended": lambda: _observe(_running(), _job(active=NODES, ready=NODES),
-                                              run_policy=RunPolicy(suspend=True)),  # fmt: skip
+    "trainingjob-suspended": lambda: _observe(
+        _running(), _job(active=NODES, ready=NODES), run_policy=RunPolicy(suspend=True)
+    ),
     "trainingjob-succeeded": _succeeded,
     "trainingjob-failed": lambda: _failed_attempt(False, "rank 0 exited with code 1: KeyError: 'label'"),
     "trainingjob-succeeded-edited": _edited_after_success,
@@ -171,6 +175,7 @@ def _export_succeeded() -> ExportJobStatus:
     return _export_observe(_export_created(), job=_export_job(succeeded=1, complete=True), report=report)
 
 
+GAVE_UP = "RestartLimitExceeded: gave up after 3 restarts"
 EXPORT_STATUSES: dict[str, Callable[[], ExportJobStatus | None]] = {
     "exportjob-new": lambda: None,
     "exportjob-waiting-for-source": lambda: _export_observe(ExportJobStatus(), source=_source(Phase.RUNNING)),
@@ -178,7 +183,8 @@ EXPORT_STATUSES: dict[str, Callable[[], ExportJobStatus | None]] = {
     "exportjob-running": lambda: _export_observe(_export_created(), job=_export_job(active=1, ready=1)),
     "exportjob-succeeded": _export_succeeded,
     "exportjob-failed": lambda: _export_observe(
-        ExportJobStatus(), source=replace(_source(Phase.FAILED), failure="RestartLimitExceeded: gave up after 3 restarts")
+        ExportJobStatus(),
+        source=replace(_source(Phase.FAILED), failure="RestartLimitExceeded: gave up after 3 restarts"),
     ),
 }
 

@@ -64,7 +64,7 @@ def test_every_phase_has_a_health_and_an_unknown_one_is_unknown(kind: str) -> No
 
 
 def test_the_harness_gives_lua_the_exact_strings() -> None:
-    tricky = "naïve \"quoted\" back\\slash\nnew line"
+    tricky = 'naïve "quoted" back\\slash\nnew line'
     obj = {"status": {"phase": "Failed", "conditions": [{"type": "Failed", "status": "True", "reason": "R",
                                                          "message": tricky}]}}  # fmt: skip
     assert run_health_check(SCRIPT, [obj]) == [("Degraded", f"R: {tricky}")]

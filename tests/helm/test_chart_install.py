@@ -226,7 +226,11 @@ def test_the_charts_operator_runs_as_its_service_account_and_trains_a_job(
     def finished() -> bool:
         return (cluster.kube.get(f"{path}/digits").get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
-    wait_until(finished, timeout=200, what="TrainingJob digits to finish")
+    try:
+        wait_until(finished, timeout=200, what="TrainingJob digits to finish")
+    except TimeoutError as error:  # e.g. RBAC: the operator's log has the 403s
+        error.add_note(f"--- operator log\n{release.operator_log()[-4000:]}")
+        raise
     status = cluster.kube.get(f"{path}/digits")["status"]
     assert status["phase"] == "Succeeded", f"{json.dumps(status)}\n--- operator log\n{release.operator_log()[-4000:]}"
     assert status["progress"]["epoch"] == 1 and status["checkpoints"]["latest"], status

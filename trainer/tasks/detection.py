@@ -172,7 +172,7 @@ class DetectionTask:
         spec = job.spec
         sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
         names = tuple(spec.model.class_names) if spec.model.class_names else None
-        train = read_detection_split(roots["train"], sources["train"].format, split="train", class_names=names)
+        train = read_detection_split(roots["train"], spec.data.train.format, split="train", class_names=names)
         check_classes(spec.model.num_classes, train.class_names)
         splits: dict[str, DetectionSplit] = {"train": train}
         for split, root in roots.items():
