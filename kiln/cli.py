@@ -146,6 +146,36 @@ def export(
     raise typer.Exit(export_manifest(file, checkpoint, out, err, Path.cwd()))
 
 
+@app.command("list")
+def list_names(
+    kind: Annotated[str, typer.Argument(help="models, encoders, losses, optimizers, schedulers, metrics, transforms.")],
+    pattern: Annotated[str | None, typer.Argument(help="A glob (*resnet*) or part of a name; case is ignored.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task's models, encoders, losses, metrics.")] = None,
+) -> None:
+    """List the names a manifest may use, one per line, from the name catalogue `kiln validate` checks against.
+    Exit codes: 0 listed, 1 nothing matches, 2 an unknown kind or task."""
+    from kiln.api.catalogue import load_catalogue
+    from kiln.listing import NOTES, Kind, UnknownTask
+    from kiln.listing import list_names as names_of
+
+    try:
+        wanted = Kind(kind)
+    except ValueError:
+        err.print(f"[red]error[/red] KIND: unknown kind {kind!r}; valid: {', '.join(Kind)}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        names = names_of(load_catalogue(), wanted, task, pattern)
+    except UnknownTask as exc:
+        err.print(f"[red]error[/red] --task: {exc}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    if not names:
+        err.print(f"no {wanted} match {pattern!r}" + (f" for task {task}" if task else ""), highlight=False)
+        raise typer.Exit(EXIT_FAILED)
+    out.print("\n".join(names), highlight=False, markup=False, soft_wrap=True)
+    if wanted in NOTES and pattern is None:
+        err.print(NOTES[wanted], highlight=False, markup=False)
+
+
 @app.command()
 def operator(  # noqa: PLR0917 (one parameter per flag)
     image: Annotated[str | None, typer.Option(help="Default trainer image. Env: KILN_OPERATOR_IMAGE.")] = None,

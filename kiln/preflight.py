@@ -38,6 +38,7 @@ NOT_APPLIED: dict[str, str] = {
     "resources.affinity": "no scheduling: every node runs on this machine",
     "image": "runs this Python environment's kiln, not a container",
     "storage.secretRef": "S3 credentials come from this environment (AWS_* variables, ~/.aws)",
+    "tracking.mlflow.credentialsSecret": "MLflow credentials come from this environment (MLFLOW_TRACKING_* variables)",
     "runPolicy.suspend": "kiln run starts now; Ctrl-C suspends (it checkpoints) and running it again resumes",
     "runPolicy.queueName": "no Kueue: the run starts at once",
     "runPolicy.priorityClassName": "no pod priority or preemption",

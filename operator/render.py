@@ -14,6 +14,7 @@ from kiln.api.base import API_VERSION
 from kiln.api.contract import Env
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.runtime import StorageSpec, Toleration
+from kiln.api.tracking import MLFLOW_CREDENTIAL_KEYS, TrackingSpec
 from kiln.operator import labels as L
 from kiln.operator.changes import AppliedSpec
 from kiln.operator.settings import Settings
@@ -94,7 +95,7 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *({"name": name, "value": value} for name, value in contract.MALLOC_ENV.items()),
     ]
-    return env + storage_env(storage)
+    return env + storage_env(storage) + tracking_env(resolved.spec.tracking)
 
 
 def storage_env(storage: StorageSpec) -> list[Obj]:
@@ -105,6 +106,18 @@ def storage_env(storage: StorageSpec) -> list[Obj]:
     if storage.region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
     return env
+
+
+def tracking_env(tracking: TrackingSpec) -> list[Obj]:
+    """MLflow's credentials: each key of tracking.mlflow.credentialsSecret as the variable of that name, read by
+    the kubelet from the Secret. Every key is optional (a username and password, or a token)."""
+    mlflow = tracking.mlflow
+    if mlflow is None or not mlflow.credentials_secret:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": key, "optional": True}}}
+        for key in MLFLOW_CREDENTIAL_KEYS
+    ]
 
 
 def secret_env_from(storage: StorageSpec) -> list[Obj]:

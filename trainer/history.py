@@ -18,6 +18,7 @@ from kiln.storage import StorageError, Store
 log = logging.getLogger(__name__)
 
 METRICS, SUMMARY, EVALUATION = "metrics.jsonl", "summary.json", "evaluation.json"
+RESTARTED_AT = "restartedAt"  # on the first record of a restarted process: the (fractional) epoch it resumed at
 
 
 class RunLog:
@@ -25,6 +26,7 @@ class RunLog:
         self.store = store
         self.records: list[dict[str, Any]] = []
         self.evaluations: dict[str, dict[str, Any]] = {}  # split -> its final evaluation, this process's only
+        self.restarted_at: float | None = None
 
     def load(self) -> None:
         try:
@@ -33,7 +35,13 @@ class RunLog:
             return
         self.records = [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def mark_restart(self, epoch: float) -> None:
+        """This process resumed a run at ``epoch`` (fractional): its first record says so (curves.png marks it)."""
+        self.restarted_at = epoch
+
     def append(self, record: dict[str, Any]) -> None:
+        if self.restarted_at is not None:
+            record, self.restarted_at = {**record, RESTARTED_AT: round(self.restarted_at, 4)}, None
         self.records = [r for r in self.records if r.get("epoch") != record.get("epoch")] + [record]
         body = "".join(json.dumps(r) + "\n" for r in self.records)
         self.store.write_bytes(METRICS, body.encode())

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.tracking import MLFLOW_CREDENTIAL_KEYS, MlflowSpec
-from kiln.storage import Store, StorageError, scrub
+from kiln.storage import StorageError, Store, scrub
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

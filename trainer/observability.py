@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
-
 from pydantic import ValidationError
 
 from kiln.api import contract

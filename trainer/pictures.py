@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.trainer.history import RESTARTED_AT
+
 CURVES, CONFUSION = "curves.png", "confusion.png"
-RESTARTED_AT = "restartedAt"  # the metrics.jsonl key marking the first epoch a restarted process recorded
 # Beyond this many classes the cells are too small for numbers and the axes for names.
 ANNOTATED_CLASSES, NAMED_CLASSES = 12, 40
 DPI = 100
@@ -47,6 +48,8 @@ def restarts(records: Sequence[dict[str, Any]]) -> list[float]:
 
 def curves_png(records: Sequence[dict[str, Any]], metric: str, title: str) -> bytes:
     """Two panels over epochs: the losses, and the validation metric; a dashed line at every restart."""
+    from matplotlib.ticker import MaxNLocator
+
     series = curve_series(records, metric)
     figure, canvas = _figure(10, 4)
     loss_axes, metric_axes = figure.subplots(1, 2)
@@ -60,6 +63,7 @@ def curves_png(records: Sequence[dict[str, Any]], metric: str, title: str) -> by
     for axes, name in ((loss_axes, "loss"), (metric_axes, watched)):
         for number, epoch in enumerate(restarts(records)):
             axes.axvline(epoch, color="tab:red", linestyle="--", linewidth=1, label="restart" if number == 0 else None)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)

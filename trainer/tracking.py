@@ -10,7 +10,6 @@ it is a warning in the log, never the end of training. The other ranks get the i
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
@@ -20,8 +19,9 @@ from typing import Any
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.storage import Store
 from kiln.trainer.checkpoint import STATE, Entry
+from kiln.trainer.history import RESTARTED_AT, RunLog
 from kiln.trainer.mlflow_log import MlflowLog, clean, now_ms
-from kiln.trainer.pictures import CONFUSION, CURVES, RESTARTED_AT, confusion_png, curves_png, normalized_confusion
+from kiln.trainer.pictures import CONFUSION, CURVES, confusion_png, curves_png, normalized_confusion
 from kiln.trainer.tensorboard_log import TENSORBOARD, TensorBoardLog, flat_hparams
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,15 @@ log = logging.getLogger(__name__)
 SAMPLES = "samples/"  # where task plugins put their sample pictures (segmentation overlays, detection boxes)
 MAX_SAMPLE_IMAGES = 16  # into TensorBoard; the store keeps them all
 # How long the end of a run waits for each worker's queue: TensorBoard's last upload must land, MLflow may be away.
-DRAIN_SECONDS = {"tensorboard": 300.0, "mlflow": 120.0}
+BOARD_DRAIN_SECONDS, MLFLOW_DRAIN_SECONDS = 300.0, 120.0
 NOT_SCALARS = frozenset({"step", "time", RESTARTED_AT})
 
 
 class Tracking:
     """What every rank but global rank 0 gets: nothing is tracked."""
 
-    def start(self, step: int) -> None:
-        """The run (re)starts at optimizer step ``step``."""
+    def start(self, step: int, epoch: float) -> None:
+        """The run (re)starts at optimizer step ``step``, (fractional) epoch ``epoch``."""
 
     def log_step(self, step: int, values: Mapping[str, float]) -> None:
         """The training scalars of a logged step (loss and its terms, lr, throughput)."""
@@ -80,6 +80,10 @@ class Worker:
         if self._thread.is_alive():
             log.warning("%s: gave up waiting after %.0fs; what was still queued is lost", self.name, timeout)
 
+    def stop(self) -> None:
+        """End the thread once what is queued has run, without waiting for it."""
+        self._queue.put(None)
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             what, call = item
@@ -90,8 +94,9 @@ class Worker:
 
 
 class RunTracking(Tracking):
-    def __init__(self, job: ResolvedTrainingJob, run_store: Store, checkpoints: Store) -> None:
-        self.job, self.run_store, self.checkpoints = job, run_store, checkpoints
+    def __init__(self, job: ResolvedTrainingJob, run_log: RunLog, checkpoints: Store) -> None:
+        self.job, self.run_log, self.checkpoints = job, run_log, checkpoints
+        self.run_store = run_log.store
         self.tensorboard: TensorBoardLog | None = None
         self.mlflow: MlflowLog | None = None
         self.step_logged: tuple[int, frozenset[str]] = (-1, frozenset())  # the last log_step's step and tags
@@ -102,7 +107,9 @@ class RunTracking(Tracking):
         self.mlflow_worker = Worker("mlflow", self._mlflow_failed) if job.spec.tracking.mlflow is not None else None
 
     # -- the loop's calls ---------------------------------------------------------------------------------
-    def start(self, step: int) -> None:
+    def start(self, step: int, epoch: float) -> None:
+        if step:
+            self.run_log.mark_restart(epoch)
         params = flat_hparams(self.job.spec.model_dump(mode="json", by_alias=True))
         self.board.submit("open the event file", lambda: self._open_board(step + 1, params))
         self._to_mlflow("start the run", lambda: self._open_mlflow(params))
@@ -132,12 +139,13 @@ class RunTracking(Tracking):
         self.board.submit("add the sample images", lambda: self._samples(step))
         self.board.submit("close the event file", self._close_board)
         if best is not None and state == "completed":
-            uri = self.checkpoints.url(f"{best.name}/{STATE}")
-            self._to_mlflow("log the best checkpoint", lambda: self._mlflow().best_checkpoint(f"{best.name}/{STATE}", uri))
-        self.board.drain(DRAIN_SECONDS["tensorboard"])
+            key = f"{best.name}/{STATE}"
+            uri = self.checkpoints.url(key)
+            self._to_mlflow("log the best checkpoint", lambda: self._mlflow().best_checkpoint(key, uri))
+        self.board.drain(BOARD_DRAIN_SECONDS)
         self._to_mlflow("end the run", lambda: self._mlflow().end(state))
         if self.mlflow_worker is not None:
-            self.mlflow_worker.drain(DRAIN_SECONDS["mlflow"])
+            self.mlflow_worker.drain(MLFLOW_DRAIN_SECONDS)
         return dict(self.outputs)
 
     def close(self) -> None:
@@ -145,9 +153,9 @@ class RunTracking(Tracking):
             self.finished = True
             self.board.submit("close the event file", self._close_board)
             self._to_mlflow("end the run", lambda: self._mlflow().end("failed"))
-            self.board.drain(DRAIN_SECONDS["tensorboard"])
+            self.board.drain(BOARD_DRAIN_SECONDS)
             if self.mlflow_worker is not None:
-                self.mlflow_worker.drain(DRAIN_SECONDS["mlflow"])
+                self.mlflow_worker.drain(MLFLOW_DRAIN_SECONDS)
 
     def where(self) -> str:
         parts = [*self.outputs.get("pictures", {}).values()]
@@ -168,7 +176,7 @@ class RunTracking(Tracking):
     def _open_board(self, first_step: int, params: dict[str, Any]) -> None:
         self.tensorboard = TensorBoardLog(self.run_store, first_step)
         self.tensorboard.hparams(params, [f"val/{self.job.metric.name}"])
-        self.outputs["tensorboard"] = self.run_store.url(f"{TENSORBOARD}/")
+        self.outputs["tensorboard"] = self.run_store.url(TENSORBOARD)
 
     def _board(self) -> TensorBoardLog:
         if self.tensorboard is None:
@@ -232,20 +240,13 @@ class RunTracking(Tracking):
         log.warning("MLflow: could not %s at %s (%s); MLflow logging is off for the rest of this attempt, "
                     "training goes on", what, spec.uri if spec else "?", clean(error))  # fmt: skip
         worker, self.mlflow_worker = self.mlflow_worker, None
-        worker.submit("stop", lambda: None)  # its queue still drains in finish/close: each call now fails fast
-        self.mlflow = None
+        self.mlflow = None  # what is still queued fails fast, unreported
+        worker.stop()
 
 
-def open_tracking(job: ResolvedTrainingJob, is_main: bool, run_store: Store, checkpoints: Store) -> Tracking:
-    return RunTracking(job, run_store, checkpoints) if is_main else Tracking()
+def open_tracking(job: ResolvedTrainingJob, is_main: bool, run_log: RunLog, checkpoints: Store) -> Tracking:
+    return RunTracking(job, run_log, checkpoints) if is_main else Tracking()
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    """(width, height) of a PNG, from its header."""
-    from PIL import Image
-
-    return Image.open(io.BytesIO(png)).size

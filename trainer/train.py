@@ -23,6 +23,7 @@ from kiln.trainer.errors import InvalidInput, one_line
 from kiln.trainer.observability import StatusServer, TrainerMetrics, rank_labels, status_port
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import LatestSnapshot, write_termination_log
+from kiln.trainer.tracking import Tracking
 
 log = logging.getLogger("kiln.trainer")
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     preemption = PreemptionFlag()
     preemption.install()
     server: StatusServer | None = None
+    tracking = Tracking()
     try:
         from kiln.trainer.trainer import Trainer
 
@@ -82,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         if not world.is_main:
             server = serve_status(port, metrics, None)
         trainer = Trainer(job, world, preemption=preemption, reporter=progress, metrics=metrics, control=control)
+        tracking = trainer.tracking
         state = trainer.train()
         if world.is_main:
             write_termination_log(termination_log, trainer.snapshot().to_json())
-        log.info("training %s at epoch %d, step %d", state, trainer.epoch, trainer.step)
+        where = tracking.where()
+        log.info("training %s at epoch %d, step %d%s", state, trainer.epoch, trainer.step, where and f"; {where}")
         return ExitCode.OK
     except Exception as exc:
         code = ExitCode.INVALID if isinstance(exc, InvalidInput) else ExitCode.FAILED
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         write_termination_log(termination_log, TrainerReport.failure(reason, code).to_json())
         return code
     finally:
+        tracking.close()  # after a failure: the MLflow run ends FAILED, the event files are uploaded
         if server is not None:
             server.close()
         close_distributed()

@@ -21,6 +21,7 @@ from kiln.trainer.observability import TrainerMetrics
 from kiln.trainer.preemption import PreemptionFlag
 from kiln.trainer.progress import EtaClock, NullReporter, ProgressReporter, now_rfc3339
 from kiln.trainer.tasks.base import Evaluator, OwnPredictions, SplitAware
+from kiln.trainer.tracking import open_tracking
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Trainer:
         self.reporter: ProgressReporter = reporter or NullReporter()
         self.metrics = metrics or TrainerMetrics()
         self.c: Components = build_components(job, world)
+        self.tracking = open_tracking(job, world.is_main, self.c.run_log, self.c.checkpointer.store)  # rank 0's
         self.epoch = 0  # the epoch in progress (0-based); equals spec.epochs when done
         self.batch = 0  # micro-batches of that epoch already trained
         self.step = 0  # optimizer steps, across restarts
@@ -59,6 +61,7 @@ class Trainer:
         self.resume()
         self.c.run_log.load()
         self.eta = EtaClock(self.step)
+        self.tracking.start(self.step, self.epoch + self.batch / len(self.c.train_loader))
         while self.should_continue():
             if not self.train_epoch():  # SIGTERM, or a stop request, mid-epoch
                 self.save_checkpoint(score=None)
@@ -153,10 +156,10 @@ class Trainer:
     ) -> None:
         images_per_second = batch_size * self.world.world_size / max(seconds, 1e-9)
         value = float(loss.item())
-        self.latest_metrics.update(
-            {"train/loss": value, "train/lr": self.c.schedule.last_lr, "train/images_per_sec": images_per_second}
-        )
-        self.latest_metrics.update({f"train/loss/{name}": float(term.item()) for name, term in terms.items()})
+        scalars = {"train/loss": value, "train/lr": self.c.schedule.last_lr, "train/images_per_sec": images_per_second}
+        scalars.update({f"train/loss/{name}": float(term.item()) for name, term in terms.items()})
+        self.latest_metrics.update(scalars)
+        self.tracking.log_step(self.step, scalars)
         self.metrics.observe_step(
             loss=value,
             lr=self.c.schedule.last_lr,
@@ -245,6 +248,7 @@ class Trainer:
                 evaluation = {"checkpoint": checkpoint, "metrics": metrics, **details}
                 self.final["evaluationDetails"] = self.c.run_log.write_evaluation(split, evaluation)
                 log.info("%s on the best checkpoint: %s", split, _fmt(metrics))
+                self.tracking.log_evaluation(split, self.step, metrics, details)
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -372,6 +376,7 @@ class Trainer:
         if self.world.is_main:
             record = {"epoch": self.epoch, "step": self.step, "time": now_rfc3339(), **self.latest_metrics}
             self.c.run_log.append(record)
+            self.tracking.log_epoch(record)
             self.write_summary()
         self.report()
 
@@ -382,6 +387,7 @@ class Trainer:
 
     def finish(self, state: TrainerState) -> None:
         self.state = state
+        self.final.update(self.tracking.finish(state, self.step, self.c.run_log.records, self.c.checkpointer.best))
         self.write_summary()
         self.report()
 

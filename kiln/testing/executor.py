@@ -2,7 +2,8 @@
 
     python -m kiln.testing.executor --kubeconfig admin.kubeconfig --node-name kiln-local-executor --root DIR
 
-It registers its Node (tainted, see ``kiln.testing.nodes``), heartbeats its status and Lease,
+It registers its Node (tainted, see ``kiln.testing.nodes``), heartbeats its status and Lease, serves the
+containers' logs to the apiserver as a kubelet does (``kiln.testing.kubelet_logs``: ``kubectl logs`` works),
 and reconciles level-triggered every ``--sync-interval``: list the node's pods, start the new
 ones, report exits, honour deletions (SIGTERM to the process group, SIGKILL after the grace
 period, then delete the object with grace 0). SIGTERM/SIGINT to the executor kills every pod
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 
 from kiln.testing import executor_layout, pod_status
 from kiln.testing.kube import JSON, MERGE, ApiError, KubeClient, namespaced
+from kiln.testing.kubelet_logs import KubeletLogServer
 from kiln.testing.localpod import Launch, PodConfigError, UnsupportedPod, prepare_launch
 from kiln.testing.nodes import executor_node, executor_node_status
 from kiln.testing.processes import signal_group, spawn_in_new_group
@@ -74,9 +76,11 @@ class Executor:
         self._deleted: set[str] = set()  # uids whose final grace-0 delete was sent
         self._ready_since = pod_status.now()
         self._next_heartbeat = 0.0
+        self._logs: KubeletLogServer | None = None
 
     def run(self, stop: threading.Event) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._logs = KubeletLogServer(self.root, self.may_write_log, self.node_name).start()
         self.register_node()
         try:
             while not stop.is_set():
@@ -86,6 +90,12 @@ class Executor:
                 stop.wait(self.sync_interval)
         finally:
             self.kill_all()
+            self._logs.close()
+
+    def may_write_log(self, namespace: str, pod: str) -> bool:
+        """Whether a pod's container may still write to its log (called from the log server's threads)."""
+        key = f"{namespace}/{pod}"
+        return any(c.key == key and not c.finished for c in list(self.containers.values()))
 
     # -- node -------------------------------------------------------------------------------------
 
@@ -100,7 +110,8 @@ class Executor:
         self.heartbeat()
 
     def heartbeat(self) -> None:
-        status = executor_node_status(self.kubelet_version, pod_status.now(), self._ready_since)
+        port = self._logs.port if self._logs is not None else None
+        status = executor_node_status(self.kubelet_version, pod_status.now(), self._ready_since, port)
         try:
             self.kube.patch(f"/api/v1/nodes/{self.node_name}/status", {"status": status})
             self._renew_lease()

@@ -76,8 +76,11 @@ def executor_node(name: str, kubelet_version: str) -> dict[str, Any]:
     }
 
 
-def executor_node_status(kubelet_version: str, now: str, ready_since: str) -> dict[str, Any]:
-    """The status a healthy kubelet reports; times are RFC 3339, ``now`` is the heartbeat."""
+def executor_node_status(
+    kubelet_version: str, now: str, ready_since: str, kubelet_port: int | None = None
+) -> dict[str, Any]:
+    """The status a healthy kubelet reports; times are RFC 3339, ``now`` is the heartbeat. ``kubelet_port``: where
+    the apiserver finds the container logs (``kiln.testing.kubelet_logs``)."""
     conditions = [
         ("Ready", "True", "KubeletReady", "kiln local executor is posting ready status"),
         ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
@@ -89,6 +92,7 @@ def executor_node_status(kubelet_version: str, now: str, ready_since: str) -> di
         "allocatable": FAKE_CAPACITY,
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": "localhost"}],
         "nodeInfo": _node_info(kubelet_version),
+        **({"daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}}} if kubelet_port else {}),
         "conditions": [
             {
                 "type": kind,

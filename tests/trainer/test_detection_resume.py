@@ -19,13 +19,13 @@ from kiln.trainer.detection_shapes import write_detection_shapes
 pytestmark = pytest.mark.slow
 StartTrainer = Callable[..., Popen[str]]
 
-EPOCHS = 3
+EPOCHS = 2
 STEPS_PER_EPOCH = 2  # 16 training images, 2 processes, batch 4 each
 
 
 def upload_boxes(s3: S3Server, bucket: str, root: Path) -> str:
     """Generator shapes at 64 px in the yolo layout (one data.yaml above the splits) under s3://bucket/boxes/."""
-    local = write_detection_shapes(root, splits={"train": 16, "val": 8, "test": 8}, size=64, formats=("yolo",))
+    local = write_detection_shapes(root, splits={"train": 16, "val": 6, "test": 6}, size=64, formats=("yolo",))
     for path in sorted(p for p in (local / "yolo").rglob("*") if p.is_file()):
         s3.client().upload_file(str(path), bucket, f"boxes/{path.relative_to(local / 'yolo').as_posix()}")
     return f"s3://{bucket}/boxes"
@@ -56,7 +56,9 @@ def test_two_detection_processes_resume_from_s3_after_sigkill_and_match_an_unint
     checkpoints = open_store(jobs["resumed"].checkpoint_uri, s3_server.storage())
 
     first = start_trainer(specs["resumed"], envs["resumed"], procs=2)
-    wait_for(lambda: (read_json(checkpoints, "latest.json") or {}).get("epoch", 0) >= 1, 240, "a checkpoint")
+    saved = lambda: (read_json(checkpoints, "latest.json") or {}).get("epoch", 0) >= 1  # noqa: E731
+    wait_for(lambda: saved() or first.poll() is not None, 300, "a checkpoint")
+    assert first.poll() is None, first.communicate()[0]  # still training: it did not fail before saving
     kill_tree(first.pid)  # a lost node: torchrun and both workers die at once
     first.wait()
     killed_at = read_json(checkpoints, "latest.json")
