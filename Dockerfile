@@ -18,7 +18,7 @@ ARG KILN_UID=1000
 
 # -- build stages: uv, and Kiln as a wheel with the lock it was tested with ---------------------------------------
 FROM ${BASE_IMAGE} AS uv
-# Keep in step with the Makefile's UV_VERSION (tests/images checks).
+# Keep in step with the Makefile's UV_VERSION (tests/images checks); the final stages repeat it.
 ARG UV_VERSION=0.13.8
 # pip trusts the system CA bundle, which tools/images.sh replaces with the host's for RUN steps (a TLS-intercepting
 # proxy's CA reaches the build, never an image).
@@ -30,7 +30,7 @@ FROM uv AS dist
 WORKDIR /src
 COPY . .
 RUN UV_SYSTEM_CERTS=1 UV_PYTHON_DOWNLOADS=never /opt/uv/bin/uv build --wheel --out-dir /dist . \
-    && cp pyproject.toml uv.lock /dist/
+    && cp pyproject.toml uv.lock tools/image-install.sh /dist/ && mv /dist/image-install.sh /dist/install.sh
 
 # -- what both images share: the base and one non-root user -------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -48,20 +48,17 @@ LABEL org.opencontainers.image.vendor="Kiln" \
       org.opencontainers.image.revision="${REVISION}"
 WORKDIR /home/kiln
 
-# -- the images: one RUN installs the locked dependencies of one extra and the wheel into /opt/kiln. uv is mounted
-# for that RUN only, and the dist files are removed in it, so the image holds no uv, pip or sources; and the
-# environment is one layer (under vfs storage every further layer over torch would be another copy of it). The
-# COPY makes the layer cache key on the wheel and the lock. ----------------------------------------------------------
+# -- the images: one RUN installs uv, then the locked dependencies of one extra and the wheel into /opt/kiln, then
+# removes uv and the dist files, so the image holds no uv, pip or sources (only the few-hundred-KB dist COPY layer
+# below it, which makes the layer cache key on the wheel and the lock). The environment is one layer: under vfs
+# storage (tools/images.sh) every further layer over torch would be another copy of it. ------------------------------
 FROM runtime AS operator
 ARG KILN_UID
+ARG UV_VERSION=0.13.8
 ARG UV_CACHE_DIR=/root/.cache/uv
 COPY --from=dist /dist /tmp/dist
-RUN --mount=type=cache,target=/root/.cache/uv --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
-    cd /tmp/dist && env UV_PROJECT_ENVIRONMENT=/opt/kiln UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 \
-       UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_CACHE_DIR="${UV_CACHE_DIR}" sh -c \
-       '/opt/uv/bin/uv sync --frozen --no-install-project --extra operator \
-        && /opt/uv/bin/uv pip install --python /opt/kiln/bin/python --no-deps kiln-*.whl' \
-    && rm -rf /tmp/dist
+RUN --mount=type=cache,target=/root/.cache/uv \
+    EXTRA=operator UV_VERSION="${UV_VERSION}" UV_CACHE_DIR="${UV_CACHE_DIR}" sh /tmp/dist/install.sh
 LABEL org.opencontainers.image.title="kiln-operator" \
       org.opencontainers.image.description="The Kiln operator: TrainingJob and ExportJob controllers (kopf), no torch"
 USER ${KILN_UID}:${KILN_UID}
@@ -69,14 +66,11 @@ ENTRYPOINT ["kiln", "operator"]
 
 FROM runtime AS trainer
 ARG KILN_UID
+ARG UV_VERSION=0.13.8
 ARG UV_CACHE_DIR=/root/.cache/uv
 COPY --from=dist /dist /tmp/dist
-RUN --mount=type=cache,target=/root/.cache/uv --mount=type=bind,from=uv,source=/opt/uv,target=/opt/uv \
-    cd /tmp/dist && env UV_PROJECT_ENVIRONMENT=/opt/kiln UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 \
-       UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1 UV_CACHE_DIR="${UV_CACHE_DIR}" sh -c \
-       '/opt/uv/bin/uv sync --frozen --no-install-project --extra trainer \
-        && /opt/uv/bin/uv pip install --python /opt/kiln/bin/python --no-deps kiln-*.whl' \
-    && rm -rf /tmp/dist
+RUN --mount=type=cache,target=/root/.cache/uv \
+    EXTRA=trainer UV_VERSION="${UV_VERSION}" UV_CACHE_DIR="${UV_CACHE_DIR}" sh /tmp/dist/install.sh
 LABEL org.opencontainers.image.title="kiln-trainer" \
       org.opencontainers.image.description="The Kiln trainer and exporter: torch, timm, smp, albumentations, onnxruntime"
 USER ${KILN_UID}:${KILN_UID}

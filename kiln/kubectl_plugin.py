@@ -158,7 +158,7 @@ def report_of(status: Obj) -> TrainerReport:
 
 def outcome_line(name: str, status: Obj) -> str:
     phase = status.get("phase", "")
-    condition = next((c for c in status.get("conditions") or [] if c.get("type") == phase), {})
+    condition: Obj = next((c for c in status.get("conditions") or [] if c.get("type") == phase), {})
     best = (status.get("checkpoints") or {}).get("best")
     parts = [f"{name} {phase} ({condition.get('reason', '')}): {condition.get('message', '')}"]
     if best:

@@ -96,6 +96,12 @@ def confusion_png(normalized: np.ndarray, class_names: Sequence[str], title: str
     return _png(figure, canvas)
 
 
+def preload() -> None:
+    """Import matplotlib ahead of the end of the run (on the tracking worker, while training goes on): the first
+    import costs more than drawing both pictures."""
+    _figure(1, 1)
+
+
 def _figure(width: float, height: float) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

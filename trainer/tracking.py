@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from kiln.api.resolve import ResolvedTrainingJob
@@ -22,6 +23,7 @@ from kiln.trainer.checkpoint import STATE, Entry
 from kiln.trainer.history import RESTARTED_AT, RunLog
 from kiln.trainer.mlflow_log import MlflowLog, clean, now_ms
 from kiln.trainer.pictures import CONFUSION, CURVES, confusion_png, curves_png, normalized_confusion
+from kiln.trainer.pictures import preload as preload_pictures
 from kiln.trainer.tensorboard_log import TENSORBOARD, TensorBoardLog, flat_hparams
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,15 @@ class Worker:
         self.name, self.failed = name, failed
         self._queue: queue.SimpleQueue[tuple[str, Callable[[], None]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"kiln-{name}", daemon=True)
-        self._thread.start()
 
     def submit(self, what: str, call: Callable[[], None]) -> None:
+        if self._thread.ident is None:  # started by the first call: a Trainer that never trains leaves no thread
+            self._thread.start()
         self._queue.put((what, call))
 
     def drain(self, timeout: float) -> None:
+        if self._thread.ident is None:
+            return
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -82,7 +87,8 @@ class Worker:
 
     def stop(self) -> None:
         """End the thread once what is queued has run, without waiting for it."""
-        self._queue.put(None)
+        if self._thread.ident is not None:
+            self._queue.put(None)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -177,6 +183,7 @@ class RunTracking(Tracking):
         self.tensorboard = TensorBoardLog(self.run_store, first_step)
         self.tensorboard.hparams(params, [f"val/{self.job.metric.name}"])
         self.outputs["tensorboard"] = self.run_store.url(TENSORBOARD)
+        preload_pictures()
 
     def _board(self) -> TensorBoardLog:
         if self.tensorboard is None:
@@ -187,8 +194,8 @@ class RunTracking(Tracking):
         self._board().sync()
 
     def _close_board(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard, board = None, self.tensorboard
+        board, self.tensorboard = self.tensorboard, None
+        if board is not None:
             board.close()
 
     def _pictures(self, records: list[dict[str, Any]], step: int) -> None:
@@ -203,7 +210,10 @@ class RunTracking(Tracking):
             self.outputs.setdefault("pictures", {})[name.removesuffix(".png")] = self.run_store.url(name)
             if self.tensorboard is not None:
                 self.tensorboard.image(f"pictures/{name.removesuffix('.png')}", png, step)
-            self._to_mlflow(f"upload {name}", lambda name=name, png=png: self._mlflow().artifact(name, png, "pictures"))
+            self._to_mlflow(f"upload {name}", partial(self._upload_picture, name, png))
+
+    def _upload_picture(self, name: str, png: bytes) -> None:
+        self._mlflow().artifact(name, png, "pictures")
 
     def _samples(self, step: int) -> None:
         if self.tensorboard is None:

@@ -87,7 +87,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------
     def train_epoch(self) -> bool:
-        """One pass over the training split from ``self.batch`` on; False when preempted mid-epoch."""
+        """One pass over the training split from ``self.batch`` on; False when preempted or stopped mid-epoch."""
         c = self.c
         c.model.train()
         if c.freezer.set_epoch(self.epoch):  # DDP only syncs the parameters that trained when it was built

@@ -53,6 +53,7 @@ S3 = "kiln/storage/s3.py"
 SEGMENTATION_MODEL = "trainer/tasks/segmentation_model.py"
 SEGMENTATION_DATA = "trainer/tasks/segmentation_data.py"
 DETECTION, DETECTION_MODEL = "trainer/tasks/detection.py", "trainer/tasks/detection_model.py"
+TRACKING, MLFLOW_LOG = "trainer/tracking.py", "trainer/mlflow_log.py"
 
 # field (python names, dotted) -> the modules that act on it
 READERS: dict[str, tuple[str, ...]] = {
@@ -149,6 +150,12 @@ READERS: dict[str, tuple[str, ...]] = {
     "checkpoint.resume": (TRAINER, PREFLIGHT),
     "output": (RESOLVE,),
     "output.uri": (RESOLVE,),
+    "tracking": (RESOLVE, TRACKING, RENDER),
+    "tracking.mlflow": (TRACKING, RENDER),
+    "tracking.mlflow.uri": (MLFLOW_LOG,),
+    "tracking.mlflow.experiment": (MLFLOW_LOG,),
+    "tracking.mlflow.run_name": (MLFLOW_LOG,),
+    "tracking.mlflow.credentials_secret": (RENDER,),
     "resources": (RENDER, RESOLVE),
     "resources.nodes": (RESOLVE, STATUS),
     "resources.procs_per_node": (RESOLVE,),

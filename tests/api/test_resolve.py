@@ -150,3 +150,16 @@ def test_the_issue_example_meets_halfway() -> None:
 def test_without_a_schedule_the_weights_never_move() -> None:
     resolved = resolve(job("segmentation", loss={"weights": {"dice": 0.3, "focal": 0.7}}), ENV)
     assert resolved.loss_weights_at(0) == resolved.loss_weights_at(9) == {"dice": 0.3, "focal": 0.7}
+
+
+def test_mlflow_experiment_and_run_name_default_to_namespace_and_name() -> None:
+    tracking = resolve(job(tracking={"mlflow": {"uri": "https://mlflow.example.com"}}), ENV).spec.tracking
+    assert tracking.mlflow is not None
+    assert (tracking.mlflow.experiment, tracking.mlflow.run_name) == ("team-a", "run")
+    assert resolve(job(), ENV).spec.tracking.mlflow is None
+
+
+@pytest.mark.parametrize("uri", ["https://user:secret@mlflow.example.com", "databricks", "mlflow.example.com"])
+def test_mlflow_uri_is_an_http_url_without_credentials(uri: str) -> None:
+    with pytest.raises(ValueError, match="without user:password@"):
+        job(tracking={"mlflow": {"uri": uri}})

@@ -24,7 +24,6 @@ from kiln.testing.s3 import S3Server
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[2]
 NAME = "steered"
 
 
@@ -39,13 +38,16 @@ def kubectl_kiln(cluster: ControlPlane, tmp_path: Path) -> tuple[list[str], dict
     shim.chmod(0o755)
     kubectl = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "KUBECONFIG": str(cluster.kubeconfig),
-           "PYTHONPATH": str(REPO), "COLUMNS": "200"}  # fmt: skip
+           "COLUMNS": "200"}  # fmt: skip
+    env.pop("PYTHONPATH", None)  # the checkout's operator/ folder would shadow the standard library's operator
     return [kubectl, "kiln"], env
 
 
 def run(plugin: tuple[list[str], dict[str, str]], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     argv, env = plugin
-    return subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    # Not from the checkout's root either: `python -m` puts the working directory first on sys.path.
+    return subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False,
+                          cwd="/")  # fmt: skip
 
 
 def wait_for_step(cluster: ControlPlane, namespace: str, step: int, timeout: float) -> dict:
@@ -102,7 +104,7 @@ def test_kubectl_kiln_checkpoints_logs_watches_and_stops_a_running_job(
     # Watch it live, stop it, and see it end Stopped.
     argv, env = kubectl_kiln
     watcher = subprocess.Popen([*argv, *ns, "watch", NAME, "--interval", "0.5"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
     try:
         stopped = run(kubectl_kiln, *ns, "stop", NAME)
         assert stopped.returncode == 0, stopped.stderr

@@ -150,6 +150,21 @@ def test_credentials_only_through_env_from_the_secret() -> None:
     assert not any(name.startswith("AWS_SECRET") or name == "AWS_ACCESS_KEY_ID" for name in env)
 
 
+def test_mlflow_credentials_come_from_their_secret_as_env_and_never_into_the_configmap() -> None:
+    tracking = {"mlflow": {"uri": "https://mlflow.example.com", "credentialsSecret": "team-mlflow"}}
+    resolved = resolved_from(body(tracking=tracking))
+    container = render_job(resolved, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    env = _env(container)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key] == {"secretKeyRef": {"name": "team-mlflow", "key": key, "optional": True}}
+    spec = json.loads(render_configmap(resolved)["data"]["trainingjob.json"])["spec"]
+    assert spec["tracking"]["mlflow"] == {
+        "uri": "https://mlflow.example.com", "experiment": "ml", "runName": "demo", "credentialsSecret": "team-mlflow"
+    }  # fmt: skip
+    plain = _env(render_job(resolved_from(body()), 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
+    assert not any(name.startswith("MLFLOW_") for name in plain)
+
+
 def test_queue_name_labels_the_job_and_creates_it_suspended() -> None:
     job = render_job(resolved_from(body(runPolicy={"queueName": "gpu-queue"})), 1, SETTINGS)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"

@@ -79,7 +79,7 @@ def test_the_loss_terms_are_the_detectors_own(tmp_path: Path, shapes: Path) -> N
     loss = trainer.c.objective.loss(outputs, batch)
     terms = trainer.c.objective.loss_terms()
     assert set(terms) == {"classifier", "box_reg", "objectness", "rpn_box_reg"}
-    assert float(loss) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-6)
+    assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
 
 
 def _cocoeval_stats(gt: Path, predictions: Path) -> list[float]:

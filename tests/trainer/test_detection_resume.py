@@ -24,10 +24,15 @@ STEPS_PER_EPOCH = 2  # 16 training images, 2 processes, batch 4 each
 
 
 def upload_boxes(s3: S3Server, bucket: str, root: Path) -> str:
-    """Generator shapes at 64 px in the yolo layout (one data.yaml above the splits) under s3://bucket/boxes/."""
+    """Generator shapes at 64 px in the yolo layout under s3://bucket/boxes/<split>/. Each split gets its own copy
+    of data.yaml: a split is staged from S3 on its own, so the one the generator writes above them would not
+    come along."""
     local = write_detection_shapes(root, splits={"train": 16, "val": 6, "test": 6}, size=64, formats=("yolo",))
-    for path in sorted(p for p in (local / "yolo").rglob("*") if p.is_file()):
-        s3.client().upload_file(str(path), bucket, f"boxes/{path.relative_to(local / 'yolo').as_posix()}")
+    yolo = local / "yolo"
+    for path in sorted(p for p in yolo.rglob("*") if p.is_file() and p.parent != yolo):
+        s3.client().upload_file(str(path), bucket, f"boxes/{path.relative_to(yolo).as_posix()}")
+    for split in ("train", "val", "test"):
+        s3.client().upload_file(str(yolo / "data.yaml"), bucket, f"boxes/{split}/data.yaml")
     return f"s3://{bucket}/boxes"
 
 

@@ -116,5 +116,5 @@ def test_bad_transform_arguments_name_the_field() -> None:
         train_pipeline(spec, 16, (0.5,) * 3, (0.5,) * 3)
 
 
-def test_tasks_registry_has_classification_and_segmentation() -> None:
-    assert TASKS.names() == ["classification", "segmentation"]
+def test_tasks_registry_has_classification_segmentation_and_detection() -> None:
+    assert TASKS.names() == ["classification", "detection", "segmentation"]

@@ -245,9 +245,12 @@ def test_an_unreachable_mlflow_server_is_a_warning_and_training_completes(
     tmp_path: Path, tiny_data: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "kiln")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-for-the-log-0123")
     job = make_job(tmp_path, tiny_data, epochs=1, tracking={"mlflow": {"uri": f"http://127.0.0.1:{free_port()}"}})
     with caplog.at_level(logging.WARNING):
         assert Trainer(job, CPU).train() == "completed"
     warnings = [r.getMessage() for r in caplog.records if r.name == "kiln.trainer.tracking"]
     assert any("MLflow: could not start the run" in w and "training goes on" in w for w in warnings), warnings
     assert (Path(job.run_uri) / "curves.png").exists()
+    assert "not-for-the-log-0123" not in caplog.text

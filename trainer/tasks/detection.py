@@ -149,12 +149,18 @@ class DetectionEvaluator:
             boxes, scores, labels = self._last[index]
             rows.extend(result_rows(index + 1, boxes, scores, labels))
             if index < SAMPLE_IMAGES:
-                image = load_image(Path(data.root) / data.describe(index))
-                png = sample_png(image, data.annotations(index), (boxes, scores, labels), self.class_names)
-                self.store.write_bytes(
-                    f"samples/{self._split}/{Path(data.describe(index)).with_suffix('.png').as_posix()}", png
-                )
+                self._write_sample(data, index, (boxes, scores, labels))
         return rows
+
+    def _write_sample(
+        self, data: DetectionSplit, index: int, predicted: tuple[np.ndarray, np.ndarray, np.ndarray]
+    ) -> None:
+        """samples/<split>/<image path under the split>.png (the file name alone for an image outside it)."""
+        name = Path(data.describe(index))
+        name = Path(name.name) if name.is_absolute() else name
+        image = load_image(data.images[index].path)
+        png = sample_png(image, data.annotations(index), predicted, self.class_names)
+        self.store.write_bytes(f"samples/{self._split}/{name.with_suffix('.png').as_posix()}", png)
 
     def write_predictions(self, split: str, rows: list[dict[str, Any]], run_log: RunLog) -> str:
         """predictions-<split>.json (COCO results, sorted by image) beside gt-<split>.json (COCO ground truth)."""

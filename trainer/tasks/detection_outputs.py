@@ -69,9 +69,9 @@ def sample_png(
     boxes, scores, labels = predicted
     keep = scores >= SAMPLE_SCORE
     palette = class_colours(len(class_names) + 1)[1:]  # skip black, the background's colour
-    colours = [tuple(int(c) for c in palette[k]) for k in labels[keep].tolist()]
+    colours = [(int(r), int(g), int(b)) for r, g, b in palette[labels[keep]].tolist()]
     texts = [f"{class_names[k]} {s:.2f}" for k, s in zip(labels[keep].tolist(), scores[keep].tolist(), strict=True)]
-    right = _draw(base, boxes[keep], texts, colours, scale)  # type: ignore[arg-type]
+    right = _draw(base, boxes[keep], texts, colours, scale)
     canvas = Image.new("RGB", (left.width * 2, left.height))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width, 0))
