@@ -10,6 +10,7 @@ CA will do. The executor writes a container's output straight to a file, so ther
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -62,10 +63,9 @@ class KubeletLogServer:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
-                try:
+                # The client may go away mid-stream (kubectl logs -f interrupted).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
                     self._send(path, query, lambda: is_running(namespace, pod))
-                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-                    pass  # the client went away (kubectl logs -f interrupted)
 
             def _send(self, path: Path, query: dict[str, str], running: Callable[[], bool]) -> None:
                 data = path.read_bytes()

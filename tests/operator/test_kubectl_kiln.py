@@ -128,6 +128,13 @@ def test_kubectl_kiln_checkpoints_logs_watches_and_stops_a_running_job(
     assert kept[-1]["uri"] == latest and control["checkpoint"] in [k["uri"] for k in kept], kept
     assert s3_exists(s3_server, f"s3://{s3_bucket}/runs/{NAME}/output/evaluation.json")  # the best was evaluated
 
+    # -f on finished pods: their whole logs, ending when each container's has (here at once).
+    followed = run(kubectl_kiln, *ns, "logs", NAME, "-f", "--attempt", "1")
+    assert followed.returncode == 0, followed.stderr
+    assert any(line.startswith("[node 0] ") and "training completed" in line for line in followed.stdout.splitlines())
+    none = run(kubectl_kiln, *ns, "logs", NAME, "--attempt", "2")
+    assert none.returncode == 1 and "no pods for attempt 2" in none.stderr, none
+
     # Stopping a finished job changes nothing; a missing job is invalid input.
     again = run(kubectl_kiln, *ns, "stop", NAME)
     assert again.returncode == 0 and "Succeeded already" in again.stdout, again
