@@ -30,7 +30,7 @@ SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The generator's dataset at 64 px: enough images for one short epoch and a val and test split."""
     root = tmp_path_factory.mktemp("detection-shapes")
-    return write_detection_shapes(root, splits={"train": 32, "val": 12, "test": 12}, size=64) / "coco"
+    return write_detection_shapes(root, splits={"train": 16, "val": 8, "test": 8}, size=64, formats=("coco",)) / "coco"
 
 
 def detection_job(tmp_path: Path, shapes: Path, **overrides: Any) -> ResolvedTrainingJob:
