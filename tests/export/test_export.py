@@ -192,7 +192,7 @@ def test_the_legacy_exporter_takes_over_when_the_dynamo_one_fails_and_says_why(
     [
         ("missing", Reason.SOURCE_NOT_FOUND, ExitCode.INVALID, "does not exist"),
         ("not-a-checkpoint", Reason.INVALID_SOURCE, ExitCode.INVALID, "is not a loadable checkpoint"),
-        ("other-task", Reason.INVALID_SOURCE, ExitCode.INVALID, "is a detection checkpoint"),
+        ("other-task", Reason.INVALID_SOURCE, ExitCode.INVALID, "cannot rebuild"),
         ("unreachable", Reason.SOURCE_UNREADABLE, ExitCode.FAILED, "cannot reach endpoint http://127.0.0.1:9"),
     ],
 )
@@ -205,7 +205,7 @@ def test_bad_sources_end_with_one_line_and_the_right_exit_code(
         checkpoint.write_bytes(b"not a pickle")
     elif source == "other-task":
         state = torch.load(classifier[1], weights_only=False)
-        spec = state["spec"]["spec"]  # a detection job, as a detection trainer would store it
+        spec = state["spec"]["spec"]  # a detection job's spec over a classifier's weights
         spec["task"], spec["data"]["train"]["format"], spec["data"]["val"]["format"] = "detection", "coco", "coco"
         torch.save(state, checkpoint)
     storage: dict[str, Any] = {}

@@ -131,6 +131,8 @@ cd /tmp && kiln run /tmp/digits.yaml && echo "--- trained"
 def one_epoch_manifest() -> str:
     manifest = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
     manifest["spec"]["epochs"] = 1
+    # The example warms up for one epoch, and a warm-up must be shorter than the run (kiln validate refuses it).
+    manifest["spec"]["scheduler"]["warmupEpochs"] = 0
     manifest["spec"]["data"]["train"]["uri"] = "/tmp/digits/train"
     manifest["spec"]["data"]["val"]["uri"] = "/tmp/digits/val"
     return json.dumps(manifest)

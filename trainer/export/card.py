@@ -59,8 +59,7 @@ def model_card(
             "layout": "NCHW",
             "dtype": "float32",
             "colorOrder": "RGB",
-            "preprocessing": "resize to height x width, scale pixels to 0..1 (divide by 255), subtract mean, "
-            "divide by std, per channel",
+            "preprocessing": source.task.preprocessing,
         },
         "normalization": {"mean": list(mean), "std": list(std)},
         "output": {"name": source.task.output_name, "meaning": source.task.output_meaning},

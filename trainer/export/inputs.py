@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.status import VerificationInputs
 from kiln.storage import StorageError
-from kiln.trainer.augment import eval_pipeline
 from kiln.trainer.data import localize
 from kiln.trainer.distributed import World
 from kiln.trainer.errors import InvalidInput
@@ -35,8 +35,11 @@ Shape = tuple[int, int, int]  # channels, height, width
 
 
 def normalization(source: Source) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std the run normalized with: data.normalize, else the network's own (timm's pretrained_cfg),
-    the rule the trainer applies."""
+    """The mean and std the run normalized with: a detector's own transform's (data.normalize or its default), else
+    data.normalize, else the network's own (timm's pretrained_cfg), the rule the trainer applies."""
+    transform = getattr(source.network, "transform", None)
+    if isinstance(transform, GeneralizedRCNNTransform):
+        return tuple(transform.image_mean), tuple(transform.image_std)
     given = source.job.spec.data.normalize
     if given is not None:
         return tuple(given.mean), tuple(given.std)
@@ -108,7 +111,7 @@ def input_source(source: Source, shape: Shape, seed: int = 0) -> InputSource:
     try:
         split = _validation_split(job)
         mean, std = normalization(source)
-        dataset, size = split.dataset(eval_pipeline(height, mean, std)), len(split)
+        dataset, size = split.dataset(source.task.input_pipeline(height, mean, std)), len(split)
     except (InvalidInput, StorageError, OSError) as exc:
         log.warning("verifying on random inputs: the source job's validation data is not usable here: %s", exc)
         return InputSource("random", f"random inputs: validation data unusable: {exc}", shape, seed=seed)

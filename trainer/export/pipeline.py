@@ -26,6 +26,7 @@ from kiln.trainer.export.inputs import InputSource, Shape, input_source, normali
 from kiln.trainer.export.measure import EXAMPLE_BATCH, VERIFY_BATCH, Timing, benchmark, compare, run_batches
 from kiln.trainer.export.quantize import quantize
 from kiln.trainer.export.source import Source, load_source
+from kiln.trainer.export.tasks import ExportTaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Run:
 
     @property
     def dynamic_batch(self) -> bool:
-        return self.spec.onnx.dynamic_batch
+        return self.spec.onnx.dynamic_batch and self.source.task.batched
 
     def card(self, fmt: str, quantization: Quantization) -> dict[str, Any]:
         # onnx.dynamicBatch and dynamicSpatial shape the one torch.export trace, so pt2 follows them too.
@@ -79,6 +80,17 @@ def input_shape(spec: ExportJobSpec, source: Source) -> Shape:
 
 def pick_device(spec: ExportJobSpec) -> torch.device:
     return torch.device("cuda") if spec.resources.gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_task(spec: ExportJobSpec, task: ExportTaskInfo) -> None:
+    """Refuse, before anything is exported, what this task's graph cannot be: a format that cannot hold it, or
+    int8 quantization where there is no metric to judge the quantized model by."""
+    for name in spec.formats:
+        if name in task.refused_formats:
+            raise InvalidSpec(f"formats: {name} cannot hold a {task.name} model: {task.refused_formats[name]}")
+    if spec.quantize.mode != "none" and task.metric is None:
+        raise InvalidSpec(f"quantize.mode {spec.quantize.mode}: {task.name} models are not quantized (no "
+                          f"{task.metric_name} for the int8 model to be judged by); use mode none")  # fmt: skip
 
 
 def export_formats(run: Run, workdir: Path) -> list[Built]:
@@ -118,13 +130,10 @@ def add_quantized(run: Run, built: list[Built]) -> Built | None:
     if run.inputs.kind == "validation":
         images, targets = run.inputs.take(run.inputs.available(METRIC_IMAGES))
         assert targets is not None
-        source, batch = run.source, VERIFY_BATCH if run.dynamic_batch else 1
-        before = source.task.metric(
-            run_batches(fp32.runner, images, batch), targets, source.job, len(source.class_names)
-        )
-        after = source.task.metric(
-            run_batches(item.runner, images, batch), targets, source.job, len(source.class_names)
-        )
+        source, batch, metric = run.source, VERIFY_BATCH if run.dynamic_batch else 1, run.source.task.metric
+        assert metric is not None  # check_task refused quantizing a task without one
+        before = metric(run_batches(fp32.runner, images, batch), targets, source.job, len(source.class_names))
+        after = metric(run_batches(item.runner, images, batch), targets, source.job, len(source.class_names))
         item.fields["metric_delta"] = round(after - before, 6)
     return item
 
@@ -133,11 +142,11 @@ def verify(run: Run, built: list[Built], eager: Runner) -> None:
     """Each artifact against eager PyTorch, in batches other than the export's example batch."""
     images, _ = run.inputs.take(run.spec.verify.samples)
     batch = VERIFY_BATCH if run.dynamic_batch else 1
-    reference = run_batches(eager, images, batch)
+    reference = run_batches(_comparable(run, eager), images, batch)
     predict = run.source.task.predict if run.source.task.top1 else None
     tolerance = run.spec.verify.tolerance
     for item in built:
-        agreement = compare(reference, run_batches(item.runner, images, batch), predict)
+        agreement = compare(reference, run_batches(_comparable(run, item.runner), images, batch), predict)
         item.fields.update(max_abs_diff=agreement.max_abs_diff, top1_agreement=agreement.top1)
         if item.quantization != "none":
             continue  # int8 is judged by its metric, not by a float tolerance
@@ -150,10 +159,20 @@ def verify(run: Run, built: list[Built], eager: Runner) -> None:
             )
 
 
+def _comparable(run: Run, runner: Runner) -> Runner:
+    """The runner whose outputs verification compares: each call's put in the task's canonical form (detections:
+    sorted and scaled per image) before calls are concatenated."""
+    canonical = run.source.task.canonical
+    if canonical is None:
+        return runner
+    return lambda batch: canonical(runner(batch), run.shape)
+
+
 def measure_speed(run: Run, built: list[Built], eager: Runner) -> dict[str, Timing]:
     sizes = [size for size in run.spec.benchmark.batch_sizes if run.dynamic_batch or size == 1]
     if sizes != run.spec.benchmark.batch_sizes:
-        log.warning("onnx.dynamicBatch is false: benchmarking batch size 1 only")
+        why = "onnx.dynamicBatch is false" if run.source.task.batched else f"{run.source.task.name} is one image a call"
+        log.warning("%s: benchmarking batch size 1 only", why)
     reference = benchmark(eager, run.shape, sizes, run.spec.benchmark.iterations)
     for item in built:
         timings = benchmark(item.runner, run.shape, sizes, run.spec.benchmark.iterations)
@@ -217,6 +236,7 @@ def sha256(path: Path) -> str:
 def run_export(resolved: ResolvedExportJob, workdir: Path) -> ExportReport:
     spec = resolved.spec
     source = load_source(resolved.checkpoint_uri, spec.storage, spec.source.checkpoint)
+    check_task(spec, source.task)
     shape = input_shape(spec, source)
     run = Run(spec, source, shape, pick_device(spec), input_source(source, shape))
     built = export_formats(run, workdir)

@@ -1,25 +1,39 @@
 """What the exporter needs to know per task: the graph it exports, the output's name and meaning (for the
 model card), how outputs become predictions, and the validation metric a quantized model is judged by.
 
-Pre- and post-processing stay outside the graph for every task: the graph takes normalized NCHW float32 and
-returns raw scores, and the model card states the normalization and how to read the scores. Detection has no
-entry yet, so its checkpoints are refused (InvalidSource, exit 2, "the exporter does not handle it yet"). The
-plan: export the whole torchvision detector in eval mode, its own normalization, box decoding and NMS inside
-the graph (a client cannot rebuild those from a card), with boxes, scores and labels as outputs.
+Classification and segmentation keep pre- and post-processing outside the graph: the graph takes normalized
+NCHW float32 and returns raw scores, and the model card states the normalization and how to read the scores.
+
+Detection puts both inside: the whole torchvision detector is exported in eval mode, its own transform
+(normalization, resize), box decoding, score threshold and NMS included, since a client cannot rebuild those
+from a card. The graph takes ONE image per call ([1, 3, H, W], RGB, 0..1, not normalized) and returns
+``detections`` [N, 6]: x1, y1, x2, y2 in input pixels, score, and Kiln's 0-based class id (as float32; the
+background label is dropped and the rest shifted down, as the trainer does), sorted by score. One table rather
+than three outputs keeps every format and runtime on the one-output contract the pipeline verifies. One image
+per call because torchvision's detectors take a list of images and their ONNX export freezes it at one; pt2 is
+refused (torch.export cannot trace the data-dependent number of detections) and so is int8 quantization (no
+detection metric for the quantized model to be judged by), both before any export starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.trainer.augment import detection_eval_pipeline, eval_pipeline
 from kiln.trainer.metrics import pixel_confusion, segmentation_from_confusion
 from kiln.trainer.registry import Registry
+from kiln.trainer.tasks.detection_model import from_detections
+
+Metric = Callable[[torch.Tensor, torch.Tensor, ResolvedTrainingJob, int], float]
+PREPROCESSING = (
+    "resize to height x width, scale pixels to 0..1 (divide by 255), subtract mean, divide by std, per channel"
+)
 
 
 @dataclass(frozen=True)
@@ -34,10 +48,21 @@ class ExportTaskInfo:
     predict: Callable[[torch.Tensor], torch.Tensor]
     """Outputs to predicted labels (per image, or per pixel)."""
     metric_name: str
-    metric: Callable[[torch.Tensor, torch.Tensor, ResolvedTrainingJob, int], float]
-    """(outputs, targets, source job, number of classes) to the validation metric; larger is better."""
+    metric: Metric | None
+    """(outputs, targets, source job, number of classes) to the validation metric; larger is better. None: the
+    task's exports are not quantized."""
     top1: bool
     """Whether top-1 agreement with eager PyTorch is reported."""
+    batched: bool = True
+    """Whether the graph takes a batch of images; False: one image per call (onnx.dynamicBatch is ignored)."""
+    refused_formats: Mapping[str, str] = field(default_factory=dict)
+    """Formats that cannot export this task's graph, with the reason (refused before any export starts)."""
+    preprocessing: str = PREPROCESSING
+    """What a client does to an image before the graph, for the model card."""
+    input_pipeline: Callable[[int, tuple[float, ...], tuple[float, ...]], Any] = eval_pipeline
+    """(image size, mean, std) to the pipeline validation images are prepared with for the graph."""
+    canonical: Callable[[torch.Tensor, tuple[int, int, int]], torch.Tensor] | None = None
+    """One call's outputs (and the input shape) to the form verification compares; None: as they are."""
 
 
 EXPORT_TASKS: Registry[ExportTaskInfo] = Registry("exportable task")
@@ -101,5 +126,59 @@ EXPORT_TASKS.register(
         metric_name="miou",
         metric=_miou,
         top1=False,
+    )
+)
+
+
+class DetectionGraph(nn.Module):
+    """One image (a [1, 3, H, W] batch at 0..1) to its detections as one [N, 6] table: box (x1, y1, x2, y2, input
+    pixels), score, 0-based class id. The detector normalizes, resizes, decodes and suppresses inside."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        found = from_detections(self.network(list(image.unbind(0))))[0]
+        return torch.cat([found["boxes"], found["scores"][:, None], found["labels"][:, None].float()], dim=1)
+
+
+def _detections_in_order(outputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Verification's rule for detections: the same count (else a shape mismatch, which fails), rows sorted by
+    score (ties in score may come out of NMS in either order), boxes divided by the input's width and height so
+    verify.tolerance reads as a share of the image, as it does for scores."""
+    _, height, width = shape
+    rows = outputs[torch.argsort(outputs[:, 4], descending=True, stable=True)]
+    scale = torch.tensor([width, height, width, height, 1.0, 1.0], dtype=rows.dtype)
+    return rows / scale
+
+
+def _detection_pipeline(size: int, _mean: tuple[float, ...], _std: tuple[float, ...]) -> Any:
+    return detection_eval_pipeline(size)  # the graph normalizes itself
+
+
+EXPORT_TASKS.register(
+    ExportTaskInfo(
+        name="detection",
+        output_name="detections",
+        output_meaning=(
+            "[detections, 6] for the one input image, sorted by score: x1, y1, x2, y2 (input pixels), score, "
+            "class index into classNames (0-based, as float); score threshold and NMS already applied"
+        ),
+        graph=DetectionGraph,
+        predict=lambda outputs: outputs[:, 5],
+        metric_name="map",
+        metric=None,
+        top1=False,
+        batched=False,
+        refused_formats={
+            "pt2": "torch.export cannot trace a torchvision detector (its number of detections depends on the data)"
+        },
+        preprocessing=(
+            "one image per call, shape [1, 3, height, width]: scale pixels to 0..1 (divide by 255); the graph "
+            "normalizes (mean and std below) and resizes itself; boxes come back in the input's pixels"
+        ),
+        input_pipeline=_detection_pipeline,
+        canonical=_detections_in_order,
     )
 )
