@@ -24,3 +24,13 @@ CRDS = Path(__file__).parents[1] / "crds"
 @pytest.fixture(scope="session")
 def kiln_crds(cluster: ControlPlane) -> None:
     cluster.install_crds(sorted(CRDS.glob("*.yaml")))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), every test of the real control plane runs on one
+    worker: the local executor runs pods as host processes on the fixed pod ports (rendezvous 29500, metrics
+    9400), so two clusters' pods would collide, and one session cluster serves them all."""
+    for item in items:
+        uses_cluster = "cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("controlplane")
+        if uses_cluster:
+            item.add_marker(pytest.mark.xdist_group("controlplane"))
