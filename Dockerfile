@@ -66,6 +66,8 @@ ENTRYPOINT ["kiln", "operator"]
 
 FROM runtime AS trainer
 ARG KILN_UID
+# albumentations asks PyPI for a newer version on every import (a 2 s timeout where pods have no internet).
+ENV NO_ALBUMENTATIONS_UPDATE=1
 ARG UV_VERSION=0.13.8
 ARG UV_CACHE_DIR=/root/.cache/uv
 COPY --from=dist /dist /tmp/dist

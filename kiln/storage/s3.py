@@ -237,7 +237,7 @@ def _s3_error(where: str, endpoint: str, exc: BaseException, *, listing: bool = 
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return StorageError(
             f"{where}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-            " (storage.secretRef) or give the pod a role"
+            " (storage.secretRef; locally also ~/.aws)"
         )
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
