@@ -48,7 +48,14 @@ def mutated(path: str, value: Any) -> str:
     return yaml.safe_dump(document)
 
 
-DELETE = object()
+class _Delete:
+    """The mutation that removes a field; its repr names it, so test ids are the same in every process (xdist)."""
+
+    def __repr__(self) -> str:
+        return "<delete>"
+
+
+DELETE = _Delete()
 CE_AT_0 = {"epoch": 0, "weights": {"cross_entropy": 1.0}}  # a loss.schedule keyframe
 
 # (mutation path, value, field path expected in the error, a word the reason must contain)
