@@ -224,8 +224,15 @@ def test_dashboard_variables_offer_the_running_job(stack: Stack) -> None:
         selector, label = match.groups()
         for name, value in offered.items():
             selector = selector.replace(f"${name}", value[0])
-        values: list[Any] = stack.prometheus.api(f"label/{label}/values", **{"match[]": selector})
-        offered[variable["name"]] = sorted(values)
+        found: list[Any] = []
+
+        def offered_values(selector: str = selector, label: str = label, found: list[Any] = found) -> bool:
+            # A label's values appear once Prometheus has scraped the series since the job started.
+            found[:] = stack.prometheus.api(f"label/{label}/values", **{"match[]": selector})
+            return bool(found)
+
+        wait_until(offered_values, timeout=90, what=f"values of {label} for {selector}", interval=1)
+        offered[variable["name"]] = sorted(found)
     assert offered == {"namespace": [JOB_NAMESPACE], "job": [JOB_NAME]}
 
 
