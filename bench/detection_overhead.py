@@ -29,32 +29,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from overhead import LR, SEED, kiln_trainer, kiln_window, optimizer_steps, paired_windows, window_loader
+from overhead import SEED, Loss, add_window_arguments, kiln_against_plain, kiln_trainer, set_up_process
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kiln.trainer.detection_shapes import CLASSES, SPLITS, write_detection_shapes
-from kiln.trainer.distributed import unwrap
 from kiln.trainer.tasks.detection_data import detection_collate
 from kiln.trainer.tasks.detection_model import DETECTORS
 
 
-def plain_window(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[Any]) -> None:
-    model.train()
-    for batch in loader:  # no scheduler: Kiln's "none" schedule still steps its LambdaLR, which is overhead
+def summed_losses(model: nn.Module) -> Loss:
+    """torchvision's reference step: ``loss_dict = model(images, targets)``, ``sum(loss_dict.values())``."""
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
         images = list(batch["image"])
         targets = [{"boxes": b, "labels": k + 1} for b, k in zip(batch["boxes"], batch["labels"], strict=True)]
         loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        optimizer.step()
+        return sum(loss_dict.values())  # type: ignore[return-value]
+
+    return loss_of
 
 
 def main() -> None:
@@ -62,13 +59,9 @@ def main() -> None:
     parser.add_argument("--architecture", default="fasterrcnn_mobilenet_v3_large_320_fpn")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps windows steady)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per window (a multiple of 10)")
-    parser.add_argument("--pairs", type=int, default=12, help="Kiln/plain window pairs, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="leading pairs not counted")
+    add_window_arguments(parser, steps=10, pairs=12, warmup=2)
     args = parser.parse_args()
-    os.environ.setdefault("KILN_METRICS_PORT", "0")
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     with tempfile.TemporaryDirectory() as tmp:
         shapes = write_detection_shapes(
             Path(tmp) / "shapes", splits={"train": SPLITS["train"]}, size=args.image_size, formats=("coco",)
@@ -86,15 +79,7 @@ def main() -> None:
         info = DETECTORS.get(args.architecture)
         sized = {"min_size": args.image_size, "max_size": args.image_size} if info.sized else {}
         model = info.build(weights=None, weights_backbone=None, num_classes=len(CLASSES) + 1, **sized)
-        model.load_state_dict(unwrap(trainer.c.model).state_dict())  # the same network, the same starting point
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-        plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps, detection_collate)
-        stats = paired_windows(
-            lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader),
-            images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
-        )  # fmt: skip
-        plain_steps = optimizer_steps(optimizer)
-        assert trainer.step == plain_steps == args.pairs * args.steps, (trainer.step, plain_steps)
+        stats = kiln_against_plain(trainer, model, summed_losses(model), args, detection_collate)
     result = {"architecture": args.architecture, "image_size": args.image_size, "batch_size": args.batch_size,
               "steps_per_window": args.steps, **stats}  # fmt: skip
     print(json.dumps(result))

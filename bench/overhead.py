@@ -13,12 +13,14 @@ Minor page faults per step are counted for each loop too: both loops share one p
 when glibc returns freed memory to the kernel, the next allocations fault it back in page by page, which costs CPU
 time that belongs to neither loop's code.
 
-Used by ``trainer_overhead.py`` (classification), ``segmentation_overhead.py`` and ``detection_overhead.py``; run
-those, not this.
+Used by ``trainer_overhead.py`` (classification), ``segmentation_overhead.py`` and ``detection_overhead.py``, which
+each give ``kiln_against_plain`` a Trainer, a second instance of its network and the plain loop's loss; run those,
+not this.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -28,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from kiln.api.parse import parse_manifest
 from kiln.api.resolve import Environment, resolve
-from kiln.trainer.distributed import World
+from kiln.trainer.distributed import World, unwrap
 from kiln.trainer.progress import LatestSnapshot
 from kiln.trainer.trainer import Trainer
 
@@ -152,3 +155,50 @@ def paired_windows(
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     """Steps an Adam-family optimizer has taken (it keeps a per-parameter count): to check both did the same work."""
     return int(next(iter(optimizer.state.values()))["step"])
+
+
+def add_window_arguments(parser: argparse.ArgumentParser, *, steps: int, pairs: int, warmup: int) -> None:
+    """The options of the timed windows, with the benchmark's defaults."""
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps windows steady)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per window (a multiple of 10)")
+    parser.add_argument("--pairs", type=int, default=pairs, help="Kiln/plain window pairs, warm-up included")
+    parser.add_argument("--warmup", type=int, default=warmup, help="leading pairs not counted")
+
+
+def set_up_process(args: argparse.Namespace) -> None:
+    os.environ.setdefault("KILN_METRICS_PORT", "0")
+    # With both cores given to intra-op threads, every stray process stalls a window; one thread leaves the
+    # other core for the rest of the machine and cuts the spread of paired ratios several times.
+    torch.set_num_threads(args.threads)
+
+
+Loss = Callable[[dict[str, Any]], torch.Tensor]
+
+
+def plain_window(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[Any], loss_of: Loss) -> None:
+    """The hand-written loop: ``loss_of(batch)`` (the task's forward and loss), zero_grad, backward, step."""
+    model.train()
+    for batch in loader:  # no scheduler: Kiln's "none" schedule still steps its LambdaLR, which is overhead
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def kiln_against_plain(
+    trainer: Trainer, model: nn.Module, loss_of: Loss, args: argparse.Namespace,
+    collate: Callable[[list[Any]], Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``paired_windows`` of Kiln's ``trainer`` against ``plain_window`` on ``model`` (another instance of the same
+    network, given Kiln's weights here: the same starting point), the same AdamW and the same data; asserts that
+    both took the same number of optimizer steps."""
+    model.load_state_dict(unwrap(trainer.c.model).state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps, collate)
+    stats = paired_windows(
+        lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader, loss_of),
+        images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
+    )  # fmt: skip
+    plain_steps = optimizer_steps(optimizer)
+    assert trainer.step == plain_steps == args.pairs * args.steps, (trainer.step, plain_steps)
+    return stats

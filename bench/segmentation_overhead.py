@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,25 +33,23 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from overhead import LR, SEED, kiln_trainer, kiln_window, optimizer_steps, paired_windows, window_loader
+from overhead import SEED, Loss, add_window_arguments, kiln_against_plain, kiln_trainer, set_up_process
 from torch import nn
-from torch.utils.data import DataLoader
 
-from kiln.trainer.distributed import unwrap
 from kiln.trainer.shapes import CLASSES, SPLITS, write_shapes
 
 IGNORE_INDEX = 255  # Kiln's default data.ignoreIndex
 
 
-def plain_window(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[Any], dice: nn.Module) -> None:
-    model.train()
-    for batch in loader:  # no scheduler: Kiln's "none" schedule still steps its LambdaLR, which is overhead
+def default_loss(model: nn.Module, dice: nn.Module) -> Loss:
+    """Kiln's segmentation default, written out: 0.5 * dice + 0.5 * cross-entropy, ignoring IGNORE_INDEX."""
+
+    def loss_of(batch: dict[str, Any]) -> torch.Tensor:
         logits = model(batch["image"])
         mask = batch["mask"]
-        loss = 0.5 * dice(logits, mask) + 0.5 * F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return 0.5 * dice(logits, mask) + 0.5 * F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+
+    return loss_of
 
 
 def main() -> None:
@@ -61,13 +58,9 @@ def main() -> None:
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps windows steady)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per window (a multiple of 10)")
-    parser.add_argument("--pairs", type=int, default=16, help="Kiln/plain window pairs, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="leading pairs not counted")
+    add_window_arguments(parser, steps=10, pairs=16, warmup=2)
     args = parser.parse_args()
-    os.environ.setdefault("KILN_METRICS_PORT", "0")
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     with tempfile.TemporaryDirectory() as tmp:
         shapes = write_shapes(Path(tmp) / "shapes", splits={"train": SPLITS["train"]}, size=args.image_size)
         spec = {
@@ -83,16 +76,8 @@ def main() -> None:
         model = smp.create_model(
             args.architecture, encoder_name=args.encoder, encoder_weights=None, classes=len(CLASSES)
         )
-        model.load_state_dict(unwrap(trainer.c.model).state_dict())  # the same network, the same starting point
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         dice = smp.losses.DiceLoss(smp.losses.MULTICLASS_MODE, ignore_index=IGNORE_INDEX)
-        plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps)
-        stats = paired_windows(
-            lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader, dice),
-            images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
-        )  # fmt: skip
-        plain_steps = optimizer_steps(optimizer)
-        assert trainer.step == plain_steps == args.pairs * args.steps, (trainer.step, plain_steps)
+        stats = kiln_against_plain(trainer, model, default_loss(model, dice), args)
     result = {"architecture": args.architecture, "encoder": args.encoder, "image_size": args.image_size,
               "batch_size": args.batch_size, "steps_per_window": args.steps, **stats}  # fmt: skip
     print(json.dumps(result))

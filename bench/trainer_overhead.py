@@ -25,28 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from overhead import LR, SEED, kiln_trainer, kiln_window, optimizer_steps, paired_windows, window_loader
-from torch.utils.data import DataLoader
+from overhead import SEED, add_window_arguments, kiln_against_plain, kiln_trainer, set_up_process
 
 from kiln.trainer.demo import materialize
 from kiln.trainer.models import build_model
-
-
-def plain_window(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader[Any]) -> None:
-    model.train()
-    for batch in loader:  # no scheduler: Kiln's "none" schedule still steps its LambdaLR, which is overhead
-        logits = model(batch["image"])
-        loss = F.cross_entropy(logits, batch["target"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def main() -> None:
@@ -55,15 +42,9 @@ def main() -> None:
     parser.add_argument("--model", default="resnet10t")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 keeps windows steady)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per window (a multiple of 10)")
-    parser.add_argument("--pairs", type=int, default=30, help="Kiln/plain window pairs, warm-up included")
-    parser.add_argument("--warmup", type=int, default=3, help="leading pairs not counted")
+    add_window_arguments(parser, steps=40, pairs=30, warmup=3)
     args = parser.parse_args()
-    os.environ.setdefault("KILN_METRICS_PORT", "0")
-    # With both cores given to intra-op threads, every stray process stalls a window; one thread leaves the
-    # other core for the rest of the machine and cuts the spread of paired ratios several times.
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     with tempfile.TemporaryDirectory() as tmp:
         spec = {
             "task": "classification",
@@ -73,16 +54,9 @@ def main() -> None:
         trainer = kiln_trainer(spec, Path(tmp), batch_size=args.batch_size, steps=args.steps)
         torch.manual_seed(SEED)
         model = build_model(trainer.spec.model, trainer.c.data.num_classes)
-        model.load_state_dict(trainer.c.model.state_dict())  # the same starting point
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-        plain_loader = window_loader(trainer.c.train_loader.dataset, args.batch_size, args.steps)
-        stats = paired_windows(
-            lambda: kiln_window(trainer), lambda: plain_window(model, optimizer, plain_loader),
-            images=args.steps * args.batch_size, steps=args.steps, pairs=args.pairs, warmup=args.warmup,
-        )  # fmt: skip
-        # Same work, checked: as many optimizer steps on each side.
-        plain_steps = optimizer_steps(optimizer)
-        assert trainer.step == plain_steps == args.pairs * args.steps, (trainer.step, plain_steps)
+        stats = kiln_against_plain(
+            trainer, model, lambda batch: F.cross_entropy(model(batch["image"]), batch["target"]), args
+        )
     result = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
               "steps_per_window": args.steps, **stats}  # fmt: skip
     print(json.dumps(result))

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from kiln.api import InvalidManifest, ManifestError, load_manifests
 from kiln.api.contract import ExitCode
+from kiln.kubectl_plugin import add_commands_to
 
 # The CLI's own codes are the trainer's (kiln.api.contract.ExitCode): `kiln run` passes the trainer's through.
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = ExitCode.OK, ExitCode.FAILED, ExitCode.INVALID
@@ -146,6 +147,30 @@ def export(
     raise typer.Exit(export_manifest(file, checkpoint, out, err, Path.cwd()))
 
 
+@app.command()
+def evaluate(  # noqa: PLR0917 (one parameter per flag)
+    checkpoint: Annotated[
+        list[str],
+        typer.Option(
+            help="A checkpoint: state.pt, its folder, or a checkpoint root (best.json); repeat it to compare several."
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="The dataset: a local path or s3:// URI, of the checkpoint's task.")],
+    split: Annotated[str, typer.Option(help="What the data is evaluated as: val or test.")] = "test",
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="The data's layout; by default recognized from its files.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="One folder per checkpoint is made here.")] = Path(".kiln/evaluations"),
+    endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint; else AWS_ENDPOINT_URL or AWS.")] = None,
+) -> None:
+    """Evaluate checkpoints on a dataset: evaluation.json, predictions and pictures per checkpoint, and a table of
+    the task's metrics, one row per checkpoint. Exit codes: 0 ok, 1 failed, 2 invalid input (docs/operations.md)."""
+    from kiln.local_evaluate import Request, evaluate_checkpoints
+
+    request = Request(data=data, split=split, data_format=data_format, endpoint_url=endpoint_url)
+    raise typer.Exit(evaluate_checkpoints(checkpoint, request, output=output, console=out, err=err, cwd=Path.cwd()))
+
+
 @app.command("list")
 def list_names(
     kind: Annotated[str, typer.Argument(help="models, encoders, losses, optimizers, schedulers, metrics, transforms.")],
@@ -204,12 +229,37 @@ def operator(  # noqa: PLR0917 (one parameter per flag)
     from kiln.operator.runner import run as run_operator
     from kiln.operator.settings import from_env
 
-    settings = from_env(
-        image=image, storage_root=storage_root, checkpoint_root=checkpoint_root, endpoint_url=endpoint_url,
-        secret_ref=secret_ref, namespaces=tuple(namespace) if namespace else None, metrics_port=metrics_port,
-        json_logs=json_logs or None,
-    )  # fmt: skip
+    try:
+        settings = from_env(
+            image=image, storage_root=storage_root, checkpoint_root=checkpoint_root, endpoint_url=endpoint_url,
+            secret_ref=secret_ref, namespaces=tuple(namespace) if namespace else None, metrics_port=metrics_port,
+            json_logs=json_logs or None,
+        )  # fmt: skip
+    except ValueError as exc:  # a KILN_OPERATOR_* value of the wrong type, or lease timings out of order
+        err.print(f"operator settings: {exc}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_INVALID) from None
     run_operator(settings, verbose=verbose)
+
+
+# `kiln logs|watch|stop|checkpoint|suspend|resume NAME [-n NS]`: the kubectl plugin's own commands.
+add_commands_to(app, panel="TrainingJobs in a cluster (also `kubectl kiln ...`)")
+
+dev = typer.Typer(name="dev", help="A local cluster for trying the cluster path.", no_args_is_help=True)
+app.add_typer(dev)
+
+
+@dev.command("up")
+def dev_up(
+    fake_gpu_nodes: Annotated[int, typer.Option(help="kwok nodes with 8 nvidia.com/gpu each.")] = 2,
+    keep: Annotated[bool, typer.Option(help="Keep the state directory (logs, pod files) on exit.")] = False,
+) -> None:
+    """Start a control plane (kwok GPU nodes, pods as local processes), an S3 server (moto) holding the digits,
+    and the operator, all on 127.0.0.1; print the KUBECONFIG; stop everything on Ctrl-C. Then
+    `kubectl apply -f examples/digits-cluster.yaml`. Exit 1 if the start fails (docs/development.md)."""
+    # The test harness serves a developer here: the one CLI edge into kiln.testing (an import-linter exception).
+    from kiln.testing.devup import run_until_stopped
+
+    raise typer.Exit(run_until_stopped(fake_gpu_nodes=fake_gpu_nodes, keep=keep))
 
 
 def main() -> None:

@@ -6,6 +6,8 @@
     kubectl kiln checkpoint NAME [--token T] [--no-wait]   save a checkpoint at the next step boundary
     kubectl kiln suspend|resume NAME                       spec.runPolicy.suspend
 
+The same commands are ``kiln``'s too (``kiln watch NAME -n NS``; :func:`add_commands_to`).
+
 Everything goes through kubectl (``kiln.kubectl``) and the TrainingJob's own API: annotations for stop and
 checkpoint (kiln.api.contract.Annotation), which the operator passes on to rank 0. Exit codes: 0 done, 1 failed
 (kubectl failed, the job Failed under ``watch``, a checkpoint not acknowledged in time), 2 invalid input (no such
@@ -14,11 +16,14 @@ TrainingJob, a bad flag).
 
 from __future__ import annotations
 
+import functools
 import heapq
+import inspect
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -29,7 +34,6 @@ from kiln.api import contract
 from kiln.api.contract import Annotation, ExitCode, Label, TrainerReport
 from kiln.api.status import MAX_CONTROL_TOKEN, TERMINAL_PHASES, Phase
 from kiln.kubectl import Kubectl, KubectlError, lines_of
-from kiln.local import ProgressView
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = ExitCode.OK, ExitCode.FAILED, ExitCode.INVALID
 Obj = dict[str, Any]
@@ -51,14 +55,40 @@ class State:
     kubectl = Kubectl()
 
 
+Namespace = Annotated[str | None, typer.Option("-n", "--namespace", help="The namespace (kubectl's).")]
+Context = Annotated[str | None, typer.Option(help="The kubeconfig context (kubectl's).")]
+Kubeconfig = Annotated[str | None, typer.Option(help="The kubeconfig file (kubectl's).")]
+
+
 @app.callback()
-def _globals(
-    namespace: Annotated[str | None, typer.Option("-n", "--namespace", help="The namespace (kubectl's).")] = None,
-    context: Annotated[str | None, typer.Option(help="The kubeconfig context (kubectl's).")] = None,
-    kubeconfig: Annotated[str | None, typer.Option(help="The kubeconfig file (kubectl's).")] = None,
-) -> None:
+def _globals(namespace: Namespace = None, context: Context = None, kubeconfig: Kubeconfig = None) -> None:
     """Kiln's kubectl plugin: logs, progress and control of TrainingJobs."""
     State.kubectl = Kubectl(namespace=namespace, context=context, kubeconfig=kubeconfig)
+
+
+def add_commands_to(target: typer.Typer, panel: str) -> None:
+    """Give another CLI (``kiln``) these commands, as ``kiln logs NAME -n NS``. There no plugin callback takes the
+    cluster options first, so each command takes them itself."""
+    for info in app.registered_commands:
+        assert info.callback is not None
+        target.command(info.name, rich_help_panel=panel)(_with_cluster_options(info.callback))
+
+
+def _with_cluster_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with -n/--namespace, --context and --kubeconfig added to what typer reads off its signature."""
+
+    @functools.wraps(command)
+    def with_options(*args: Any, namespace: str | None, context: str | None, kubeconfig: str | None,
+                     **kwargs: Any) -> None:  # fmt: skip
+        _globals(namespace, context, kubeconfig)
+        command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)
+    cluster_options = (("namespace", Namespace), ("context", Context), ("kubeconfig", Kubeconfig))
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint)
+               for name, hint in cluster_options]  # fmt: skip
+    with_options.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *options])  # type: ignore[attr-defined]
+    return with_options
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
@@ -173,6 +203,8 @@ def watch(
 ) -> None:
     """Live progress bars (epoch, step, loss, ETA, metric) from the status, until the job finishes. Exit 0 when it
     succeeds, 1 when it fails."""
+    from kiln.local import ProgressView  # here, not at the top: every `kiln` command loads this module
+
     view = ProgressView(out)
     seen: tuple[str, int] | None = None
     with view.bars:

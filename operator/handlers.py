@@ -20,6 +20,7 @@ from kubernetes.client.rest import ApiException
 from kiln.api.status import ConditionType, Phase
 from kiln.operator import labels as L
 from kiln.operator.background import Background, Schedule
+from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
 from kiln.operator.kube import Kube, load_api_client
 from kiln.operator.metrics import Metrics, start_server
@@ -98,6 +99,28 @@ def run_reconcile(
     return outcome
 
 
+def run_repair(ctx: Context, namespace: str, name: str) -> None:
+    """Recreate a deleted child of TrainingJob ``name``, serialized with its reconciles; an Event says so.
+
+    kopf never retries event handlers, so a failure is only logged: the attempt's next restart recreates it."""
+    assert ctx.kube is not None
+    started, result = time.perf_counter(), "error"
+    try:
+        with ctx.lock(namespace, name):
+            body = ctx.kube.get_trainingjob(namespace, name)
+            created = [] if body is None else repair_children(ctx.kube, ctx.settings, body)
+        result = "ok"
+    except ApiException as exc:
+        logging.getLogger(__name__).warning("repairing the children of %s/%s failed: %s", namespace, name, exc)
+        return
+    finally:
+        ctx.metrics.reconciles.labels("repair", result).inc()
+        ctx.metrics.duration.labels("repair").observe(time.perf_counter() - started)
+    if body is not None and created:
+        kopf.event(cast(kopf.Body, body), type="Normal", reason="ChildRecreated",
+                   message=f"recreated the deleted {' and '.join(created)}")  # fmt: skip
+
+
 def job_signature(job: kopf.Body | Obj) -> tuple[Any, ...]:
     """What a reconcile reads from a Job: suspension, pod counts, true conditions, deadline."""
     spec, status = job.get("spec") or {}, job.get("status") or {}
@@ -170,7 +193,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
         apply_kopf_settings(settings, ctx.settings)
         ctx.kube = Kube(load_api_client(ctx.settings.workers * 3), fanout=ctx.settings.workers * 2)
-        ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
+        if ctx.server is None:  # the runner starts it before the leader election, so a standby answers probes
+            ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
         ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
         ctx.background.start(settings.execution.executor)
         ctx.metrics.ready.set()
@@ -206,6 +230,12 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             run_reconcile(ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body)
         except kopf.TemporaryError as exc:
             logging.getLogger(__name__).warning("reconcile after a Job event failed, will resync: %s", exc)
+
+    @on.event("", "v1", "configmaps", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-configmap", registry=registry)
+    @on.event("", "v1", "services", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-service", registry=registry)
+    def on_child_event(type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+        if type == "DELETED":  # drift: recreate it now, not with the next attempt
+            run_repair(ctx, namespace or "", labels[L.TRAINING_JOB])
 
     @on.event(*TJ, id="track-phase", registry=registry)
     async def track_phase(type: str, body: kopf.Body, uid: str, namespace: str | None, name: str, **_: Any) -> None:

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
@@ -28,6 +29,7 @@ _PATHS = {
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
     (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.TJ_PLURAL}",
     (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.EJ_PLURAL}",
+    (L.KUEUE_API_VERSION, "Workload"): f"/apis/{L.KUEUE_API_VERSION}/namespaces/{{ns}}/workloads",
 }
 
 
@@ -40,6 +42,21 @@ def load_api_client(pool_size: int) -> client.ApiClient:
         config.load_kube_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = max(pool_size, 4)
     return client.ApiClient(configuration)
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def credentials_namespace() -> str:
+    """The namespace of the operator's own identity: its pod's in a cluster, else the kubeconfig context's
+    (the Helm release's namespace, where the chart grants the leader-election Lease)."""
+    if SERVICE_ACCOUNT_NAMESPACE.is_file():
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    try:
+        _, active = config.list_kube_config_contexts()
+    except config.ConfigException:
+        return "default"
+    return str((active or {}).get("context", {}).get("namespace") or "default")
 
 
 def is_status(exc: BaseException, code: int) -> bool:
@@ -172,6 +189,17 @@ class Kube:
 
     def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.TRAINING_JOB: job_name, L.ATTEMPT: str(attempt)})
+
+    def job_workload(self, namespace: str, job_uid: str) -> Obj | None:
+        """Kueue's Workload for a Job, found by the job-uid label Kueue puts on it. None when there is none yet,
+        when Kueue is not installed (404), or when the chart was installed without the Kueue rule (403)."""
+        try:
+            found = self.list_objects(L.KUEUE_API_VERSION, "Workload", namespace, {L.KUEUE_JOB_UID: job_uid})
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+        return found[0] if found else None
 
     def get_exportjob(self, namespace: str, name: str) -> Obj | None:
         return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)

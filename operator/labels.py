@@ -29,6 +29,13 @@ COMPLETION_INDEX_ANNOTATION = Label.COMPLETION_INDEX
 COMPLETION_INDEX_LABEL = Label.COMPLETION_INDEX
 
 KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+"""The Kueue API the operator reads Workloads from: v1beta2, the storage version of v0.17.0 (the tested one)."""
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"
+"""Set by Kueue on the Workload it makes for a Job: that Job's uid."""
+
+LEADER_LEASE = "kiln-operator"
+"""The coordination.k8s.io Lease the replicas elect their leader with, in the operator's own namespace."""
 
 # File names, ports and env names shared with the trainer live in kiln.api.contract.
 

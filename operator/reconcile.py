@@ -18,6 +18,7 @@ from kiln.operator import labels as L
 from kiln.operator.changes import AppliedSpec, applied_spec
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
+from kiln.operator.kueue import workload_verdict
 from kiln.operator.render import render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status, status_patch
@@ -71,7 +72,10 @@ def observe(
         fresh = job_body is not None and job_body.get("metadata", {}).get("name") == job_name
         job = job_body if fresh else kube.get_job(namespace, job_name)
     view = job_view(job)
-    failure, report = None, None
+    failure, report, kueue = None, None, None
+    if view.suspended and resolved.spec.run_policy.queue_name and job is not None:
+        # Why Kueue holds the Job (not admitted yet, or evicted) is on its Workload, not on the Job.
+        kueue = workload_verdict(kube.job_workload(namespace, job["metadata"]["uid"]))
     if view.finished and status.phase not in TERMINAL_PHASES:  # a finished job's last attempt was read already
         pods = kube.attempt_pods(namespace, name, attempt)
         report = rank0_report(pods)
@@ -85,6 +89,7 @@ def observe(
         job=view,
         failure=failure,
         report=report,
+        kueue=kueue,
         wanted=applied_spec(body.get("spec") or {}, meta.get("generation"), resolved.spec.epochs),
     )
 
@@ -115,8 +120,9 @@ def act(
             lambda: kube.create_or_adopt(service),
             lambda: kube.create_or_adopt(job),
         )
-    if decision.job_deadline is not None:
+    if decision.job_deadline is not None or decision.clear_job_deadline:
         job_name = L.attempt_job_name(name, decision.status.attempt)
+        # A merge patch: when clearing, job_deadline is None, and null removes the field.
         kube.patch_job(namespace, job_name, {"spec": {"activeDeadlineSeconds": decision.job_deadline}})
     for attempt in decision.cleanup_attempts:
         kube.delete_job(namespace, L.attempt_job_name(name, attempt))

@@ -69,11 +69,36 @@ class Settings:
     """Seconds an ExportJob waits for a spec.source.trainingJob that does not exist before it fails with
     SourceNotFound: long enough for `kubectl apply -f dir/` to create the TrainingJob after the ExportJob."""
 
+    lease_duration_s: float = 10.0
+    """Seconds the leader's Lease (coordination.k8s.io, ``kiln-operator`` in the operator's namespace) stays
+    valid after its last renewal. A standby takes over this long after it last saw the leader renew: a killed
+    leader is replaced within about this plus retry_period_s plus kopf's start-up (1-2 s), so 10 keeps the
+    takeover under 15 s (client-go's 15 would not). Shorter means more renewals for the same deadline margin."""
+
+    renew_deadline_s: float = 8.0
+    """Seconds the leader goes on without a successful renewal before its lease process SIGKILLs it (the pod
+    restarts and takes its own Lease back if nobody else took it). Shorter than lease_duration_s, so a leader
+    that lost the apiserver stops before a standby may take over; the 2 s between them cover the SIGKILL. Also
+    the longest apiserver stall a leader rides out without restarting (a loaded test machine saw over 7 s)."""
+
+    retry_period_s: float = 1.0
+    """Seconds between the leader's renewals and between a standby's tries: one small GET (and PUT) per
+    replica per second, nothing to an apiserver, and a takeover at most 1 s after the Lease expired."""
+
     json_logs: bool = False
     """Log one JSON object per line, for log shippers."""
 
     extra: Mapping[str, str] = field(default_factory=dict)
     """Unused environment keys with the prefix, kept so a typo can be reported at start-up."""
+
+    def __post_init__(self) -> None:
+        # Otherwise a leader could still be reconciling when a standby takes over, or never renew in time.
+        if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                f"{ENV_PREFIX}RETRY_PERIOD_S ({self.retry_period_s}) < {ENV_PREFIX}RENEW_DEADLINE_S "
+                f"({self.renew_deadline_s}) < {ENV_PREFIX}LEASE_DURATION_S ({self.lease_duration_s}) must hold, "
+                "all above 0"
+            )
 
     def environment(self) -> Environment:
         """The kiln.api resolve() environment these settings imply."""

@@ -29,6 +29,7 @@ from kiln.api.status import (
 from kiln.api.training import RunPolicy
 from kiln.operator.changes import AppliedSpec, changed_sections, from_annotations
 from kiln.operator.failures import Failure
+from kiln.operator.kueue import KueueVerdict
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason
@@ -101,6 +102,8 @@ class Observed:
     """Why the current attempt failed (only when its Job failed)."""
     report: TrainerReport | None = None
     """Rank 0's termination message (only once its Job finished)."""
+    kueue: KueueVerdict | None = None
+    """Why Kueue holds the Job suspended, from its Workload (only for a suspended queued Job)."""
     invalid: str | None = None
     """The spec's validation errors, one per line, when it is invalid."""
     wanted: AppliedSpec | None = None
@@ -130,6 +133,8 @@ class Decision:
     """Delete these earlier attempts' Jobs (and their pods) now that the job is over."""
     job_deadline: int | None = None
     """Set the current Job's activeDeadlineSeconds to this (runPolicy.activeDeadlineSeconds changed)."""
+    clear_job_deadline: bool = False
+    """Remove the current Job's activeDeadlineSeconds (runPolicy.activeDeadlineSeconds was removed)."""
     transitions: tuple[Transition, ...] = ()
 
 
@@ -362,9 +367,16 @@ def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> 
     status, run_policy, job = observed.status, observed.run_policy, observed.job
     update: dict[str, Any] = {"workers": _workers(job)}
     if job.suspended:
-        # Kueue owns .spec.suspend of a queued Job: waiting for admission, or preempted back into the queue.
-        b.set(C.QUEUED, True, R.AWAITING_ADMISSION, _awaiting(run_policy))
-        b.set(C.RUNNING, False, R.AWAITING_ADMISSION, "suspended by Kueue")
+        # Kueue owns .spec.suspend of a queued Job: waiting for admission, or evicted back into the queue. The
+        # same Job resumes when Kueue admits it again, so this is never a failure, a restart or a new attempt.
+        kueue = observed.kueue
+        if kueue is not None and kueue.evicted:
+            b.set(C.QUEUED, True, kueue.reason, f"evicted by Kueue ({kueue.reason}): {kueue.message}")
+            b.set(C.RUNNING, False, kueue.reason, f"suspended by Kueue: {kueue.message}")
+        else:
+            detail = f"; Kueue: {kueue.message}" if kueue is not None and kueue.message else ""
+            b.set(C.QUEUED, True, R.AWAITING_ADMISSION, _awaiting(run_policy) + detail)
+            b.set(C.RUNNING, False, R.AWAITING_ADMISSION, "suspended by Kueue")
         update["phase"] = Phase.QUEUED
         return Decision(status=status.model_copy(update=update))
     b.set(C.QUEUED, False, R.ADMITTED, "the Job was admitted")
@@ -378,7 +390,8 @@ def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> 
         update["start_time"] = status.start_time or job.start_time or rfc3339(now)
     else:
         update["phase"] = Phase.RESTARTING if b.holds(C.RESTARTING) else _waiting_phase_admitted(status)
-    return Decision(status=status.model_copy(update=update), job_deadline=deadline)
+    clear = run_policy.active_deadline_seconds is None and job.active_deadline_seconds is not None
+    return Decision(status=status.model_copy(update=update), job_deadline=deadline, clear_job_deadline=clear)
 
 
 def _waiting_phase_admitted(status: TrainingJobStatus) -> Phase:

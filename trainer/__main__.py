@@ -1,7 +1,6 @@
 """``python -m kiln.trainer --spec FILE`` (under torchrun in a pod, or alone)."""
 
-import sys
-
+from kiln.trainer.exiting import exit_process
 from kiln.trainer.train import main
 
-sys.exit(main())
+exit_process(main())

@@ -29,7 +29,7 @@ import torch
 
 from kiln.api.learning import CheckpointSpec
 from kiln.api.runtime import StorageSpec
-from kiln.storage import StorageError, Store, open_store
+from kiln.storage import LocalStore, StorageError, Store, open_store
 from kiln.trainer.distributed import broadcast_object, is_main_process
 
 log = logging.getLogger(__name__)
@@ -93,19 +93,34 @@ class Checkpointer:
             return None
         started = time.monotonic()
         name = entry_name(step)
-        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
-            local = Path(tmp) / STATE
-            torch.save(state, local)
-            size = local.stat().st_size
-            self.store.upload_file(f"{name}/{STATE}", local)
+        size = self._write_state(f"{name}/{STATE}", state)
         entry = Entry(name, epoch, step, score, size)
         self.store.write_bytes(f"{name}/{META}", json.dumps(asdict(entry)).encode())
         self.entries = [e for e in self.entries if e.name != name] + [entry]
-        self._write_pointers()
-        self._retain()
+        doomed = self._retain()
+        self._write_pointers()  # once, naming only the kept checkpoints: then the dropped ones can go
+        for dropped in doomed:
+            self.store.delete_prefix(f"{dropped.name}/")
         self.save_seconds = time.monotonic() - started
         log.info("saved checkpoint %s in %.2fs", self.store.url(name), self.save_seconds)
         return self.uri(entry)
+
+    def _write_state(self, key: str, state: dict[str, Any]) -> int:
+        """torch.save the state under ``key``, atomically; its size in bytes."""
+        sizes: list[int] = []
+
+        def save(path: Path) -> None:
+            torch.save(state, path)
+            sizes.append(path.stat().st_size)
+
+        if isinstance(self.store, LocalStore):  # straight into the store's temporary sibling: no 2nd copy
+            self.store.write_with(key, save)
+            return sizes[0]
+        with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+            local = Path(tmp) / STATE
+            save(local)
+            self.store.upload_file(key, local)
+        return sizes[0]
 
     def _write_pointers(self) -> None:
         latest = self.latest
@@ -121,7 +136,9 @@ class Checkpointer:
         if best is not None:
             self.store.write_bytes(BEST, json.dumps(asdict(best)).encode())
 
-    def _retain(self) -> None:
+    def _retain(self) -> list[Entry]:
+        """Drop the entries the policy does not keep from the index; the dropped ones, for deletion once the
+        pointers no longer name them."""
         by_step = sorted(self.entries, key=lambda e: e.step, reverse=True)
         keep = {e.name for e in by_step[: self.spec.keep_last]}
         scored = [e for e in self.entries if e.score is not None]
@@ -129,12 +146,8 @@ class Checkpointer:
         scored.sort(key=lambda e: sign * (e.score or 0.0), reverse=True)
         keep |= {e.name for e in scored[: self.spec.keep_best]}
         doomed = [e for e in self.entries if e.name not in keep]
-        if not doomed:
-            return
         self.entries = [e for e in self.entries if e.name in keep]
-        self._write_pointers()
-        for entry in doomed:
-            self.store.delete_prefix(f"{entry.name}/")
+        return doomed
 
     # -- load -------------------------------------------------------------------------------------------
     def _read_index(self) -> list[Entry]:

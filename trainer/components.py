@@ -27,6 +27,7 @@ from kiln.trainer.class_stats import class_statistics
 from kiln.trainer.data import ResumableDistributedSampler, eval_loader, localize, train_loader
 from kiln.trainer.distributed import Accelerator, World, pick_precision
 from kiln.trainer.errors import InvalidInput
+from kiln.trainer.evaluation import buildable, evaluating, load_weights, read_evaluated, without_auto_class_weights
 from kiln.trainer.history import EarlyStopping, RunLog
 from kiln.trainer.models import data_config
 from kiln.trainer.optim import Horizon, Schedule, create_optimizer
@@ -46,13 +47,14 @@ class Components:
     schedule: Schedule
     freezer: Freezer  # transfer learning's frozen epochs: the loop calls set_epoch as each epoch starts
     ema: ModelEmaV3 | None
-    train_loader: DataLoader[Any]
-    train_sampler: ResumableDistributedSampler
+    train_loader: DataLoader[Any] | None  # None when evaluating a checkpoint (epochs 0): data.train is not read
+    train_sampler: ResumableDistributedSampler | None
     eval_loaders: dict[str, DataLoader[Any]]
     horizon: Horizon
     checkpointer: Checkpointer
     run_log: RunLog
     early_stopping: EarlyStopping | None
+    evaluated: str | None = None  # the checkpoint an evaluation (epochs 0) loaded, for evaluation.json
 
     def evaluator(self, job: ResolvedTrainingJob, world: World) -> Evaluator:
         return self.task.build_evaluator(job, self.data, world.device)
@@ -60,7 +62,7 @@ class Components:
 
 def _roots(job: ResolvedTrainingJob, world: World) -> dict[str, Path]:
     data = job.spec.data
-    sources = {"train": data.train, "val": data.val, "test": data.test}
+    sources = {"train": None if evaluating(job) else data.train, "val": data.val, "test": data.test}
     return {split: localize(source, split, job, world) for split, source in sources.items() if source is not None}
 
 
@@ -80,12 +82,19 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     spec = job.spec
     torch.manual_seed(spec.seed)
     task = create_task(spec.task)
-    data = task.load_data(job, _roots(job, world))
-    train, names = data.splits["train"], data.class_names
-    count = partial(train.count_classes, names, job, world)
-    stats = class_statistics(job, world, classes=names, split_size=len(train), count=count)
-    data = replace(data, class_stats=stats)  # before the objective: loss.classWeights auto reads it
-    model = task.build_model(job, data)
+    evaluated = read_evaluated(job) if evaluating(job) else None  # before the data: it fixes the classes
+    classes = (evaluated.class_names or None) if evaluated is not None else None
+    data = task.load_data(job, _roots(job, world), classes)
+    if evaluated is None:
+        train, names = data.splits["train"], data.class_names
+        count = partial(train.count_classes, names, job, world)
+        stats = class_statistics(job, world, classes=names, split_size=len(train), count=count)
+        data = replace(data, class_stats=stats)  # before the objective: loss.classWeights auto reads it
+    else:
+        job = without_auto_class_weights(job)
+    model = task.build_model(buildable(job) if evaluated else job, data)
+    if evaluated is not None:  # before the EMA copy and DDP: both start from these weights
+        load_weights(model, evaluated, job)
     config = data_config(model)
     mean, std = (
         (spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize else (config["mean"], config["std"])
@@ -97,12 +106,7 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     else:
         train_pipe, eval_pipe = train_pipeline(spec.augmentation, size, mean, std), eval_pipeline(size, mean, std)
         collate = None
-    train_set = data.splits["train"].dataset(train_pipe)
-    mixing = spec.augmentation.mixup > 0 or spec.augmentation.cutmix > 0
-    loader, sampler = train_loader(train_set, job, world, drop_last=mixing, collate=collate)
-    if len(loader) == 0:
-        train_images = len(data.splits["train"])
-        raise InvalidInput(f"data.train: {train_images} images leave no batch for {world.world_size} processes")
+    loader, sampler = _train_loader(job, world, data, train_pipe, collate) if evaluated is None else (None, None)
     evals = {
         split: eval_loader(data.splits[split].dataset(eval_pipe), job, world, collate=collate)
         for split in ("val", "test")
@@ -125,7 +129,8 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
     lr_scale = transfer.lr_scale if transfer is not None else None
     # Built once, before any freeze, over every parameter: its groups stay valid across the unfreeze and resume.
     optimizer = create_optimizer(spec.optimizer, model, part if lr_scale is not None else (), lr_scale or 1.0)
-    steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation)
+    # An evaluation trains no step; 1 keeps the per-epoch schedules (step, exponential) from dividing by zero.
+    steps_per_epoch = math.ceil(len(loader) / spec.grad_accumulation) if loader is not None else 1
     horizon = Horizon(
         total_steps=steps_per_epoch * spec.epochs,
         steps_per_epoch=steps_per_epoch,
@@ -158,4 +163,18 @@ def build_components(job: ResolvedTrainingJob, world: World) -> Components:
         checkpointer=checkpointer,
         run_log=RunLog(open_store(job.run_uri, spec.storage)),
         early_stopping=early,
+        evaluated=evaluated.uri if evaluated is not None else None,
     )
+
+
+def _train_loader(
+    job: ResolvedTrainingJob, world: World, data: TaskData, pipeline: Any, collate: Any
+) -> tuple[DataLoader[Any], ResumableDistributedSampler]:
+    spec = job.spec
+    train_set = data.splits["train"].dataset(pipeline)
+    mixing = spec.augmentation.mixup > 0 or spec.augmentation.cutmix > 0
+    loader, sampler = train_loader(train_set, job, world, drop_last=mixing, collate=collate)
+    if len(loader) == 0:
+        train_images = len(data.splits["train"])
+        raise InvalidInput(f"data.train: {train_images} images leave no batch for {world.world_size} processes")
+    return loader, sampler

@@ -19,11 +19,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from kiln import storage
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.training import DataSource
 from kiln.trainer.distributed import World, barrier
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.preemption import ignore_termination_in_worker
+from kiln.trainer.split_layout import split_layout
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 DEFAULT_CACHE = Path.home() / ".cache" / "kiln" / "data"
@@ -40,38 +42,67 @@ def cache_root(job: ResolvedTrainingJob) -> Path:
 
 
 def localize(source: DataSource, split: str, job: ResolvedTrainingJob, world: World) -> Path:
-    """A local path for a split: S3 data is staged once per node into the cache, local paths are used in place."""
-    from kiln import storage
-
+    """A local path for a split: S3 data is staged once per node into the cache (with what its layout keeps
+    beside or above the split: kiln.trainer.split_layout), local paths are used in place."""
     uri = source.uri
-    staging = job.spec.data.staging
     if not uri.startswith("s3://"):
         path = Path(uri.removeprefix("file://"))
         if not path.exists():
             raise InvalidInput(f"data.{split}.uri: {uri} does not exist")
         return path
-    if staging.mode == "direct":
+    if job.spec.data.staging.mode == "direct":
         raise InvalidInput(f"data.staging.mode: direct reads local paths only; {uri} needs copy or auto")
     folder_uri, _, filename = uri.rstrip("/").rpartition("/") if _is_file_uri(uri) else (uri, "", "")
+    layout = split_layout(folder_uri, source.format)
     dest = storage.cache_dir_for(folder_uri, cache_root(job))
-    try:
-        local = storage.stage_once_per_node(
-            folder_uri,
-            dest,
-            job.spec.storage,
-            local_rank=world.local_rank,
-            wait=barrier,
-            parallelism=staging.parallelism,
-        )
-    except storage.EmptySourceError as exc:
-        # Nothing to stage is a wrong URI, not an outage: retrying cannot help (exit 2, not 1).
-        raise InvalidInput(f"data.{split}.uri: {uri} holds no objects") from exc
-    except storage.StorageError as exc:
-        raise storage.StorageError(f"data.{split}.uri: staging {uri} failed: {exc}") from exc
+    local = _stage(layout.uri(layout.split), dest / layout.split, split, job, world)
+    for prefix in layout.prefixes:
+        _stage(layout.uri(prefix), dest / prefix, split, job, world, needed_by=uri)
+    if layout.files:
+        _fetch_files(layout.anchor, layout.files, dest, split=split, job=job, world=world)
     path = local / filename if filename else local
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise InvalidInput(f"data.{split}.uri: {uri} holds no objects")
     return path
+
+
+def _stage(
+    uri: str, dest: Path, split: str, job: ResolvedTrainingJob, world: World, *, needed_by: str | None = None
+) -> Path:
+    """Stage ``uri`` into ``dest`` once per node."""
+    try:
+        return storage.stage_once_per_node(
+            uri,
+            dest,
+            job.spec.storage,
+            local_rank=world.local_rank,
+            wait=barrier,
+            parallelism=job.spec.data.staging.parallelism,
+        )
+    except storage.EmptySourceError as exc:
+        # Nothing to stage is a wrong URI, not an outage: retrying cannot help (exit 2, not 1).
+        needs = f"{needed_by} needs {uri}, which" if needed_by else uri
+        raise InvalidInput(f"data.{split}.uri: {needs} holds no objects") from exc
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"data.{split}.uri: staging {uri} failed: {exc}") from exc
+
+
+def _fetch_files(
+    anchor: str, keys: tuple[str, ...], dest: Path, *, split: str, job: ResolvedTrainingJob, world: World
+) -> None:
+    """Single objects under ``anchor`` (yolo's data.yaml above the split) into ``dest``, by local rank 0, each
+    run: one request per file keeps them current, and a file gone from storage is gone from the cache too."""
+    if world.local_rank == 0:
+        store = storage.open_store(anchor, job.spec.storage)
+        for key in keys:
+            try:
+                if store.exists(key):
+                    store.download_file(key, dest / key)
+                else:
+                    (dest / key).unlink(missing_ok=True)
+            except storage.StorageError as exc:
+                raise storage.StorageError(f"data.{split}.uri: fetching {store.url(key)} failed: {exc}") from exc
+    barrier()
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -8,16 +8,12 @@ accuracy in at most 3 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "examples" / "digits.yaml"
@@ -31,6 +27,13 @@ def materialize(dest: Path = DATA, *, seed: int = 0) -> Path:
     marker = dest / ".complete"
     if marker.exists():
         return dest
+    # Imported only to write the folders: scikit-learn pulls in scipy and pandas, seconds of start-up that every
+    # later `make demo` would pay for nothing (docs/benchmarks.md, demo against timm).
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     shutil.rmtree(dest, ignore_errors=True)
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 gray levels -> 0..255
@@ -45,7 +48,10 @@ def materialize(dest: Path = DATA, *, seed: int = 0) -> Path:
     return dest
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kiln.trainer.demo", description=__doc__)
+    parser.add_argument("--manifest", type=Path, default=MANIFEST, help="another digits manifest (bench/)")
+    args = parser.parse_args(argv)
     from kiln.local import run_manifest
 
     data = materialize()
@@ -53,7 +59,7 @@ def main() -> int:
     # A fresh run every time: the demo measures training from scratch, not a resume.
     shutil.rmtree(RUN, ignore_errors=True)
     started = time.monotonic()
-    code = run_manifest(MANIFEST, cwd=ROOT)
+    code = run_manifest(args.manifest, cwd=ROOT)
     seconds = time.monotonic() - started
     if code != 0:
         print(f"demo failed: kiln run exited {code}", file=sys.stderr)

@@ -200,7 +200,9 @@ class RunTracking(Tracking):
 
     def _pictures(self, records: list[dict[str, Any]], step: int) -> None:
         """curves.png (and confusion.png) next to metrics.jsonl, into TensorBoard and MLflow too."""
-        pictures = {CURVES: curves_png(records, self.job.metric.name, f"{self.job.namespace}/{self.job.name}")}
+        title = f"{self.job.namespace}/{self.job.name}"
+        # An evaluation (epochs 0) has no epoch to draw: its picture is the confusion matrix alone.
+        pictures = {CURVES: curves_png(records, self.job.metric.name, title)} if records else {}
         if self.confusion is not None:
             split, matrix, names = self.confusion
             title = f"{self.job.name}: {split}, best checkpoint (rows sum to 1)"

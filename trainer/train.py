@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             write_termination_log(termination_log, trainer.snapshot().to_json())
         where = tracking.where()
-        log.info("training %s at epoch %d, step %d%s", state, trainer.epoch, trainer.step, where and f"; {where}")
+        work = "evaluation" if job.spec.epochs == 0 else "training"  # epochs 0 evaluates checkpoint.resume
+        log.info("%s %s at epoch %d, step %d%s", work, state, trainer.epoch, trainer.step, where and f"; {where}")
         return ExitCode.OK
     except Exception as exc:
         code = ExitCode.INVALID if isinstance(exc, InvalidInput) else ExitCode.FAILED

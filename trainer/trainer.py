@@ -61,7 +61,8 @@ class Trainer:
         self.resume()
         self.c.run_log.load()
         self.eta = EtaClock(self.step)
-        self.tracking.start(self.step, self.epoch + self.batch / len(self.c.train_loader))
+        batches = len(self.c.train_loader) if self.c.train_loader is not None else 0  # None: epochs 0 evaluates
+        self.tracking.start(self.step, self.epoch + self.batch / batches if batches else float(self.epoch))
         while self.should_continue():
             if not self.train_epoch():  # SIGTERM, or a stop request, mid-epoch
                 self.save_checkpoint(score=None)
@@ -89,6 +90,7 @@ class Trainer:
     def train_epoch(self) -> bool:
         """One pass over the training split from ``self.batch`` on; False when preempted or stopped mid-epoch."""
         c = self.c
+        assert c.train_loader is not None and c.train_sampler is not None, "only an evaluation (epochs 0) has none"
         c.model.train()
         if c.freezer.set_epoch(self.epoch):  # DDP only syncs the parameters that trained when it was built
             c.model = c.accelerator.rewrap(c.model)
@@ -235,10 +237,12 @@ class Trainer:
             unwrap(self.c.model).load_state_dict(state["model"])
             if self.c.ema is not None and state.get("ema") is not None:
                 self.c.ema.module.load_state_dict(state["ema"])
-        checkpoint = self.c.checkpointer.uri(best)
+        checkpoint = self.c.checkpointer.uri(best) or self.c.evaluated
         for split in splits:  # the last split evaluated is the run's result in summary.json
             metrics, rows, details, evaluator = self.evaluate(split, predictions=True)
             self.final = {"evaluation": {"split": split, "checkpoint": checkpoint, "metrics": metrics}}
+            if self.c.evaluated is not None:  # an evaluation has no epochs: its results are the status's metrics
+                self.latest_metrics.update({f"{split}/{name}": value for name, value in metrics.items()})
             if self.world.is_main:
                 self.final["predictions"] = (
                     evaluator.write_predictions(split, rows, self.c.run_log)
@@ -310,6 +314,8 @@ class Trainer:
                 torch.cuda.set_rng_state(own["cuda"], self.world.device)
 
     def resume(self) -> None:
+        if self.c.evaluated is not None:  # epochs 0: build_components loaded the evaluated checkpoint's weights
+            return
         resume = self.spec.checkpoint.resume
         state = self.c.checkpointer.load_latest() if resume != "never" else None
         if state is None and resume not in ("auto", "never"):

@@ -144,6 +144,8 @@ def _metrics(spec: TrainingJobSpec) -> Iterator[Problem]:
 
 def _schedule(spec: TrainingJobSpec) -> Iterator[Problem]:
     scheduler = spec.scheduler
+    if spec.epochs == 0:  # nothing is trained, so no schedule runs (evaluation: the epochs field)
+        return
     if scheduler.warmup_epochs >= spec.epochs:
         yield "scheduler.warmupEpochs", f"must be less than epochs ({spec.epochs})"
     if scheduler.name == "multistep" and scheduler.milestones != sorted(set(scheduler.milestones)):

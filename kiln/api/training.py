@@ -87,10 +87,11 @@ class DataSource(KilnModel):
     segmentation-folder (images/ and masks/ whose files match by name, a mask being a single-channel PNG of
     class indices, or a colour image with data.palette) or csv (image,mask rows, paths relative to the csv).
     Detection: coco (annotations.json, COCO instances, beside an images/ folder), yolo (Ultralytics: images/,
-    labels/<stem>.txt of normalized 'class cx cy w h' lines, and a data.yaml with names in the split or its
-    parent folder; a missing label file is an image without boxes) or voc (Pascal VOC: JPEGImages/ and
-    Annotations/*.xml). Images without boxes are negatives; boxes are clipped to the image and degenerate ones
-    dropped, with one counted warning per split."""
+    labels/<stem>.txt of normalized 'class cx cy w h' lines, and a data.yaml with names in the split or above it;
+    the uri is root/<split> holding images/ and labels/, or root/images/<split> with root/labels/<split> beside it,
+    and from S3 the labels and root/data.yaml are staged with the split; a missing label file is an image without
+    boxes) or voc (Pascal VOC: JPEGImages/ and Annotations/*.xml). Images without boxes are negatives; boxes are
+    clipped to the image and degenerate ones dropped, with one counted warning per split."""
 
 
 class Staging(KilnModel):
@@ -254,8 +255,9 @@ class TrainingJobSpec(RuleModel):
     loss: LossSpec = Field(default_factory=LossSpec)
     """The loss."""
 
-    epochs: Annotated[int, Field(ge=1, le=100000)] = 10
-    """Passes over the training split."""
+    epochs: Annotated[int, Field(ge=0, le=100000)] = 10
+    """Passes over the training split. 0 trains nothing: the weights of checkpoint.resume are evaluated on data.val
+    and data.test (evaluation.json, predictions, pictures, as at the end of a run), and data.train is not read."""
 
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Random seed, offset by rank for data order."""
@@ -388,6 +390,20 @@ class TrainingJobSpec(RuleModel):
             message="earlyStopping needs validation.every <= epochs, or it never sees a validation",
             holds=lambda s: s.early_stopping is None or s.validation.every <= s.epochs,
             field="earlyStopping",
+        ),
+        Rule(
+            cel="self.epochs > 0 || !(self.checkpoint.resume in ['auto', 'never'])",
+            message="epochs 0 evaluates a checkpoint without training: checkpoint.resume must name it (an s3:// URI or"
+            " a path)",
+            holds=lambda s: s.epochs > 0 or s.checkpoint.resume not in ("auto", "never"),
+            field="checkpoint.resume",
+        ),
+        Rule(
+            cel="self.epochs > 0 || has(self.data.val) || has(self.data.test)",
+            message="epochs 0 evaluates on data.val or data.test: give one (valSplit holds out part of data.train,"
+            " which epochs 0 does not read)",
+            holds=lambda s: s.epochs > 0 or s.data.val is not None or s.data.test is not None,
+            field="data",
         ),
         Rule(cel="self.task == oldSelf.task", message="task is immutable once the job exists"),
         Rule(cel="self.model == oldSelf.model", message="model is immutable once the job exists", field="model"),

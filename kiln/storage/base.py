@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +188,12 @@ class LocalStore:
     def upload_file(self, key: str, path: Path) -> None:
         with self._errors(key), atomic_path(self._path(key)) as tmp:
             shutil.copyfile(path, tmp)
+
+    def write_with(self, key: str, write: Callable[[Path], None]) -> None:
+        """``write`` fills the temporary sibling, which is then fsynced and renamed into place, as every write
+        here is: a large file (a checkpoint) is written once instead of written elsewhere and copied."""
+        with self._errors(key), atomic_path(self._path(key)) as tmp:
+            write(tmp)
 
     def download_file(self, key: str, path: Path) -> None:
         # The destination is a node-local cache that can be rebuilt, so skip the fsyncs.

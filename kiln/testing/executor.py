@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import logging
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -39,6 +40,13 @@ LEASE_DURATION_SECONDS = 40
 DEFAULT_GRACE_SECONDS = 30
 RESTART_DELAY_SECONDS = 1.0
 CONFIG_RETRY_SECONDS = 1.0  # a pod waiting for a ConfigMap/Secret is retried this often
+# Pods here share the host's network, so a pod whose containerPort another process still holds (a previous
+# attempt's torchrun on the rendezvous port, still dying under load) would fail with EADDRINUSE where a real
+# pod, in a network namespace of its own, would not. Such a pod waits, polled this often, up to this long;
+# after that it starts anyway and the collision shows in its log.
+PORT_POLL_SECONDS = 0.5
+PORT_WAIT_SECONDS = 60.0
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 @dataclass
@@ -56,6 +64,7 @@ class LocalContainer:
     kill_at: float | None = None  # monotonic deadline for SIGKILL once deletion began
     finished: bool = False
     reported_waiting: str = ""
+    port_wait_until: float | None = None  # monotonic deadline of the wait for busy containerPorts
 
     @property
     def key(self) -> str:
@@ -174,6 +183,9 @@ class Executor:
         if deleting and container.process is None:
             container.finished = True  # waiting for config or a restart: nothing to stop
         if container.process is None and not container.finished and time.monotonic() >= container.start_at:
+            if self._ports_held_elsewhere(container):
+                container.start_at = time.monotonic() + PORT_POLL_SECONDS
+                return
             if container.launch is None:
                 self._start(container)
             else:
@@ -185,6 +197,25 @@ class Executor:
                 self._on_exit(container, deleting)
         if container.finished and deleting:
             self._finalize_deletion(pod)
+
+    def _ports_held_elsewhere(self, container: LocalContainer) -> bool:
+        """Whether a containerPort of this pod is bound by a process that is not one of its Job's pods (whose rank
+        0 legitimately holds the rendezvous port the others declare too), within the wait's deadline."""
+        busy = [port for port in container_ports(container.pod) if not port_is_free(port)]
+        if not busy or self._job_has_running_pod(container.pod):
+            return False
+        now = time.monotonic()
+        if container.port_wait_until is None:
+            container.port_wait_until = now + PORT_WAIT_SECONDS
+            logger.info("pod %s waits for host ports %s, held by another process", container.key, busy)
+        return now < container.port_wait_until
+
+    def _job_has_running_pod(self, pod: JSON) -> bool:
+        job = pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL)
+        return job is not None and any(
+            other.process is not None and other.pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL) == job
+            for other in self.containers.values()
+        )
 
     def _start(self, container: LocalContainer) -> None:
         pod = container.pod
@@ -330,6 +361,28 @@ class Executor:
             container.process = None
         if container.log is not None:
             container.log.close()
+
+
+def container_ports(pod: JSON) -> list[int]:
+    """The TCP ports the pod's containers declare (the only ones a pod on the host network could collide on)."""
+    return [
+        port["containerPort"]
+        for container in pod["spec"]["containers"]
+        for port in container.get("ports", ())
+        if port.get("protocol", "TCP") == "TCP"
+    ]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` on every address now, as torch's TCPStore and the metrics
+    server do (SO_REUSEADDR, so a socket in TIME_WAIT does not count as taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _tail(path: Path, limit: int = 64 * 1024) -> bytes:

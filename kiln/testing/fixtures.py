@@ -5,6 +5,8 @@
   directory (logs, certs, pod files) after the run.
 - ``namespace`` (function): a fresh namespace whose ``default`` ServiceAccount exists; deleted after.
 - ``executor_pod``: a factory for pod specs that run on the local executor node.
+- ``kueue`` (module): the real Kueue manager against ``cluster`` (``kiln.testing.kueue``), only for the modules
+  that ask for it, and stopped after them: every other module's queued Jobs never meet a real Kueue.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from kiln.testing.binaries import ControlPlaneUnavailable
 from kiln.testing.controlplane import ControlPlane, ControlPlaneConfig
 from kiln.testing.kube import JSON, ApiError, namespaced
+from kiln.testing.kueue import Kueue, KueueUnavailable
 from kiln.testing.nodes import executor_node_selector, pod_tolerations_for_executor
 from kiln.testing.processes import wait_until
 
@@ -67,6 +70,20 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
     except ApiError as error:
         if error.status != 404:
             raise
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster: ControlPlane) -> Iterator[Kueue]:
+    """Kueue for one test module; ``kueue.queue(namespace, gpus=...)`` gives a test its own quota."""
+    manager = Kueue(cluster)
+    try:
+        manager.start()
+    except (KueueUnavailable, FileNotFoundError) as error:
+        pytest.fail(str(error), pytrace=False)
+    try:
+        yield manager
+    finally:
+        manager.stop()
 
 
 @pytest.fixture

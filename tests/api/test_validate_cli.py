@@ -61,7 +61,7 @@ CE_AT_0 = {"epoch": 0, "weights": {"cross_entropy": 1.0}}  # a loss.schedule key
 # (mutation path, value, field path expected in the error, a word the reason must contain)
 BAD_FIELDS = [
     ("spec.epochs", "ten", "spec.epochs", "integer"),
-    ("spec.epochs", 0, "spec.epochs", "greater than or equal to 1"),
+    ("spec.epochs", -1, "spec.epochs", "greater than or equal to 0"),
     ("spec.data.batchSize", -4, "spec.data.batchSize", "greater than or equal"),
     ("spec.optimizer", {"lr": -0.1}, "spec.optimizer.lr", "greater than 0"),
     ("spec.optimizer", {"lr": "fast"}, "spec.optimizer.lr", "number"),
@@ -139,6 +139,8 @@ BAD_FIELDS = [
     ("spec.optimizer", {"name": "adamw", "momentum": 0.5}, "spec.optimizer.momentum", "adamw takes no momentum"),
     ("spec.model", {"architecture": "resnet18", "encoder": "resnet34"}, "spec.model.encoder", "segmentation only"),
     ("spec.epochs", "10", "spec.epochs", "valid integer"),
+    # epochs 0 evaluates checkpoint.resume (docs/design.md): it must name one, and data to evaluate on.
+    ("spec.epochs", 0, "spec.checkpoint.resume", "checkpoint.resume must name it"),
     ("spec.channelsLast", "true", "spec.channelsLast", "valid boolean"),
     ("metadata.name", "Digits_Run", "metadata.name", "pattern"),
     ("metadata.name", "a" * 41, "metadata.name", "at most 40"),

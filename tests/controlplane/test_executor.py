@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 
@@ -229,3 +230,25 @@ def test_a_pod_talks_to_the_apiserver_as_its_service_account(
     log = cluster.pod_log(namespace, "whoami")
     assert finished["status"]["phase"] == "Succeeded", log
     assert log.strip() == f"system:serviceaccount:{namespace}:worker"
+
+
+def test_a_pod_waits_for_a_container_port_another_process_still_holds(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    """On the host network a previous attempt's dying process can still hold the port a new pod declares; a real
+    pod has a network namespace of its own, so the executor holds the start back instead of letting it collide."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        bind = f"import socket; s = socket.socket(); s.bind(('0.0.0.0', {port})); print('bound')"
+        pod = executor_pod("port-user", ["python", "-c", bind], ports=[{"containerPort": port, "protocol": "TCP"}])
+        cluster.kube.create(namespaced("pods", namespace), pod)
+        time.sleep(3)  # several executor syncs (0.3 s each): long enough for a start that should not happen
+        waiting = cluster.kube.get(namespaced("pods", namespace, "port-user"))
+        assert waiting["status"]["phase"] == "Pending", waiting["status"]
+    finished = cluster.wait_for_pod_phase(namespace, "port-user")
+    assert finished["status"]["phase"] == "Succeeded", cluster.pod_log(namespace, "port-user")
+    assert cluster.pod_log(namespace, "port-user").strip() == "bound"

@@ -24,7 +24,8 @@ from kiln.operator.settings import Settings, from_env
 
 SETTING_FIELDS = [f for f in fields(Settings) if f.name != "extra"]
 RULES = CHART / "files/operator-rbac-rules.yaml"
-CORE_KINDS = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+LEADER_RULES = CHART / "files/operator-leader-election-rules.yaml"
+CORE_KINDS = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
 
 
 def camel(name: str) -> str:
@@ -88,6 +89,9 @@ def test_every_setting_reaches_the_operator_unchanged() -> None:
         workers=8,
         export_retries=1,
         source_grace_s=5.0,
+        lease_duration_s=20.0,
+        renew_deadline_s=12.5,
+        retry_period_s=3.0,
         json_logs=True,
     )
     unchanged = [f.name for f in SETTING_FIELDS if getattr(changed, f.name) == getattr(Settings(), f.name)]
@@ -132,6 +136,8 @@ def test_the_schema_knows_every_value_and_types_every_setting_as_the_operator_do
         ("settings.workerz=3", "workerz"),
         ("podSecurityContext.runAsNonRoot=false", "runAsNonRoot"),
         ("settings.jsonLogs=yes", "jsonLogs"),
+        ("replicas=0", "replicas"),
+        ("settings.leaseDurationS=0", "leaseDurationS"),
     ],
 )
 def test_helm_refuses_a_value_the_schema_forbids_and_names_it(flag: str, complaint: str) -> None:
@@ -165,6 +171,28 @@ def test_the_cluster_role_is_the_shared_rules_file_bound_to_the_operator() -> No
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     account = one(documents, "ServiceAccount")["metadata"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"], "namespace": "kiln-system"}]
+
+
+def test_the_lease_role_is_the_leader_election_rules_file_in_the_release_namespace() -> None:
+    documents = render(namespace="team-ml")
+    role, binding = one(documents, "Role"), one(documents, "RoleBinding")
+    assert role["rules"] == yaml.safe_load(LEADER_RULES.read_text())
+    assert {rule["apiGroups"][0] for rule in role["rules"]} == {"coordination.k8s.io"}
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-ml"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    account = one(documents, "ServiceAccount")["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["name"], "namespace": "team-ml"}]
+    cluster_rules = yaml.safe_load(RULES.read_text())
+    assert not [rule for rule in cluster_rules if "coordination.k8s.io" in rule["apiGroups"]]  # never cluster-wide
+
+
+def test_the_deployment_runs_two_replicas_by_default_and_as_many_as_asked() -> None:
+    assert one(render(), "Deployment")["spec"]["replicas"] == 2
+    assert one(render({"replicas": 3}), "Deployment")["spec"]["replicas"] == 3
 
 
 def test_the_metrics_service_selects_the_operator_pod() -> None:

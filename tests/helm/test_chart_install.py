@@ -110,6 +110,7 @@ def release(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> 
     metrics_port = free_port()
     values = {
         "image": {"repository": "kiln/operator", "tag": "test"},
+        "replicas": 1,  # the executor runs pods on this host: two replicas would bind the same metrics port
         "settings": {
             "image": "kiln/trainer:test",
             "metricsPort": metrics_port,  # the executor runs the pod on this host: a free port, not 8080

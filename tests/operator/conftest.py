@@ -15,6 +15,7 @@ from kiln.testing.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "helm/kiln/files/operator-rbac-rules.yaml"
+LEADER_RULES = REPO / "helm/kiln/files/operator-leader-election-rules.yaml"
 OPERATOR_NAMESPACE = "kiln-system"
 
 
@@ -33,6 +34,15 @@ def operator_kubeconfig(cluster: ControlPlane, kiln_crds: None) -> Path:
          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
           "metadata": {"name": "kiln-operator"},
           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kiln-operator"},
+          "subjects": [{"kind": "ServiceAccount", "name": "kiln-operator", "namespace": OPERATOR_NAMESPACE}]}),
+        # The leader-election Lease: a Role in the operator's own namespace, as the chart makes it.
+        (namespaced("roles", OPERATOR_NAMESPACE, group_version="rbac.authorization.k8s.io/v1"),
+         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "kiln-operator-leases"},
+          "rules": yaml.safe_load(LEADER_RULES.read_text())}),
+        (namespaced("rolebindings", OPERATOR_NAMESPACE, group_version="rbac.authorization.k8s.io/v1"),
+         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": {"name": "kiln-operator-leases"},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kiln-operator-leases"},
           "subjects": [{"kind": "ServiceAccount", "name": "kiln-operator", "namespace": OPERATOR_NAMESPACE}]}),
     ]:  # fmt: skip
         try:

@@ -30,12 +30,20 @@ class OperatorProcess:
             "KILN_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "KILN_OPERATOR_PROGRESS_INTERVAL_S": "1",
             "KILN_OPERATOR_IMAGE": "kiln/trainer:test",
+            # A Lease that survives the seconds-long apiserver stalls of a machine shared by several test runs:
+            # a lost Lease stops the operator, and nothing here restarts it as a Deployment would. The tests of
+            # the takeover itself pass the shipped timings (test_leader_cluster.py).
+            "KILN_OPERATOR_LEASE_DURATION_S": "60",
+            "KILN_OPERATOR_RENEW_DEADLINE_S": "45",
+            "KILN_OPERATOR_RETRY_PERIOD_S": "2",
             **self.settings,
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "operator"], env=env, stdout=log,
                                         stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
-        wait_until(self.ready, timeout=30, what="operator /readyz", on_tick=self.check_alive)
+        # Start-up imports kopf, the kubernetes client and kiln.api twice (the operator and its lease process):
+        # about 4 CPU-seconds, which took over 30 s of wall time on a machine shared by several test runs.
+        wait_until(self.ready, timeout=60, what="operator /readyz", on_tick=self.check_alive)
         return self
 
     def check_alive(self) -> None:

@@ -143,7 +143,7 @@ def test_kubectl_kiln_checkpoints_logs_watches_and_stops_a_running_job(
 
 
 def test_kubectl_kiln_suspend_and_resume_set_run_policy(
-    cluster: ControlPlane, namespace: str, s3_server: S3Server, s3_bucket: str,
+    cluster: ControlPlane, kiln_crds: None, namespace: str, s3_server: S3Server, s3_bucket: str,
     kubectl_kiln: tuple[list[str], dict[str, str]],
 ) -> None:  # fmt: skip
     """What the plugin writes, read back from the apiserver."""
@@ -169,3 +169,10 @@ def test_kubectl_kiln_suspend_and_resume_set_run_policy(
     assert get_tj(cluster, namespace, "paused")["metadata"]["annotations"]["kiln.dev/checkpoint"] == "later"
     missing = run(kubectl_kiln, *ns, "logs", "no-such-job")
     assert missing.returncode == 2 and "not found" in missing.stderr, missing
+
+    # The same commands are kiln's, the cluster options after the name.
+    _, env = kubectl_kiln
+    through_kiln = subprocess.run([sys.executable, "-m", "kiln.cli", "resume", "paused", *ns], env=env, cwd="/",
+                                  capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert through_kiln.returncode == 0 and "paused resumed" in through_kiln.stdout, through_kiln
+    assert not suspended()

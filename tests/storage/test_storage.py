@@ -174,6 +174,25 @@ def test_local_listing_hides_in_flight_temporaries(tmp_path: Path) -> None:
     assert [i.key for i in store.list()] == ["a"]
 
 
+def test_local_write_with_is_atomic(tmp_path: Path) -> None:
+    """A checkpoint written in place: the old file stays whole until the new one is complete, and a write
+    that fails leaves the old file and no temporary behind."""
+    store = LocalStore(tmp_path)
+    store.write_with("ckpt/state.pt", lambda path: path.write_bytes(b"old"))
+
+    def fail_halfway(path: Path) -> None:
+        path.write_bytes(b"partial")
+        assert store.read_bytes("ckpt/state.pt") == b"old"  # not visible while being written
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StorageError, match="No space left"):
+        store.write_with("ckpt/state.pt", fail_halfway)
+    assert store.read_bytes("ckpt/state.pt") == b"old"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["state.pt"]
+    store.write_with("ckpt/state.pt", lambda path: path.write_bytes(b"new"))
+    assert store.read_bytes("ckpt/state.pt") == b"new"
+
+
 def test_local_delete_prefix_prunes_empty_folders(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "root")
     store.write_bytes("ckpt/step-1/model.pt", b"x")

@@ -3,22 +3,16 @@ uninterrupted run with the same seed ends."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
-from subprocess import Popen
-from typing import Any
 
 import pytest
-from trainer_testkit import kill_tree, make_job, trainer_env, wait_for, write_spec
+from trainer_testkit import ResumePair, StartTrainer, make_job, read_json
 
 from kiln.api.resolve import ResolvedTrainingJob
-from kiln.storage import StorageError, Store, open_store
 from kiln.testing.s3 import S3Server
 from kiln.trainer.shapes import write_shapes
 
 pytestmark = pytest.mark.slow
-StartTrainer = Callable[..., Popen[str]]
 
 EPOCHS = 4
 FOLDER = {"format": "segmentation-folder"}
@@ -45,49 +39,23 @@ def s3_job(tmp_path: Path, data: str, s3: S3Server, bucket: str, name: str) -> R
     )  # fmt: skip
 
 
-def read_json(store: Store, key: str) -> Any:
-    try:
-        return json.loads(store.read_bytes(key))
-    except StorageError:
-        return None
-
-
-def s3_metrics_records(run: Store) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line.strip()]
-
-
 @pytest.mark.timeout(300)
 def test_two_processes_resume_from_s3_after_sigkill_and_match_an_uninterrupted_run(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str, start_trainer: StartTrainer
 ) -> None:
     data = upload_shapes(s3_server, s3_bucket, tmp_path / "shapes")
     jobs = {name: s3_job(tmp_path, data, s3_server, s3_bucket, name) for name in ("reference", "resumed")}
-    specs = {name: write_spec(job, tmp_path / f"{name}.json") for name, job in jobs.items()}
-    for name in jobs:
-        (tmp_path / name).mkdir()
-    envs = {name: trainer_env(tmp_path / name) for name in jobs}  # a node-local cache each: both stage from S3
-    runs = {name: open_store(job.run_uri, s3_server.storage()) for name, job in jobs.items()}
-    checkpoints = open_store(jobs["resumed"].checkpoint_uri, s3_server.storage())
-
-    reference = start_trainer(specs["reference"], envs["reference"], procs=2)  # alongside, on the same data
-    first = start_trainer(specs["resumed"], envs["resumed"], procs=2)
-    wait_for(lambda: (read_json(checkpoints, "latest.json") or {}).get("epoch", 0) >= 1, 150, "a checkpoint")
-    kill_tree(first.pid)  # a lost node: torchrun and both workers die at once, nothing gets to save
-    first.wait()
-    killed_at = read_json(checkpoints, "latest.json")
-    assert 1 <= killed_at["epoch"] < EPOCHS, killed_at  # killed mid-training, after at least one checkpoint
-    assert read_json(runs["resumed"], "summary.json")["state"] == "running"
-
-    second = start_trainer(specs["resumed"], envs["resumed"], procs=2)
-    output, _ = second.communicate(timeout=150)
-    assert second.returncode == 0, output
-    assert f"resumed at epoch {killed_at['epoch']}, batch 0, step {killed_at['step']}" in output
+    pair = ResumePair.on_s3(tmp_path, jobs, s3_server)
+    reference = pair.start(start_trainer, "reference")  # alongside, on the same data
+    killed_at = pair.kill_after_a_checkpoint(start_trainer, EPOCHS, timeout=150)
+    assert read_json(pair.runs["resumed"], "summary.json")["state"] == "running"
+    pair.resume(start_trainer, killed_at, timeout=150)
     reference_output, _ = reference.communicate(timeout=150)
     assert reference.returncode == 0, reference_output
 
-    resumed_summary, reference_summary = (read_json(runs[name], "summary.json") for name in ("resumed", "reference"))
+    resumed_summary, reference_summary = (pair.summaries()[name] for name in ("resumed", "reference"))
     assert resumed_summary["state"] == "completed" and resumed_summary["progress"]["step"] == EPOCHS * 4
-    records = {name: s3_metrics_records(runs[name]) for name in runs}
+    records = pair.records()
     assert [r["epoch"] for r in records["resumed"]] == list(range(1, EPOCHS + 1))  # none repeated, none lost
     # On CPU with one thread per rank, a resumed run is the uninterrupted run: the same weights, optimizer and
     # schedule state and RNG states from the checkpoint, the same per-epoch shuffle, a deterministic gloo sum of

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_sco
 
 from kiln.api.manifest import TrainingJob
 from kiln.api.resolve import Environment, ResolvedTrainingJob, resolve
+from kiln.storage import StorageError, Store, open_store
+from kiln.testing.s3 import S3Server
 
 COLORS = ((220, 40, 40), (40, 200, 60), (50, 60, 220))
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +119,97 @@ def kill_tree(pid: int) -> None:
     for child in [pid, *map(int, children)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+YoloLayout = Literal["split-folders", "images-folders"]
+
+
+def yolo_key(relative: Path, layout: YoloLayout) -> str:
+    """The key of a file of the generator's yolo output (``<split>/images/x.png``, ``<split>/labels/x.txt``,
+    ``data.yaml``) in one of Ultralytics' two layouts: as written, or ``images/<split>/x.png``,
+    ``labels/<split>/x.txt``; data.yaml stays at the top, above the splits, in both."""
+    parts = relative.parts
+    if layout == "images-folders" and len(parts) > 2:
+        parts = (parts[1], parts[0], *parts[2:])
+    return "/".join(parts)
+
+
+def upload_yolo(s3: S3Server, bucket: str, yolo: Path, prefix: str, layout: YoloLayout) -> str:
+    """The generator's yolo output under s3://bucket/prefix/ in ``layout``; returns that URI."""
+    for path in sorted(p for p in yolo.rglob("*") if p.is_file()):
+        s3.client().upload_file(str(path), bucket, f"{prefix}/{yolo_key(path.relative_to(yolo), layout)}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def yolo_split_uri(root: str, split: str, layout: YoloLayout) -> str:
+    """Where a split points in ``layout``: the split's folder, or its folder under images/."""
+    return f"{root}/{split}" if layout == "split-folders" else f"{root}/images/{split}"
+
+
+def read_json(store: Store, key: str) -> Any:
+    """An object's JSON, or None while it does not exist."""
+    try:
+        return json.loads(store.read_bytes(key))
+    except StorageError:
+        return None
+
+
+def store_metrics_records(run: Store) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines() if line.strip()]
+
+
+StartTrainer = Callable[..., subprocess.Popen[str]]
+
+
+@dataclass(frozen=True)
+class ResumePair:
+    """Two torchrun trainings of one spec on S3, ``reference`` left alone and ``resumed`` SIGKILLed after its
+    first checkpoint and started again; each with its own node-local cache, so both stage the data from S3."""
+
+    specs: dict[str, Path]
+    envs: dict[str, dict[str, str]]
+    runs: dict[str, Store]  # each run's output prefix
+    checkpoints: Store  # the resumed run's checkpoints
+
+    @classmethod
+    def on_s3(cls, tmp_path: Path, jobs: dict[str, ResolvedTrainingJob], s3: S3Server) -> ResumePair:
+        for name in jobs:
+            (tmp_path / name).mkdir()
+        return cls(
+            specs={name: write_spec(job, tmp_path / f"{name}.json") for name, job in jobs.items()},
+            envs={name: trainer_env(tmp_path / name) for name in jobs},
+            runs={name: open_store(job.run_uri, s3.storage()) for name, job in jobs.items()},
+            checkpoints=open_store(jobs["resumed"].checkpoint_uri, s3.storage()),
+        )
+
+    def start(self, start_trainer: StartTrainer, name: str) -> subprocess.Popen[str]:
+        return start_trainer(self.specs[name], self.envs[name], procs=2)
+
+    def kill_after_a_checkpoint(self, start_trainer: StartTrainer, epochs: int, timeout: float) -> dict[str, Any]:
+        """Start ``resumed``, SIGKILL it (torchrun and both workers at once: a lost node, nothing gets to save)
+        once it has checkpointed an epoch, and return the checkpoint it left: one before the last epoch."""
+        first = self.start(start_trainer, "resumed")
+        saved = lambda: (read_json(self.checkpoints, "latest.json") or {}).get("epoch", 0) >= 1  # noqa: E731
+        wait_for(lambda: saved() or first.poll() is not None, timeout, "a checkpoint")
+        assert first.poll() is None, first.communicate()[0]  # still training: it did not fail before saving
+        kill_tree(first.pid)
+        first.wait()
+        killed_at: dict[str, Any] = read_json(self.checkpoints, "latest.json")
+        assert 1 <= killed_at["epoch"] < epochs, killed_at  # killed mid-training, after at least one checkpoint
+        return killed_at
+
+    def resume(self, start_trainer: StartTrainer, killed_at: dict[str, Any], timeout: float) -> None:
+        """Start ``resumed`` again; it must finish, resuming exactly where the checkpoint left it."""
+        second = self.start(start_trainer, "resumed")
+        output, _ = second.communicate(timeout=timeout)
+        assert second.returncode == 0, output
+        assert f"resumed at epoch {killed_at['epoch']}, batch 0, step {killed_at['step']}" in output
+
+    def summaries(self) -> dict[str, Any]:
+        return {name: read_json(run, "summary.json") for name, run in self.runs.items()}
+
+    def records(self) -> dict[str, list[dict[str, Any]]]:
+        return {name: store_metrics_records(run) for name, run in self.runs.items()}
 
 
 def latest_pointer(checkpoints: Path) -> dict[str, Any] | None:

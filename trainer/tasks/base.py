@@ -108,7 +108,12 @@ class Evaluator(Protocol):
 
 
 class Task(Protocol):
-    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData: ...
+    def load_data(
+        self, job: ResolvedTrainingJob, roots: Mapping[str, Path], classes: tuple[str, ...] | None = None
+    ) -> TaskData:
+        """The splits ``roots`` names. ``classes``: the class order a checkpoint fixed (an evaluation, epochs 0),
+        which then stands in for the training split's, so ``roots`` need not hold train."""
+        ...
 
     def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module: ...
 

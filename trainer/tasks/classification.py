@@ -125,21 +125,23 @@ class ClassificationEvaluator:
 
 
 class ClassificationTask:
-    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData:
+    def load_data(
+        self, job: ResolvedTrainingJob, roots: Mapping[str, Path], classes: tuple[str, ...] | None = None
+    ) -> TaskData:
         spec = job.spec
         sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
         raw = {split: FORMATS.get(sources[split].format).read(root, split) for split, root in roots.items()}  # type: ignore[union-attr]
-        classes = class_order({name for _, name in raw["train"]})
+        order = list(classes) if classes else class_order({name for _, name in raw["train"]})
         declared = spec.model.num_classes
-        if declared is not None and declared != len(classes):
-            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-            raise InvalidInput(f"model.numClasses is {declared} but data.train has {len(classes)} classes ({shown})")
+        if declared is not None and declared != len(order):
+            shown = ", ".join(order[:10]) + (", ..." if len(order) > 10 else "")
+            raise InvalidInput(f"model.numClasses is {declared} but data.train has {len(order)} classes ({shown})")
         splits: dict[str, LabelledImages] = {
-            split: index_samples(samples, classes, roots[split], split) for split, samples in raw.items()
+            split: index_samples(samples, order, roots[split], split) for split, samples in raw.items()
         }
-        if spec.data.val_split is not None:
+        if spec.data.val_split is not None and "train" in splits:
             splits["train"], splits["val"] = hold_out(splits["train"], spec.data.val_split, spec.seed)
-        return TaskData(splits=splits, num_classes=len(classes), class_names=tuple(classes))
+        return TaskData(splits=splits, num_classes=len(order), class_names=tuple(order))
 
     def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module:
         return build_model(job.spec.model, data.num_classes, job.spec.storage)

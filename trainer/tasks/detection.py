@@ -174,20 +174,26 @@ class DetectionEvaluator:
 
 
 class DetectionTask:
-    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData:
+    def load_data(
+        self, job: ResolvedTrainingJob, roots: Mapping[str, Path], classes: tuple[str, ...] | None = None
+    ) -> TaskData:
         spec = job.spec
         sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
-        names = tuple(spec.model.class_names) if spec.model.class_names else None
-        train = read_detection_split(roots["train"], spec.data.train.format, split="train", class_names=names)
-        check_classes(spec.model.num_classes, train.class_names)
-        splits: dict[str, DetectionSplit] = {"train": train}
+        names = classes or (tuple(spec.model.class_names) if spec.model.class_names else None)
+        splits: dict[str, DetectionSplit] = {}
+        if "train" in roots:
+            splits["train"] = read_detection_split(roots["train"], spec.data.train.format, split="train",
+                                                   class_names=names)  # fmt: skip
+            names = splits["train"].class_names
+        assert names is not None, "without data.train the classes come from the evaluated checkpoint"
+        check_classes(spec.model.num_classes, names)
         for split, root in roots.items():
             source = sources[split]
             if split != "train" and source is not None:
-                splits[split] = read_detection_split(root, source.format, split=split, class_names=train.class_names)
-        if spec.data.val_split is not None:
-            splits["train"], splits["val"] = hold_out(train, spec.data.val_split, spec.seed)
-        return TaskData(splits=splits, num_classes=len(train.class_names), class_names=train.class_names)
+                splits[split] = read_detection_split(root, source.format, split=split, class_names=names)
+        if spec.data.val_split is not None and "train" in splits:
+            splits["train"], splits["val"] = hold_out(splits["train"], spec.data.val_split, spec.seed)
+        return TaskData(splits=splits, num_classes=len(names), class_names=names)
 
     def build_model(self, job: ResolvedTrainingJob, data: TaskData) -> nn.Module:
         return build_detector(job, data.num_classes)

@@ -7,7 +7,8 @@ pixels, as annotated: clipping and dropping degenerate boxes is detection_data's
   holding ``class cx cy w h`` (normalized; a polygon ``class x1 y1 x2 y2 ...`` counts as its bounding box, as
   Ultralytics reads segment labels for detection), and ``data.yaml`` with ``names`` in the split root or above
   it. A split given as ``.../images/<split>`` finds its labels in ``.../labels/<split>``. A missing label file
-  is an image without boxes, but only if ``labels/`` exists.
+  is an image without boxes, but only if ``labels/`` exists. Staging from S3 brings the labels folder and the
+  data.yaml files above the split along (kiln.trainer.split_layout), so both layouts read the same from S3.
 - ``voc``: ``Annotations/*.xml`` and ``JPEGImages/``. VOC's 1-based inclusive pixel indices become 0-based
   corners (xmin - 1, ymin - 1, xmax, ymax), as detectron2 reads them. An image without an XML has no boxes.
 
@@ -32,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from kiln.trainer.data import IMAGE_SUFFIXES
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
+from kiln.trainer.split_layout import DATA_YAML, IMAGES, LABELS, data_yaml_levels, labels_twin
 
 ClassNames = tuple[str, ...]
 
@@ -202,11 +204,11 @@ def _yolo_folders(root: Path, split: str) -> tuple[Path, Path]:
     """(images folder, labels folder): ``root/images`` and ``root/labels``, or for a root inside an ``images``
     folder (``data/images/train``) the same path under ``labels`` (``data/labels/train``), as Ultralytics maps
     an image to its label file."""
-    if (root / "images").is_dir():
-        images, labels = root / "images", root / "labels"
-    elif "images" in root.parts:
-        cut = len(root.parts) - 1 - root.parts[::-1].index("images")
-        images, labels = root, Path(*root.parts[:cut], "labels", *root.parts[cut + 1 :])
+    twin = labels_twin(root.parts)
+    if (root / IMAGES).is_dir():
+        images, labels = root / IMAGES, root / LABELS
+    elif twin is not None:
+        images, labels = root, Path(*twin)
     else:
         raise InvalidInput(f"data.{split}.uri: {root} has no images/ (yolo wants images/, labels/ and data.yaml)")
     if not labels.is_dir():
@@ -231,8 +233,8 @@ def _yaml_names(path: Path) -> ClassNames:
 
 def _yolo_names(root: Path, images: Path, split: str, given: ClassNames | None) -> ClassNames:
     """The names in the nearest data.yaml (split root, or a folder above it, where Ultralytics keeps it)."""
-    above = [root, root.parent] if images == root / "images" else [root, root.parent, root.parent.parent]
-    found = next((folder / "data.yaml" for folder in above if (folder / "data.yaml").is_file()), None)
+    above = [root, *root.parents[: data_yaml_levels(images != root / IMAGES)]]
+    found = next((folder / DATA_YAML for folder in above if (folder / DATA_YAML).is_file()), None)
     if found is None:
         if given is not None:
             return given

@@ -255,7 +255,9 @@ class SegmentationEvaluator:
 
 
 class SegmentationTask:
-    def load_data(self, job: ResolvedTrainingJob, roots: Mapping[str, Path]) -> TaskData:
+    def load_data(
+        self, job: ResolvedTrainingJob, roots: Mapping[str, Path], classes: tuple[str, ...] | None = None
+    ) -> TaskData:  # masks hold indices, so model.numClasses alone fixes the classes: ``classes`` is not needed
         spec = job.spec
         num_classes = spec.model.num_classes
         if num_classes is None:
@@ -266,7 +268,7 @@ class SegmentationTask:
         sources = {"train": spec.data.train, "val": spec.data.val, "test": spec.data.test}
         read = partial(read_split, labels=labels, ignore_index=ignore, palette=palette_of(job, ignore))
         splits = {split: read(sources[split].format, root, split) for split, root in roots.items()}  # type: ignore[union-attr]
-        if spec.data.val_split is not None:
+        if spec.data.val_split is not None and "train" in splits:
             splits["train"], splits["val"] = hold_out(splits["train"], spec.data.val_split, spec.seed)
         names = ("background", "foreground") if num_classes == 1 else tuple(str(k) for k in range(num_classes))
         return TaskData(splits=splits, num_classes=num_classes, class_names=names)
