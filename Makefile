@@ -48,10 +48,9 @@ typecheck: venv
 crds: venv
 	$(VENV)/bin/kiln crds
 
-# One process by default. `PYTEST_WORKERS="-n 2 --dist loadgroup"` runs two xdist workers (control-plane tests
-# grouped on one, tests/conftest.py); not the default yet: a first try saw torchrun's port 29500 taken by the
-# other worker, and rich tables wrapped at the workers' terminal width.
-PYTEST_WORKERS ?=
+# Two xdist workers: every test of the real control plane runs on one of them (one session cluster; its pods use
+# fixed host ports, tests/conftest.py), the torch-heavy rest on the other. `PYTEST_WORKERS=` runs one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # pytest's exit code 5 means "no tests collected"; that is not a failure of the suite.
 pytest: venv controlplane tools
 	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc

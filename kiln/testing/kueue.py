@@ -210,9 +210,14 @@ class Kueue:
         # One apply and one wait for all eleven: per-file kubectl calls cost seconds each.
         args = [arg for path in crds for arg in ("-f", str(path))]
         self.cluster.kubectl("apply", "--server-side", "--force-conflicts", *args, timeout=120)
-        names = [f"crd/{path.stem.split('_', 1)[1]}.{KUEUE_GROUP}" for path in crds]
-        self.cluster.kubectl("wait", "--for=condition=Established", *names, "--timeout=60s", timeout=90)
+        names = [f"{path.stem.split('_', 1)[1]}.{KUEUE_GROUP}" for path in crds]  # <group>_<plural>.yaml
+        wait_until(lambda: all(map(self._established, names)), timeout=60, what="Kueue's CRDs Established")
         wait_until(lambda: self._served("workloads"), timeout=30, what="Kueue's API in discovery")
+
+    def _established(self, crd: str) -> bool:
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}"
+        conditions = self.cluster.kube.get(path).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     def _served(self, plural: str) -> bool:
         resources = self.cluster.kube.get(f"/apis/{KUEUE_API_VERSION}")["resources"]

@@ -159,7 +159,7 @@ async def test_valid_trainingjob_gets_its_children_and_status_created(
 async def test_invalid_trainingjob_fails_with_the_field_path_an_event_and_no_children(
     kmock: kmock.KubernetesEmulator, operator: Context
 ) -> None:
-    await create_tj(kmock, epochs=0)
+    await create_tj(kmock, epochs=-1)
     await until(lambda: phase_of(kmock) == "Failed", "phase Failed")
     tj = stored(kmock, "trainingjobs", "demo") or {}
     failed = next(c for c in tj["status"]["conditions"] if c["type"] == "Failed")

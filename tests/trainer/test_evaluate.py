@@ -181,8 +181,8 @@ def test_an_epochs_0_trainingjob_of_another_task_fails_before_reading_data(
 
 def test_kiln_validate_takes_an_epochs_0_job_only_with_a_checkpoint_and_data_to_evaluate(tmp_path: Path) -> None:
     spec = {"task": "classification", "model": {"architecture": "debug"}, "epochs": 0,
-            "data": {"train": {"uri": "s3://b/train"}, "test": {"uri": "s3://b/test"}},
-            "checkpoint": {"resume": "s3://b/run/checkpoints"}}  # fmt: skip
+            "data": {"train": {"uri": "s3://bucket/train"}, "test": {"uri": "s3://bucket/test"}},
+            "checkpoint": {"resume": "s3://bucket/run/checkpoints"}}  # fmt: skip
     document = {"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "ev"}, "spec": spec}
     path = tmp_path / "ev.yaml"
     path.write_text(yaml.safe_dump(document))
