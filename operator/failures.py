@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.api import contract
-from kiln.api.contract import TrainerReport, is_retriable_exit, parse_report
+from kiln.api.contract import ExitCode, TrainerReport, is_retriable_exit, parse_report
 from kiln.operator import labels as L
 
 Obj = dict[str, Any]
@@ -111,7 +111,8 @@ def classify(pods: Iterable[Obj], job: Obj, retriable_exit_codes: Iterable[int])
 
     A disrupted pod makes the attempt retriable whatever its peers did afterwards (a lost node shows up
     late, after the survivors' rendezvous errors). Otherwise the earliest failure is the cause: peers that
-    lose a rank fail after it; on a tie the non-retriable one wins, so an invalid input is never retried.
+    lose a rank fail after it; on a tie the non-retriable one wins. A rank reporting invalid input (exit 2) is the
+    cause whenever there is one: an invalid input is never retried.
     """
     codes = tuple(retriable_exit_codes)
     failed = [o for o in map(pod_outcome, pods) if o.disrupted or (o.exit_code not in (None, 0))]
@@ -130,7 +131,10 @@ def classify(pods: Iterable[Obj], job: Obj, retriable_exit_codes: Iterable[int])
     def healable(outcome: PodOutcome) -> bool:
         return is_retriable_exit(effective_exit_code(outcome), codes)
 
-    cause = min(failed, key=lambda o: (o.finished_at or "~", healable(o), o.index))
+    # Invalid input is decided by the input alone, so any rank that says so settles it, even after a peer that
+    # failed first for a reason of its own (under load, a rank that lost its peer can exit 1 a second earlier).
+    invalid = [o for o in failed if effective_exit_code(o) == ExitCode.INVALID]
+    cause = min(invalid or failed, key=lambda o: (o.finished_at or "~", healable(o), o.index))
     return Failure(
         retriable=healable(cause),
         message=_describe(cause)[:MESSAGE_LIMIT],

@@ -17,7 +17,6 @@ import contextlib
 import datetime
 import logging
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,9 +28,9 @@ from urllib.parse import urlsplit
 from kiln.testing import executor_layout, pod_status
 from kiln.testing.kube import JSON, MERGE, ApiError, KubeClient, namespaced
 from kiln.testing.kubelet_logs import KubeletLogServer
-from kiln.testing.localpod import Launch, PodConfigError, UnsupportedPod, prepare_launch
+from kiln.testing.localpod import Launch, PodConfigError, UnsupportedPod, container_ports, prepare_launch
 from kiln.testing.nodes import executor_node, executor_node_status
-from kiln.testing.processes import signal_group, spawn_in_new_group
+from kiln.testing.processes import port_is_free, signal_group, spawn_in_new_group
 
 logger = logging.getLogger("kiln.testing.executor")
 
@@ -361,28 +360,6 @@ class Executor:
             container.process = None
         if container.log is not None:
             container.log.close()
-
-
-def container_ports(pod: JSON) -> list[int]:
-    """The TCP ports the pod's containers declare (the only ones a pod on the host network could collide on)."""
-    return [
-        port["containerPort"]
-        for container in pod["spec"]["containers"]
-        for port in container.get("ports", ())
-        if port.get("protocol", "TCP") == "TCP"
-    ]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on ``port`` on every address now, as torch's TCPStore and the metrics
-    server do (SO_REUSEADDR, so a socket in TIME_WAIT does not count as taken)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def _tail(path: Path, limit: int = 64 * 1024) -> bytes:

@@ -122,6 +122,16 @@ def prepare_launch(kube: KubeClient, pod: JSON, root: Path, apiserver_port: int)
 _REFERENCE = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
+def container_ports(pod: JSON) -> list[int]:
+    """The TCP ports the pod's containers declare (the only ones a pod on the host network could collide on)."""
+    return [
+        port["containerPort"]
+        for container in pod["spec"]["containers"]
+        for port in container.get("ports", ())
+        if port.get("protocol", "TCP") == "TCP"
+    ]
+
+
 def expand(value: str, env: dict[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion: unknown references stay as they are, ``$$`` escapes ``$``."""
 

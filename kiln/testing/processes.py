@@ -29,6 +29,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` on every address now, as torch's TCPStore and the metrics
+    server do (SO_REUSEADDR, so a socket in TIME_WAIT does not count as taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _death_signal_setter(signum: int) -> Callable[[], None]:
     parent = os.getpid()
 

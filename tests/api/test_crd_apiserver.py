@@ -61,7 +61,7 @@ def keyframe(epoch: int, **weights: float) -> dict[str, Any]:
 
 # The subset of the CLI's bad manifests that the schema or CEL can see: the apiserver must name the same field.
 SERVER_SIDE_CASES = [
-    ("epochs", 0, "spec.epochs"),
+    ("epochs", -1, "spec.epochs"),
     ("precision", "fp8", "spec.precision"),
     ("optimizer", {"lr": -0.1}, "spec.optimizer.lr"),
     ("data", {"train": {"uri": "s3://x"}, "val": {"uri": "s3://y"}, "valSplit": 0.2}, "spec.data.valSplit"),

@@ -261,7 +261,7 @@ def test_examples_are_valid(example: Path) -> None:
 
 def test_multi_document_file_reports_document_index(tmp_path: Path) -> None:
     bad = copy.deepcopy(VALID)
-    bad["spec"]["epochs"] = 0
+    bad["spec"]["epochs"] = -1
     code, output = run_validate(tmp_path, yaml.safe_dump_all([VALID, bad]))
     assert code == EXIT_INVALID
     assert "job.yaml#1: spec.epochs" in output

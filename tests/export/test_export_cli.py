@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
+import kiln.cli
 from kiln.api.contract import ExitCode
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.cli import app
@@ -26,7 +28,9 @@ def test_kiln_export_prints_the_artifacts_with_their_figures(
     tmp_path: Path, classifier: tuple[ResolvedTrainingJob, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "160")  # one table row per artifact
+    # One table row per artifact: the CLI's console took its width when kiln.cli was first imported (under
+    # pytest-xdist that is a worker's 80 columns), so this test gives it a wide one.
+    monkeypatch.setattr(kiln.cli, "out", Console(width=160))
     checkpoints = str(Path(classifier[1]).parents[1])  # the checkpoint root: best.json picks the checkpoint
     spec = {"formats": ["pt2"], "output": {"uri": str(tmp_path / "out")}}
     spec["benchmark"] = {"batchSizes": [1, 4], "iterations": 5}

@@ -162,7 +162,7 @@ def test_apiserver_rejects_invalid_and_immutable_changes(
     cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str
 ) -> None:
     with pytest.raises(ApiError) as invalid:
-        create_tj(cluster, namespace, name="bad", epochs=0)
+        create_tj(cluster, namespace, name="bad", epochs=-1)
     assert invalid.value.status == 422 and "spec.epochs" in str(invalid.value)
 
     create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})

@@ -63,6 +63,14 @@ def test_earliest_failure_is_the_cause() -> None:
     assert not classify([pod(0, 137, finished=early), pod(1, 2, finished=early)], {}, []).retriable
 
 
+def test_a_rank_reporting_invalid_input_settles_it_even_after_an_earlier_retriable_exit() -> None:
+    invalid = json.dumps({"state": "failed", "reason": "data.train.uri: s3://b/x holds no objects", "exitCode": 2})
+    early, late = "2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z"
+    failure = classify([pod(0, 1, invalid, finished=late), pod(1, 1, "lost rank 0", finished=early)], {}, [1])
+    assert not failure.retriable and failure.exit_code == 2
+    assert "demo-1-0" in failure.message and "holds no objects" in failure.message
+
+
 def test_trainer_exit_code_in_the_message_beats_torchruns_exit_1() -> None:
     message = json.dumps({"state": "failed", "reason": "boom", "exitCode": 2})
     failure = classify([pod(0, 1, message)], {}, [1])
