@@ -27,7 +27,8 @@ from kiln.trainer.class_stats import class_statistics
 from kiln.trainer.data import ResumableDistributedSampler, eval_loader, localize, train_loader
 from kiln.trainer.distributed import Accelerator, World, pick_precision
 from kiln.trainer.errors import InvalidInput
-from kiln.trainer.evaluation import buildable, evaluating, load_weights, read_evaluated, without_auto_class_weights
+from kiln.trainer.evaluation import evaluating, load_weights, read_evaluated, without_auto_class_weights
+from kiln.trainer.export.source import buildable
 from kiln.trainer.history import EarlyStopping, RunLog
 from kiln.trainer.models import data_config
 from kiln.trainer.optim import Horizon, Schedule, create_optimizer

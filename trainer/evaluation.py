@@ -22,12 +22,11 @@ from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.runtime import StorageSpec
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.export.failures import ExportError
-from kiln.trainer.export.source import read_checkpoint
+from kiln.trainer.export.source import read_checkpoint, strip_wrappers
 
 log = logging.getLogger(__name__)
 
 FIELD = "checkpoint.resume"
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, as the exporter strips them
 
 
 @dataclass(frozen=True)
@@ -75,27 +74,11 @@ def read_evaluated(job: ResolvedTrainingJob) -> EvaluatedCheckpoint:
     from_ema = isinstance(state.get("ema"), dict)
     return EvaluatedCheckpoint(
         uri=url,
-        weights=_strip_wrappers(state["ema"] if from_ema else state["model"]),
+        weights=strip_wrappers(state["ema"] if from_ema else state["model"]),
         from_ema=from_ema,
         class_names=tuple(str(name) for name in state.get("class_names") or ()),
         task=task,
     )
-
-
-def _strip_wrappers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in weights.items():
-        name = key
-        while name.startswith(WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        out[name] = value
-    return out
-
-
-def buildable(job: ResolvedTrainingJob) -> ResolvedTrainingJob:
-    """The job without model.pretrained: the checkpoint's weights replace those, so that URI is not fetched."""
-    model = job.spec.model.model_copy(update={"pretrained": None})
-    return job.model_copy(update={"spec": job.spec.model_copy(update={"model": model})})
 
 
 def without_auto_class_weights(job: ResolvedTrainingJob) -> ResolvedTrainingJob:

@@ -114,7 +114,7 @@ def _unpickle(url: str, data: bytes) -> dict[str, Any]:
     return state
 
 
-def _strip_wrappers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrappers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in weights.items():
         name = key
@@ -124,9 +124,9 @@ def _strip_wrappers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _buildable(job: ResolvedTrainingJob) -> ResolvedTrainingJob:
-    """The job without model.pretrained: the checkpoint's weights replace those anyway, and the pretrained URI
-    need not be reachable from the exporter."""
+def buildable(job: ResolvedTrainingJob) -> ResolvedTrainingJob:
+    """The job without model.pretrained: the checkpoint's weights replace those anyway, so the pretrained URI
+    is never fetched (by the exporter, or by an evaluation)."""
     model = job.spec.model.model_copy(update={"pretrained": None})
     return job.model_copy(update={"spec": job.spec.model_copy(update={"model": model})})
 
@@ -149,7 +149,7 @@ def rebuild(
     job: ResolvedTrainingJob, weights: dict[str, torch.Tensor], class_names: tuple[str, ...]
 ) -> tuple[nn.Module, int]:
     """The network in eval mode with ``weights`` loaded (strictly), and its number of classes."""
-    job = _buildable(job)
+    job = buildable(job)
     try:
         classes = _class_count(job, class_names, weights)
         network = create_task(job.spec.task).build_model(job, TaskData(splits={}, num_classes=classes))
@@ -171,7 +171,7 @@ def load_source(uri: str, storage: StorageSpec | None, which: Literal["best", "l
         known = "the trainer has no such task" if task not in TASKS else "the exporter does not handle it yet"
         raise InvalidSource(f"{url} is a {task} checkpoint: {known} (exportable: {', '.join(EXPORT_TASKS.names())})")
     use_ema = isinstance(state.get("ema"), dict)
-    weights = _strip_wrappers(state["ema"] if use_ema else state["model"])
+    weights = strip_wrappers(state["ema"] if use_ema else state["model"])
     names = tuple(str(name) for name in state.get("class_names") or ())
     network, count = rebuild(job, weights, names)
     classes = names or _default_names(job, count)
