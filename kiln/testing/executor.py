@@ -48,6 +48,12 @@ PORT_WAIT_SECONDS = 60.0
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
+def job_key(pod: JSON) -> tuple[str, str] | None:
+    """The (namespace, name) of the Job that owns the pod: Job names repeat across namespaces."""
+    job = pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL)
+    return None if job is None else (pod["metadata"].get("namespace", ""), job)
+
+
 @dataclass
 class LocalContainer:
     """What the executor knows about one pod's process (by pod uid)."""
@@ -198,23 +204,28 @@ class Executor:
             self._finalize_deletion(pod)
 
     def _ports_held_elsewhere(self, container: LocalContainer) -> bool:
-        """Whether a containerPort of this pod is bound by a process that is not one of its Job's pods (whose rank
-        0 legitimately holds the rendezvous port the others declare too), within the wait's deadline."""
-        busy = [port for port in container_ports(container.pod) if not port_is_free(port)]
-        if not busy or self._job_has_running_pod(container.pod):
+        """Whether a containerPort of this pod is taken by anything but its own Job's pods (whose rank 0 legitimately
+        holds the rendezvous port the others declare too), within the wait's deadline. Taken means declared by a live
+        pod of another Job here, bound or not yet (a torchrun still importing binds seconds after it starts), or
+        bound by a process the executor did not start."""
+        job = job_key(container.pod)
+        peers = [other for other in self.containers.values() if other.process and other.process.poll() is None]
+        reserved = {
+            port for other in peers if job is None or job_key(other.pod) != job for port in container_ports(other.pod)
+        }
+        job_is_running = job is not None and any(job_key(other.pod) == job for other in peers)
+        busy = [
+            port
+            for port in container_ports(container.pod)
+            if port in reserved or (not job_is_running and not port_is_free(port))
+        ]
+        if not busy:
             return False
         now = time.monotonic()
         if container.port_wait_until is None:
             container.port_wait_until = now + PORT_WAIT_SECONDS
             logger.info("pod %s waits for host ports %s, held by another process", container.key, busy)
         return now < container.port_wait_until
-
-    def _job_has_running_pod(self, pod: JSON) -> bool:
-        job = pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL)
-        return job is not None and any(
-            other.process is not None and other.pod["metadata"].get("labels", {}).get(JOB_NAME_LABEL) == job
-            for other in self.containers.values()
-        )
 
     def _start(self, container: LocalContainer) -> None:
         pod = container.pod

@@ -11,7 +11,7 @@ import pytest
 
 from kiln.testing.controlplane import ControlPlane
 from kiln.testing.kube import JSON, namespaced
-from kiln.testing.processes import wait_until
+from kiln.testing.processes import free_port, wait_until
 
 pytestmark = pytest.mark.controlplane
 
@@ -252,3 +252,30 @@ def test_a_pod_waits_for_a_container_port_another_process_still_holds(
     finished = cluster.wait_for_pod_phase(namespace, "port-user")
     assert finished["status"]["phase"] == "Succeeded", cluster.pod_log(namespace, "port-user")
     assert cluster.pod_log(namespace, "port-user").strip() == "bound"
+
+
+def test_a_pod_waits_for_a_port_another_jobs_live_pod_declares_before_that_pod_binds_it(
+    cluster: ControlPlane,
+    namespace: str,
+    executor_pod: Callable[..., JSON],
+) -> None:
+    """A torchrun binds the rendezvous port seconds after its process starts, so a free port proves nothing while
+    another Job's pod that declares it is alive: the second pod waits for the first to exit instead of taking the
+    port from under it."""
+    port = free_port()
+    ports = [{"containerPort": port, "protocol": "TCP"}]
+
+    def binder(name: str, delay: float, hold: float) -> JSON:
+        script = f"import socket, time; time.sleep({delay}); s = socket.socket(); s.bind(('0.0.0.0', {port})); "
+        script += f"s.listen(); time.sleep({hold}); print('bound')"
+        pod = executor_pod(name, ["python", "-c", script], ports=ports)
+        pod["metadata"]["labels"] = {"batch.kubernetes.io/job-name": name}
+        return pod
+
+    cluster.kube.create(namespaced("pods", namespace), binder("late-binder", delay=4, hold=1))
+    cluster.wait_for_pod_phase(namespace, "late-binder", "Running")
+    cluster.kube.create(namespaced("pods", namespace), binder("early-binder", delay=0, hold=8))
+    for name in ("late-binder", "early-binder"):
+        finished = cluster.wait_for_pod_phase(namespace, name)
+        assert finished["status"]["phase"] == "Succeeded", cluster.pod_log(namespace, name)
+        assert cluster.pod_log(namespace, name).strip() == "bound"

@@ -175,10 +175,6 @@ def test_trainingjob_trains_on_the_local_executor_with_s3(
     assert json.loads(config_map["data"]["trainingjob.json"])["spec"]["storage"]["secretRef"] == "s3-creds"
 
 
-# Passes alone and passed in every one-process run; in both two-worker runs of `make test` (2026-11-30) it ended
-# Failed with the right reason but on attempt 2. Suspected: a host-port collision of attempt 1's pods with a
-# trainer run on the other xdist worker (the executor's pods share the host network); not yet proven.
-@pytest.mark.xfail(reason="one extra attempt seen under two xdist workers; cause not yet found", strict=False)
 def test_invalid_data_fails_without_a_restart_even_when_exit_1_is_retriable(
     cluster: ControlPlane, kiln_operator: OperatorProcess, namespace: str, s3_server: S3Server, s3_bucket: str
 ) -> None:
