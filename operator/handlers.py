@@ -73,18 +73,20 @@ def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
 
 
 def run_reconcile(
-    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None, body: Obj | None = None
+    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None
 ) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
-    ``body`` is kopf's copy when it is known to be current (create, resume); otherwise it is read fresh,
-    because another trigger may have moved the status on since kopf's event.
+    The TrainingJob is always read fresh, never taken from kopf's event: another trigger may have moved its
+    status on, and kopf re-runs a creation on a stale event when its consistency wait for its own annotation
+    PATCH runs out (a saturated apiserver; docs/benchmarks.md). Reconciling that stale body posted every
+    transition Event again and wrote the older status back over the newer one.
     """
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
     try:
         with ctx.lock(namespace, name):
-            body = body if body is not None else ctx.kube.get_trainingjob(namespace, name)
+            body = ctx.kube.get_trainingjob(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 result = "gone"
                 return None
@@ -211,9 +213,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     @on.resume(*TJ, id="reconcile", registry=registry)
     @on.create(*TJ, id="reconcile", registry=registry)
     @on.update(*TJ, id="reconcile", field="spec", registry=registry)
-    def on_trainingjob_change(body: kopf.Body, reason: str, namespace: str | None, name: str, **_: Any) -> None:
-        current = dict(body) if reason in ("create", "resume") else None
-        outcome = run_reconcile(ctx, "trainingjob", namespace or "", name, body=current)
+    def on_trainingjob_change(namespace: str | None, name: str, **_: Any) -> None:
+        outcome = run_reconcile(ctx, "trainingjob", namespace or "", name)
         if (
             outcome is not None
             and outcome.decision.status.phase == Phase.FAILED

@@ -67,7 +67,7 @@ async def test_an_export_waits_for_its_trainingjob_then_runs_and_reports_its_art
     await send(kmock, "PATCH", f"{TJ}/demo/status", {"status": {"phase": "Succeeded", "checkpoints": checkpoints}})
     job = await until(lambda: stored(kmock, "jobs", CHILD), "the export Job")
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-export"
-    assert stored(kmock, "configmaps", CHILD) is not None
+    await until(lambda: stored(kmock, "configmaps", CHILD), "the export ConfigMap")  # created beside the Job
     await until(lambda: ej_status(kmock).get("sourceCheckpoint") == BEST, "the pinned checkpoint")
     assert ej_condition(kmock, "WaitingForSource")["status"] == "False"
 
