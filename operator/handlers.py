@@ -72,9 +72,7 @@ def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
     return f"{namespace}/{name}" if kind == L.TJ_PLURAL else f"{namespace}/{kind}/{name}"
 
 
-def run_reconcile(
-    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None
-) -> Outcome | None:
+def run_reconcile(ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
     The TrainingJob is always read fresh, never taken from kopf's event: another trigger may have moved its

@@ -15,7 +15,7 @@ import torch
 from inprocess import CPU, run_main, summary
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from trainer_testkit import make_job, metrics_records
+from trainer_testkit import assert_evaluate_reproduces, make_job, metrics_records
 
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.detection_shapes import write_detection_shapes
@@ -123,3 +123,9 @@ def test_a_short_run_writes_coco_files_pycocotools_agrees_with(isolated: Path, s
         pictures = sorted((run / "samples" / split).rglob("*.png"))
         assert len(pictures) == 8, pictures
     assert summary(job)["predictions"].endswith("predictions-test.json")
+    # `kiln evaluate` of the run's checkpoint on its test data: the same numbers, COCO files pycocotools reads.
+    out = isolated / "evaluated"
+    mine = assert_evaluate_reproduces(job, "test", out)
+    stats = _cocoeval_stats(out / "gt-test.json", out / "predictions-test.json")
+    assert mine["metrics"]["map50"] == pytest.approx(max(stats[1], 0.0), abs=1e-4)
+    assert len(sorted((out / "samples" / "test").rglob("*.png"))) == 8

@@ -15,6 +15,7 @@ from inprocess import CPU, run_main, summary
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, jaccard_score
 from trainer_testkit import (
+    assert_evaluate_reproduces,
     assert_per_class_matches_scikit_learn,
     make_job,
     merge,
@@ -348,6 +349,11 @@ def test_evaluation_json_predictions_and_overlays_of_a_tiny_run(isolated: Path, 
             ignored = one_truth == 255
             assert (overlay[:, 32:64][ignored] == IGNORE_COLOUR).all()
             assert (overlay[:, 32:64][~ignored] == colours[one_truth[~ignored]]).all()
+    # `kiln evaluate` of the run's checkpoint on its test data: the same numbers, predictions and overlays.
+    out = isolated / "evaluated"
+    assert assert_evaluate_reproduces(job, "test", out)["confusion"] == evaluation["test"]["confusion"]
+    assert len(list(csv.DictReader((out / "predictions-test.csv").open()))) == 8
+    assert len(list((out / "samples" / "test").glob("*.png"))) == SAMPLE_IMAGES
 
 
 # -- networks and weights ----------------------------------------------------------------------------------------

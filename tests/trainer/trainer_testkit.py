@@ -245,3 +245,20 @@ def assert_per_class_matches_scikit_learn(
             expected = pytest.approx(reference[name][k], abs=1e-6) if present else None
             assert row[name] == expected, (k, name)
         assert (row["support"], row["predicted"]) == (int((y_true == k).sum()), int((y_pred == k).sum()))
+
+
+def assert_evaluate_reproduces(job: ResolvedTrainingJob, split: str, out: Path) -> dict[str, Any]:
+    """``kiln evaluate``'s child process on the finished run's checkpoint root and the split's data gives the numbers
+    the run itself wrote for its best checkpoint on that split; the evaluation's own report is returned."""
+    from kiln.api.contract import ExitCode
+    from kiln.trainer import evaluate  # imports torch: only the tests that train call this
+
+    source = getattr(job.spec.data, split)
+    argv = ["--checkpoint", job.checkpoint_uri, "--data", source.uri, "--split", split, "--output", str(out)]
+    assert evaluate.main(argv) == ExitCode.OK, (out / "termination-log").read_text()
+    mine = json.loads((out / "evaluation.json").read_text())[split]
+    own = json.loads((Path(job.run_uri) / "evaluation.json").read_text())[split]
+    assert mine["checkpoint"] == own["checkpoint"]
+    assert mine["metrics"] == pytest.approx(own["metrics"], rel=1e-6, abs=1e-9)
+    assert [c["name"] for c in mine["classes"]] == [c["name"] for c in own["classes"]]
+    return mine  # type: ignore[no-any-return]
