@@ -27,6 +27,9 @@ from kiln.trainer.errors import InvalidInput
 from kiln.trainer.preemption import ignore_termination_in_worker
 from kiln.trainer.split_layout import split_layout
 
+# Every folder staged from storage in this process, mapped to the URI it mirrors: an error about a staged file
+# names the object the user wrote (s3://...), not a path in this node's cache.
+STAGED: dict[str, str] = {}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 DEFAULT_CACHE = Path.home() / ".cache" / "kiln" / "data"
 
@@ -55,6 +58,7 @@ def localize(source: DataSource, split: str, job: ResolvedTrainingJob, world: Wo
     folder_uri, _, filename = uri.rstrip("/").rpartition("/") if _is_file_uri(uri) else (uri, "", "")
     layout = split_layout(folder_uri, source.format)
     dest = storage.cache_dir_for(folder_uri, cache_root(job))
+    STAGED[str(dest)] = layout.anchor  # dest mirrors the anchor: dest/<x> holds <anchor>/<x>
     local = _stage(layout.uri(layout.split), dest / layout.split, split, job, world)
     for prefix in layout.prefixes:
         _stage(layout.uri(prefix), dest / prefix, split, job, world, needed_by=uri)
@@ -64,6 +68,13 @@ def localize(source: DataSource, split: str, job: ResolvedTrainingJob, world: Wo
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         raise InvalidInput(f"data.{split}.uri: {uri} holds no objects")
     return path
+
+
+def as_source_uris(text: str) -> str:
+    """``text`` with each staged folder's local path written as the URI it was staged from."""
+    for local in sorted(STAGED, key=len, reverse=True):  # the longest first: one cache folder may hold another
+        text = text.replace(local, STAGED[local])
+    return text
 
 
 def _stage(

@@ -18,6 +18,7 @@ from kiln.api import contract
 from kiln.api.contract import Env, ExitCode, TrainerReport
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.trainer.control import ControlState
+from kiln.trainer.data import as_source_uris
 from kiln.trainer.distributed import barrier, close_distributed, init_distributed
 from kiln.trainer.errors import InvalidInput, one_line
 from kiln.trainer.observability import StatusServer, TrainerMetrics, rank_labels, status_port
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     except Exception as exc:
         code = ExitCode.INVALID if isinstance(exc, InvalidInput) else ExitCode.FAILED
-        reason = one_line(exc)
+        reason = as_source_uris(one_line(exc))
         log.error(
             "%s: %s",
             "invalid input" if code == ExitCode.INVALID else "training failed",

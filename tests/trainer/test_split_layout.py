@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from inprocess import run_main
 from trainer_testkit import YoloLayout, make_job, upload_yolo, yolo_key, yolo_split_uri
 
+from kiln.api.contract import ExitCode
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.training import DataSource
 from kiln.testing.s3 import S3Server
@@ -132,3 +134,19 @@ def test_yolo_bad_input_from_s3_names_the_file_and_line(
     assert str(missing.value) == (
         f"data.test.uri: {remote}/images/test needs {remote}/labels/test, which holds no objects"
     )
+
+
+@pytest.mark.timeout(120)
+def test_the_runs_error_about_a_staged_file_names_its_s3_object_not_the_cache(
+    isolated: Path, yolo: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    remote = upload_yolo(s3_server, s3_bucket, yolo / "yolo", "shapes", "images-folders")
+    s3_server.client().put_object(Bucket=s3_bucket, Key="shapes/labels/val/0001.txt", Body=b"7 0.5 0.5 0.2 0.2\n")
+    data = {split: {"uri": f"{remote}/images/{split}", "format": "yolo"} for split in ("train", "val")}
+    model = {"architecture": "fasterrcnn_mobilenet_v3_large_320_fpn"}
+    job = make_job(isolated, isolated, task="detection", model=model, storage={"endpointUrl": s3_server.endpoint_url},
+                   data={**data, "staging": {"cacheDir": str(isolated / "cache")}})  # fmt: skip
+    code, report = run_main(isolated, job)
+    assert code == ExitCode.INVALID
+    assert f"{remote}/labels/val/0001.txt line 1: class id 7" in report["reason"], report["reason"]
+    assert str(isolated / "cache") not in report["reason"]
