@@ -26,6 +26,9 @@ def kiln_crds(cluster: ControlPlane) -> None:
     cluster.install_crds(sorted(CRDS.glob("*.yaml")))
 
 
+# tryfirst: the marks must be on the items before xdist's worker reads them in its own
+# pytest_collection_modifyitems (it turns them into the nodeid suffix that loadgroup schedules by).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs two workers), every test of the real control plane runs on one
     worker: the local executor runs pods as host processes on the fixed pod ports (rendezvous 29500, metrics

@@ -67,7 +67,8 @@ def make_s3_client(endpoint_url: str | None, region: str | None, *, pool: int = 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        # total_max_attempts counts the first try; botocore's 'max_attempts' key counts only the retries.
+        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
         max_pool_connections=pool,
         # S3-compatible servers (MinIO, Ceph) are addressed by path, not by bucket subdomain.
         s3={"addressing_style": "path"} if endpoint_url else None,

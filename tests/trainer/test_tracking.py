@@ -10,13 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,60 +20,26 @@ import numpy as np
 import pytest
 from inprocess import CPU, run_main
 from PIL import Image
+from tracking_server import mlflow_server
 from trainer_testkit import make_job, trainer_env
 
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.storage import Store, open_store
+from kiln.testing.processes import free_port
 from kiln.testing.s3 import S3Server
 from kiln.trainer import pictures, tracking
 from kiln.trainer.tensorboard_log import TENSORBOARD
 from kiln.trainer.trainer import Trainer
 
 pytestmark = pytest.mark.slow
-MLFLOW = Path(sys.executable).parent / "mlflow"
 UID = "0b5c1e2a-7d3f-4e61-9a0c-5f8e2d1b4c77"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 with a SQLite store and artifacts under a temporary folder."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [
-        str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", "1", "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    # The server's background job runner (GenAI jobs) is not needed here and would cost a few processes.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_file = (root / "server.log").open("w")
-    server = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while not _healthy(uri):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    try:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        log_file.close()
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @dataclass
