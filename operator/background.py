@@ -14,6 +14,7 @@ table (``track-export``) with resyncs only; a TrainingJob's phase change wakes t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -128,7 +129,10 @@ class Background:
                     if (lane, kind, key) in self.busy:
                         continue
                     self.busy.add((lane, kind, key))
-                    future = loop.run_in_executor(executor, actions[kind], key[0], key[1], body)
+                    # In this task's context: kopf.event reads kopf's context variables, which
+                    # run_in_executor (unlike asyncio.to_thread) does not carry into the thread.
+                    run = contextvars.copy_context().run
+                    future = loop.run_in_executor(executor, run, actions[kind], key[0], key[1], body)
                     future.add_done_callback(functools.partial(self._done, (lane, kind, key)))
             await asyncio.sleep(self.tick_s)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import kmock
 import pytest
-from test_handlers_kmock import NS, TJ, create_tj, operator, phase_of, send, stored, until
+from test_handlers_kmock import NS, TJ, create_tj, events, operator, phase_of, send, stored, until
 
 from kiln.api.contract import ExportReport
 from kiln.api.status import Artifact
@@ -107,6 +107,8 @@ async def test_a_failed_trainingjob_fails_the_waiting_export(
     assert ej_condition(kmock, "Failed")["reason"] == "SourceFailed"
     assert "WorkerFailed: exit code 2" in ej_condition(kmock, "Failed")["message"]
     assert stored(kmock, "jobs", CHILD) is None
+    # The background resync that the TrainingJob's change woke posts the transition's Event too.
+    await until(lambda: any(e["reason"] == "SourceFailed" for e in events(kmock)), "the SourceFailed Event")
 
 
 async def test_a_missing_trainingjob_fails_after_the_grace_period_and_an_explicit_uri_starts_at_once(

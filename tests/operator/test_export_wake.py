@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln.operator.background import Schedule
+from kiln.operator.background import Background, Schedule
 from kiln.operator.export_reconcile import waits_for
 
 WALL = datetime(2026, 1, 1, tzinfo=UTC)  # only TTL deletes read the wall clock; ExportJobs have none
@@ -42,3 +45,25 @@ def test_an_export_schedule_never_polls_progress() -> None:
     schedule = Schedule(60.0, None)
     schedule.observe("ml", "running", export("running", "digits", phase="Running"), now=0.0)
     assert [kind for kind, _, _ in schedule.due(61.0, WALL)] == ["resync"]
+
+
+def test_background_actions_see_the_context_of_the_task_that_started_it() -> None:
+    """kopf.event reads kopf's context variables; a woken resync that posts an Event runs in an executor thread, where
+    run_in_executor alone would leave them unset (Events of background resyncs were lost with a LookupError)."""
+    kopfs = contextvars.ContextVar[str]("kopfs")
+    seen: list[str] = []
+
+    async def run() -> None:
+        kopfs.set("set by kopf before the startup handler")
+        schedule = Schedule(60.0, None)
+        schedule.observe("ml", "waiting", export("waiting", "digits", phase="Pending"), now=time.monotonic())
+        schedule.wake("ml", lambda body: waits_for(body, "digits"))
+        background = Background((schedule, {"resync": lambda *_: seen.append(kopfs.get())}), tick_s=0.01)
+        background.start(None)
+        deadline = time.monotonic() + 10
+        while (background.busy or not seen) and time.monotonic() < deadline:  # the action ran, or failed
+            await asyncio.sleep(0.01)
+        await background.stop()
+
+    asyncio.run(run())
+    assert seen == ["set by kopf before the startup handler"]
