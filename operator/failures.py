@@ -154,7 +154,11 @@ def effective_exit_code(outcome: PodOutcome) -> int:
 
 
 def _job_failure_message(job: Obj) -> str:
-    for condition in job.get("status", {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+    # FailureTarget comes first and is all there is while the failed Job's other pods terminate (job_view counts
+    # it as failed); by then an evicted pod is usually gone, its kubelet having deleted the object.
+    conditions = [c for c in job.get("status", {}).get("conditions") or [] if c.get("status") == "True"]
+    for kind in ("Failed", "FailureTarget"):
+        for condition in conditions:
+            if condition.get("type") == kind:
+                return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
     return ""

@@ -96,6 +96,15 @@ def test_pods_gone_falls_back_to_the_job_condition() -> None:
     assert not failure.retriable and "exit code 2" in failure.message
 
 
+def test_pods_gone_while_the_job_is_only_a_failure_target_still_names_the_cause() -> None:
+    """An evicted pod is deleted once it exits; the Job says FailureTarget until its other pods terminate."""
+    message = "Pod ml/demo-1-1 has condition DisruptionTarget matching FailJob rule at index 0"
+    job = {"status": {"conditions": [
+        {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": message}]}}  # fmt: skip
+    failure = classify([], job, [])
+    assert failure.retriable and failure.message == f"PodFailurePolicy: {message}"
+
+
 def test_reports_parse_json_or_keep_raw_text() -> None:
     preempted = parse_report('{"state": "preempted", "progress": {"epoch": 2}}')
     assert preempted is not None and preempted.state == "preempted" and preempted.progress is not None
