@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import signal
-import socket
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -26,16 +25,11 @@ from trainer_testkit import (
 
 from kiln.api.status import CheckpointStatus, Progress
 from kiln.storage import open_store
+from kiln.testing.processes import free_port
 from kiln.testing.s3 import S3Server
 
 pytestmark = pytest.mark.slow
 StartTrainer = Callable[..., Popen[str]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(port: int, path: str) -> bytes | None:
