@@ -81,6 +81,9 @@ class ProgressView:
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             console=console,
+            # rich's default is 10 redraws a second from a thread of its own, whether or not anything changed
+            # (and even when stdout is not a terminal): the bars' data changes every PROGRESS_SECONDS.
+            refresh_per_second=2,
         )
         self.epochs: TaskID = self.bars.add_task("epoch", total=None, info="starting torchrun ...")
         self.steps: TaskID = self.bars.add_task("step", total=None, info="")
