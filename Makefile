@@ -18,7 +18,8 @@ $(VENV)/.synced: pyproject.toml uv.lock
 controlplane:
 	@bash controlplane/build.sh
 
-# helm, prometheus/promtool, lua, buildah, kueue: pinned, cached outside the clone (tools/README.md).
+# helm, prometheus/promtool, lua, buildah, kueue, Kubeflow's training-operator (the benchmark's peer): pinned, cached
+# outside the clone (tools/README.md).
 tools:
 	@bash tools/install-all.sh
 

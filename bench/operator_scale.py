@@ -44,11 +44,12 @@ NAMESPACE = "bench"
 PREFIXES = ("kiln_operator_reconcile_total", "kiln_operator_reconcile_duration_seconds_sum")
 
 
-def trainingjob(name: str) -> dict[str, Any]:
+def trainingjob(name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
+    """A one-node, one-GPU TrainingJob (bench/operator_vs_kubeflow.py gives its PyTorchJobs the same pod)."""
     return {
         "apiVersion": "kiln.dev/v1alpha1",
         "kind": "TrainingJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "task": "classification",
             "model": {"architecture": "resnet18"},
@@ -132,24 +133,55 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return hwm / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def create_namespace(cluster: ControlPlane, namespace: str) -> None:
+    cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                               "metadata": {"name": namespace}})  # fmt: skip
+    wait_until(lambda: cluster.kube.exists(namespaced("serviceaccounts", namespace, "default")), timeout=30,
+               what="namespace ready")  # fmt: skip
+
+
+def start_kiln_operator(cluster: ControlPlane, metrics_port: int) -> subprocess.Popen[bytes]:
+    """Kiln's operator as a user runs it (`kiln operator`), its log in the temp dir (one file per run: benchmarks
+    on a shared VM overlap). The leader Lease is lengthened: a burst that saturates the shared cores delayed a
+    renewal past the default 8 s deadline, and the operator stopped itself mid-run as a leader that lost its Lease
+    must (nothing here measures failover)."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KILN_OPERATOR_METRICS_PORT": str(metrics_port),
+           "KILN_OPERATOR_LEASE_DURATION_S": "120", "KILN_OPERATOR_RENEW_DEADLINE_S": "100"}  # fmt: skip
+    log = tempfile.NamedTemporaryFile(prefix="kiln-bench-operator-", suffix=".log", delete=False)  # noqa: SIM115
+    print(f"operator log: {log.name}", file=sys.stderr)
+    return subprocess.Popen([sys.executable, "-m", "kiln.cli", "operator"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+
+
+def create_burst(
+    client: KubeClient, path: str, bodies: dict[str, dict[str, Any]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Create every body at once. Returns (sent, created): when each create call started and returned, by name,
+    on the monotonic clock; "created" is when the object is committed."""
+    sent: dict[str, float] = {}
+    created: dict[str, float] = {}
+
+    def create(name: str) -> None:
+        sent[name] = time.monotonic()
+        client.create(path, bodies[name])
+        created[name] = time.monotonic()
+
+    # 16 threads over KubeClient's 4 pooled connections: a burst as from several kubectl users.
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, bodies))
+    return sent, created
+
+
 def run(jobs: int, nodes: int) -> dict[str, Any]:
     cluster = ControlPlane(ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False)).start()
     try:
         cluster.install_crds(sorted((REPO / "crds").glob("*.yaml")))
-        cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                   "metadata": {"name": NAMESPACE}})  # fmt: skip
-        wait_until(lambda: cluster.kube.exists(namespaced("serviceaccounts", NAMESPACE, "default")), timeout=30,
-                   what="namespace ready")  # fmt: skip
+        create_namespace(cluster, NAMESPACE)
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KILN_OPERATOR_METRICS_PORT": str(port)}
-        log = (Path(tempfile.gettempdir()) / "kiln-bench-operator.log").open("wb")
-        operator = subprocess.Popen([sys.executable, "-m", "kiln.cli", "operator"], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+        operator = start_kiln_operator(cluster, port)
         time.sleep(3)
         rss_idle, _ = proc_stats(operator.pid)
 
-        sent: dict[str, float] = {}
-        created: dict[str, float] = {}
         job_seen: dict[str, float] = {}
         running: dict[str, float] = {}
         succeeded: dict[str, float] = {}
@@ -181,18 +213,12 @@ def run(jobs: int, nodes: int) -> dict[str, Any]:
         requests_before, cpu_before, load_before = apiserver_requests(client), machine_cpu(), os.getloadavg()
         operator_cpu_before = proc_stats(operator.pid)[1]
 
-        def create(index: int) -> None:
-            name = f"bench-{index:04d}"
-            sent[name] = time.monotonic()
-            client.create(tj_path, trainingjob(name))
-            created[name] = time.monotonic()
-
+        bodies = {f"bench-{index:04d}": trainingjob(f"bench-{index:04d}") for index in range(jobs)}
         started = time.monotonic()
-        # 16 threads over KubeClient's 4 pooled connections: a burst as from several kubectl users.
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(create, range(jobs)))
+        sent, created = create_burst(client, tj_path, bodies)
         created_all = time.monotonic() - started
-        wait_until(lambda: len(succeeded) >= jobs, timeout=600, interval=0.5, what="all Succeeded",
+        # 200 jobs took 4 minutes on the saturated shared VM: allow 3 s a job, not a flat 10 minutes.
+        wait_until(lambda: len(succeeded) >= jobs, timeout=max(600, 3 * jobs), interval=0.5, what="all Succeeded",
                    on_tick=lambda: None)  # fmt: skip
         all_done = time.monotonic() - started
         cpu_after, load_after = machine_cpu(), os.getloadavg()

@@ -36,6 +36,8 @@ NOT_APPLIED: dict[str, str] = {
     "resources.nodeSelector": "no scheduling: every node runs on this machine",
     "resources.tolerations": "no scheduling: every node runs on this machine",
     "resources.affinity": "no scheduling: every node runs on this machine",
+    "data.staging.cacheClaim": "no volumes: data is staged into this machine's cache folder"
+    " (data.staging.cacheDir, $KILN_CACHE_DIR or ~/.cache/kiln/data), which outlives runs already",
     "image": "runs this Python environment's kiln, not a container",
     "storage.secretRef": "S3 credentials come from this environment (AWS_* variables, ~/.aws)",
     "tracking.mlflow.credentialsSecret": "MLflow credentials come from this environment (MLFLOW_TRACKING_* variables)",

@@ -7,6 +7,7 @@ lives in module globals.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -19,12 +20,12 @@ from kubernetes.client.rest import ApiException
 
 from kiln.api.status import ConditionType, Phase
 from kiln.operator import labels as L
-from kiln.operator.background import Background, Schedule
+from kiln.operator.background import TERMINAL, Background, Schedule
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
 from kiln.operator.kube import Kube, load_api_client
 from kiln.operator.metrics import Metrics, start_server
-from kiln.operator.progress import poll_progress
+from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
 from kiln.operator.status import Transition
@@ -44,6 +45,8 @@ class Context:
     locks: dict[str, threading.Lock] = field(default_factory=dict)
     job_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     """The last Job state reconciled per Job, to skip events that change nothing the operator reads."""
+    rank0: Rank0Addresses = field(default_factory=Rank0Addresses)
+    """Where the progress polls find each running attempt's rank 0."""
     schedule: Schedule = field(init=False)
     """Every TrainingJob seen, for the periodic work (resync, progress polls, TTL) in ``background``."""
     export_schedule: Schedule = field(init=False)
@@ -89,6 +92,7 @@ def run_reconcile(ctx: Context, kind: str, namespace: str, name: str, *, job_bod
                 result = "gone"
                 return None
             outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body)
+        ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
     except ApiException as exc:
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
@@ -239,6 +243,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     @on.event(*TJ, id="track-phase", registry=registry)
     async def track_phase(type: str, body: kopf.Body, uid: str, namespace: str | None, name: str, **_: Any) -> None:
         # async: runs on the event loop, so the schedule needs no lock and no worker thread is taken.
+        if ctx.background is not None:
+            ctx.background.adopt_context(contextvars.copy_context())
         deleted = type == "DELETED"
         status = body.get("status") or {}
         phase = None if deleted else status.get("phase", Phase.PENDING.value)
@@ -247,6 +253,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             ctx.export_schedule.wake(namespace or "", lambda export: waits_for(export, name))
         ctx.metrics.observe_trainingjob(uid, namespace or "", name, None if deleted else body)
         ctx.schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
+        if deleted or phase in TERMINAL:
+            ctx.rank0.forget(namespace or "", name)
         if deleted:
             ctx.locks.pop(lock_key(namespace or "", name), None)
 
@@ -268,6 +276,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
 
     @on.event(*EJ, id="track-export", registry=registry)
     async def track_export(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+        if ctx.background is not None:
+            ctx.background.adopt_context(contextvars.copy_context())
         deleted = type == "DELETED"
         ctx.export_schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:
@@ -285,7 +295,7 @@ def _periodic_actions(ctx: Context) -> dict[str, Any]:
     def progress(namespace: str, name: str, body: Obj) -> None:
         assert ctx.kube is not None
         try:
-            poll_progress(ctx.kube, body, ctx.settings.progress_timeout_s)
+            poll_progress(ctx.kube, body, ctx.settings.progress_timeout_s, ctx.rank0)
         except OSError as exc:  # a busy or restarting rank 0: skip this poll
             logging.getLogger(__name__).debug("progress poll of %s/%s failed: %s", namespace, name, exc)
 

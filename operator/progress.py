@@ -34,6 +34,36 @@ def rank0_address(pods: list[Obj]) -> str | None:
     return None
 
 
+class Rank0Addresses:
+    """Rank 0's pod IP per TrainingJob attempt, so that polls list an attempt's pods once, not every poll.
+
+    A pod list by label makes the apiserver read every pod in the namespace, so one list per poll cost
+    running jobs x pods every progress interval: quadratic in the number of jobs. An attempt's rank 0 is never
+    replaced (backoffLimit 0: a failed pod fails the attempt, and the next attempt has a new number), so its
+    address holds for as long as the attempt runs. Each key is touched by one poll at a time (Background runs
+    one per job) and dict operations are atomic, so no lock.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], tuple[int, str]] = {}
+
+    def lookup(self, kube: Kube, namespace: str, name: str, attempt: int) -> str | None:
+        known = self._known.get((namespace, name))
+        if known is not None and known[0] == attempt:
+            return known[1]
+        address = rank0_address(kube.attempt_pods(namespace, name, attempt))
+        if address is not None:
+            self._known[(namespace, name)] = (attempt, address)
+        return address
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The job finished or is gone: nothing polls it any more."""
+        self._known.pop((namespace, name), None)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
 def fetch_report(address: str, timeout_s: float, request: ControlRequest | None = None) -> TrainerReport | None:
     """GET the report, or POST ``request`` and get it in return."""
     base = f"http://{address}:{contract.METRICS_PORT}"
@@ -68,11 +98,11 @@ def progress_patch(status: Obj, report: TrainerReport | None) -> Obj:
     return patch
 
 
-def poll_progress(kube: Kube, body: Obj, timeout_s: float) -> Obj:
+def poll_progress(kube: Kube, body: Obj, timeout_s: float, addresses: Rank0Addresses) -> Obj:
     """One poll; returns the status patch it applied. Network errors propagate to the caller."""
     meta, status = body["metadata"], body.get("status") or {}
     attempt = int(status.get("attempt") or 0)
-    address = rank0_address(kube.attempt_pods(meta["namespace"], meta["name"], attempt)) if attempt else None
+    address = addresses.lookup(kube, meta["namespace"], meta["name"], attempt) if attempt else None
     if address is None:
         return {}
     request = control_request(meta.get("annotations"), load_status(status).control)

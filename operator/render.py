@@ -169,6 +169,8 @@ def pod_security_context(settings: Settings) -> Obj:
         "runAsUser": settings.run_as_user,
         "runAsGroup": settings.run_as_user,
         "fsGroup": settings.run_as_user,
+        # A staging cache claim holds whole datasets: the kubelet's default chowns every file on every mount.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -221,6 +223,15 @@ def _container(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
     return container
 
 
+def cache_volume(resolved: ResolvedTrainingJob) -> Obj:
+    """The staging cache at contract.CACHE_DIR: data.staging.cacheClaim (resolved with the operator's default), which
+    outlives the pods, so a restarted attempt finds its data staged; else an emptyDir, which dies with the pod."""
+    claim = resolved.spec.data.staging.cache_claim
+    if claim:
+        return {"name": "cache", "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": "cache", "emptyDir": {}}
+
+
 def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -> Obj:
     spec = resolved.spec
     pod: Obj = {
@@ -235,7 +246,7 @@ def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -
         "volumes": [
             {"name": "spec", "configMap": {"name": L.configmap_name(resolved.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            {"name": "cache", "emptyDir": {}},
+            cache_volume(resolved),
         ],
     }
     pod.update(placement(spec.resources.node_selector, spec.resources.tolerations))

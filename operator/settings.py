@@ -35,6 +35,13 @@ class Settings:
     secret_ref: str | None = None
     """Default name of the Secret with AWS_* credentials, looked up in each job's own namespace."""
 
+    staging_cache_claim: str | None = None
+    """Default PersistentVolumeClaim, by name in each job's own namespace, that worker pods stage datasets into
+    when spec.data.staging names neither cacheClaim nor cacheDir. Unset: an emptyDir per pod, which dies with the
+    pod, so every restarted attempt downloads the dataset again; the default because a claim must exist in every
+    namespace that runs jobs (ReadWriteMany for multi-node jobs), which only the cluster's admin can arrange.
+    Not a hostPath: Pod Security Standards "restricted" forbids hostPath volumes."""
+
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch (kopf patterns allowed, e.g. 'team-*'); empty watches the whole cluster."""
 
@@ -109,6 +116,7 @@ class Settings:
             default_procs_per_node=self.default_procs_per_node,
             endpoint_url=self.endpoint_url,
             secret_ref=self.secret_ref,
+            staging_cache_claim=self.staging_cache_claim,
         )
 
 

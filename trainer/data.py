@@ -94,6 +94,9 @@ def _stage(
         # Nothing to stage is a wrong URI, not an outage: retrying cannot help (exit 2, not 1).
         needs = f"{needed_by} needs {uri}, which" if needed_by else uri
         raise InvalidInput(f"data.{split}.uri: {needs} holds no objects") from exc
+    except storage.NoSpaceError as exc:
+        # Its own line already says what is short and where: exit 1, final unless 1 is a retriable exit code.
+        raise storage.NoSpaceError(f"data.{split}.uri: {exc}") from exc
     except storage.StorageError as exc:
         raise storage.StorageError(f"data.{split}.uri: staging {uri} failed: {exc}") from exc
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from kiln.api import contract
 from kiln.api.contract import Env, ExitCode, TrainerReport
 from kiln.api.resolve import ResolvedTrainingJob
+from kiln.storage import NoSpaceError
 from kiln.trainer.control import ControlState
 from kiln.trainer.data import as_source_uris
 from kiln.trainer.distributed import barrier, close_distributed, init_distributed
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             "%s: %s",
             "invalid input" if code == ExitCode.INVALID else "training failed",
             reason,
-            exc_info=code != ExitCode.INVALID,
+            # A full staging cache says all there is to say in its one line; a traceback would bury it.
+            exc_info=code != ExitCode.INVALID and not isinstance(exc, NoSpaceError),
         )
         write_termination_log(termination_log, TrainerReport.failure(reason, code).to_json())
         return code

@@ -57,7 +57,7 @@ EXPORTER_CONTAINER_NAME = "exporter"
 TERMINATION_LOG = "/dev/termination-log"
 """Kubernetes' default terminationMessagePath; the trainer writes its final report there."""
 CACHE_DIR = "/var/cache/kiln"
-"""Node-local dataset cache (an emptyDir in the pod)."""
+"""The dataset staging cache in every worker pod: an emptyDir, or the claim data.staging.cacheClaim resolves to."""
 METRICS_PORT = 9400
 """Local rank 0 of each pod serves /metrics (Prometheus) here, global rank 0 also /progress (the report); local
 rank k serves its own /metrics on METRICS_PORT + k, so every rank of a multi-process pod is scraped."""

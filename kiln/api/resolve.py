@@ -20,7 +20,7 @@ from kiln.api.learning import LossKeyframe, MetricMode
 from kiln.api.manifest import InvalidManifest, ManifestError, TrainingJob
 from kiln.api.parse import parse_manifest
 from kiln.api.tracking import resolve_tracking
-from kiln.api.training import TrainingJobSpec
+from kiln.api.training import Staging, TrainingJobSpec
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,16 @@ class Environment:
     default_procs_per_node: int = 1
     endpoint_url: str | None = None
     secret_ref: str | None = None
+    staging_cache_claim: str | None = None
+
+
+def staging_for(spec: TrainingJobSpec, env: Environment, mode: Literal["cluster", "local"]) -> Staging:
+    """data.staging with the cluster's default cache claim filled in, unless the spec names a claim or a cacheDir
+    (the two are exclusive) or the job runs under kiln run, where the cache is a folder of this machine."""
+    staging = spec.data.staging
+    if mode == "local" or staging.cache_claim or staging.cache_dir or not env.staging_cache_claim:
+        return staging
+    return staging.model_copy(update={"cache_claim": env.staging_cache_claim})
 
 
 class ResolvedMetric(KilnModel):
@@ -188,7 +198,9 @@ def resolve(
     image = spec.image or env.image
     resolved_spec = spec.model_copy(
         update={
-            "data": spec.data.model_copy(update={"ignore_index": ignore_index(spec)}),
+            "data": spec.data.model_copy(
+                update={"ignore_index": ignore_index(spec), "staging": staging_for(spec, env, mode)}
+            ),
             "validation": validation,
             "early_stopping": early_stopping,
             "output": spec.output.model_copy(update={"uri": run_uri}),

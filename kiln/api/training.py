@@ -94,16 +94,34 @@ class DataSource(KilnModel):
     clipped to the image and degenerate ones dropped, with one counted warning per split."""
 
 
-class Staging(KilnModel):
+class Staging(RuleModel):
     mode: StagingMode = "auto"
     """copy: download S3 data to a node-local cache once per node before training. direct: read local paths
     in place. auto: copy for s3:// URIs, direct for local paths."""
 
     cache_dir: Annotated[str, Field(max_length=1024)] | None = None
-    """Node-local cache directory. Defaults to $KILN_CACHE_DIR, else ~/.cache/kiln/data."""
+    """Node-local cache directory. Defaults to $KILN_CACHE_DIR, else ~/.cache/kiln/data. In a cluster it is a
+    folder of the container's own filesystem, gone with the pod; leave it out there (see cacheClaim)."""
+
+    cache_claim: Name | None = None
+    """Cluster only: a PersistentVolumeClaim in the job's namespace that every worker pod mounts as its staging
+    cache instead of an emptyDir of its own, so staged data outlives the pods: a restarted attempt, and any job
+    that stages the same URI through the same claim, finds it staged and downloads nothing. ReadWriteMany for
+    jobs of more than one node (a ReadWriteOnce volume is mounted on one node only); its filesystem must support
+    flock (local disks, NFSv4, CephFS do). Defaults to the operator's stagingCacheClaim setting, unless
+    cacheDir is given; with neither, each pod stages into an emptyDir."""
 
     parallelism: Annotated[int, Field(ge=1, le=256)] = 16
     """Concurrent downloads while staging."""
+
+    __rules__ = (
+        Rule(
+            cel="!(has(self.cacheClaim) && has(self.cacheDir))",
+            message="cacheClaim and cacheDir are exclusive: the claim is mounted where the trainer caches",
+            holds=lambda s: not (s.cache_claim is not None and s.cache_dir is not None),
+            field="cacheClaim",
+        ),
+    )
 
 
 class Normalization(KilnModel):

@@ -11,6 +11,7 @@ and it imports neither; ``open_store`` itself lives in the package ``__init__``,
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -45,6 +46,13 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class EmptySourceError(StorageError):
     """A prefix to stage lists no objects: a wrong URI, which no retry will fix."""
+
+
+class NoSpaceError(StorageError):
+    """The local filesystem is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def scrub(text: str) -> str:
@@ -245,6 +253,8 @@ def _local_error(where: str, exc: OSError) -> StorageError:
     reason = exc.strerror or type(exc).__name__
     if isinstance(exc, FileNotFoundError):
         return ObjectNotFoundError(f"{where}: no such object")
+    if exc.errno in NO_SPACE_ERRNOS:
+        return NoSpaceError(f"{where}: {reason}")
     return StorageError(f"{where}: {reason}")
 
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 from kiln.api.training import StorageSpec
 from kiln.storage.base import (
+    NO_SPACE_ERRNOS,
+    NoSpaceError,
     ObjectInfo,
     ObjectNotFoundError,
     StorageError,
@@ -173,7 +175,8 @@ class S3Store:
         except StorageError:
             raise  # ObjectNotFoundError is an OSError too
         except OSError as exc:  # the local side: disk full, permissions
-            raise StorageError(f"{self.url(key)} -> {path}: {exc.strerror or type(exc).__name__}") from None
+            error = NoSpaceError if exc.errno in NO_SPACE_ERRNOS else StorageError
+            raise error(f"{self.url(key)} -> {path}: {exc.strerror or type(exc).__name__}") from None
 
     def exists(self, key: str) -> bool:
         try:

@@ -30,9 +30,11 @@ from urllib.parse import urlsplit
 
 from kiln.api.training import StorageSpec
 from kiln.storage.base import (
+    NO_SPACE_ERRNOS,
     TMP_SUFFIX,
     EmptySourceError,
     LocalStore,
+    NoSpaceError,
     ObjectInfo,
     StorageError,
     Store,
@@ -156,11 +158,20 @@ def stage(
             progress(len(listing), len(listing))
         return dest
 
-    _write_marker(dest, manifest)
-    _remove_temporaries(dest)
-    _download_all(store, dest, todo, parallelism, progress, total=len(listing))
-    _verify(store.uri, dest, listing)
-    _write_marker(dest, replace(manifest, complete=True))
+    try:
+        _write_marker(dest, manifest)
+        _remove_temporaries(dest)
+        if _needed_bytes(dest, todo) > _free_bytes(dest):  # fail before filling a disk other jobs may share
+            raise _no_space(store.uri, dest, listing)
+        _download_all(store, dest, todo, parallelism, progress, total=len(listing))
+        _verify(store.uri, dest, listing)
+        _write_marker(dest, replace(manifest, complete=True))
+    except NoSpaceError:
+        raise _no_space(store.uri, dest, listing) from None
+    except OSError as exc:  # the marker or a folder, written by this module itself
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise _no_space(store.uri, dest, listing) from None
+        raise
     log.info(
         "%s: staged in %s (%d files, %.1f MB; %d downloaded)",
         store.uri,
@@ -170,6 +181,44 @@ def stage(
         len(todo),
     )
     return dest
+
+
+def _needed_bytes(dest: Path, todo: Sequence[ObjectInfo]) -> int:
+    """What the files still to download take on ``dest``'s filesystem: every file fills whole blocks."""
+    block = max(1, os.statvfs(dest).f_frsize)
+    return sum(-(-info.size // block) * block for info in todo)
+
+
+def _free_bytes(dest: Path) -> int:
+    stats = os.statvfs(dest)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _no_space(uri: str, dest: Path, listing: Sequence[ObjectInfo]) -> NoSpaceError:
+    """A one-line error saying how much the cache lacks, for a cache that is too small or full."""
+    total = sum(info.size for info in listing)
+    still = sum(info.size for info in _missing(dest, listing))
+    return NoSpaceError(
+        f"{uri}: no space left for the staging cache on {_mount_point(dest)}: {_mb(still)} of {_mb(total)} still"
+        f" to stage, {_mb(_free_bytes(dest))} free there; give the cache more room (data.staging.cacheClaim, or the"
+        " node's ephemeral storage for the default emptyDir) or stage less (the staged part is kept)"
+    )
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding ``path``: the volume that is full. (Never the cache folder
+    itself, which the trainer's messages rewrite to the URI it mirrors.)"""
+    while not path.is_mount() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mb(size: int) -> str:
+    """A size people read at a glance: 12.3 kB, 812.3 MB, 1.2 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.1f} kB"
 
 
 def _open_source(uri: str, storage: StorageSpec | None, parallelism: int) -> Store:

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from kiln.testing import kwok_stages
 from kiln.testing.certs import KeyPair
 from kiln.testing.nodes import KWOK_NODE_SELECTOR
 
@@ -109,11 +111,16 @@ def scheduler_args(bin_dir: Path, pki: Pki, port: int) -> list[str]:
     ]
 
 
-def kwok_args(bin_dir: Path, kubeconfig: Path, port: int, root: Path) -> list[str]:
-    # An explicit (empty) configuration keeps a developer's ~/.kwok/kwok.yaml out of the tests;
-    # without Stage documents kwok uses its default node-fast and pod-fast stages.
+def kwok_args(
+    bin_dir: Path, kubeconfig: Path, port: int, root: Path, completed_owner_kinds: tuple[str, ...] = ()
+) -> list[str]:
+    # An explicit configuration keeps a developer's ~/.kwok/kwok.yaml out of the tests; without Stage documents
+    # kwok uses its default node-fast and pod-fast stages, which complete only pods a batch/v1 Job owns.
     config = root / "kwok.yaml"
-    config.write_text(json.dumps({"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration"}))
+    documents: list[dict[str, Any]] = [{"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration"}]
+    if completed_owner_kinds:
+        documents += kwok_stages.pod_stages(completed_owner_kinds)
+    config.write_text("\n---\n".join(json.dumps(document) for document in documents))
     return [
         str(bin_dir / "kwok"),
         f"--kubeconfig={kubeconfig}",

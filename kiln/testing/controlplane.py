@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ class ControlPlaneConfig:
     """Keep ``root`` after ``stop()`` (to read logs of a failed run)."""
     startup_timeout: float = 90.0
     """Seconds for the whole start; a warm start takes well under 20."""
+    kwok_completed_owner_kinds: tuple[str, ...] = ()
+    """Owner kinds besides batch/v1 Job whose pods kwok completes (a peer operator's, e.g. PyTorchJob)."""
 
 
 class ControlPlane:
@@ -126,7 +128,8 @@ class ControlPlane:
         kcm_port, scheduler_port, kwok_port = free_port(), free_port(), free_port()
         self._spawn("kube-controller-manager", components.controller_manager_args(bin_dir, pki, kcm_port))
         self._spawn("kube-scheduler", components.scheduler_args(bin_dir, pki, scheduler_port))
-        self._spawn("kwok", components.kwok_args(bin_dir, self.kubeconfig, kwok_port, self.root))
+        self._spawn("kwok", components.kwok_args(bin_dir, self.kubeconfig, kwok_port, self.root,
+                                                 self.config.kwok_completed_owner_kinds))  # fmt: skip
         if self.config.executor:
             executor = components.executor_args(
                 self.kubeconfig, self.executor_node, self.executor_root, self.kubernetes_version
@@ -145,6 +148,21 @@ class ControlPlane:
             lambda: self.kube.exists(namespaced("serviceaccounts", "default", "default")),
             "the default ServiceAccount (kube-controller-manager)",
         )
+
+    @contextlib.contextmanager
+    def apiserver_stopped(self) -> Iterator[None]:
+        """kube-apiserver down for the duration of the block, then back on the same port, etcd and certs: a
+        crash or an upgrade of the control plane, as its clients see it. Returns once /readyz passes again."""
+        apiserver = self._processes["kube-apiserver"]
+        apiserver.stop()
+        try:
+            yield
+        finally:
+            # Same key, same place in the dict: stop() still stops the apiserver after its clients.
+            restarted = ManagedProcess(apiserver.name, apiserver.argv, self.logs_dir)
+            self._processes["kube-apiserver"] = restarted
+            wait_until(self._apiserver_ready, timeout=self.config.startup_timeout, what="kube-apiserver /readyz again",
+                       on_tick=restarted.check_alive)  # fmt: skip
 
     def _write_pki(self) -> components.Pki:
         ca = CertificateAuthority(self.certs_dir)

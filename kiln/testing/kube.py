@@ -84,7 +84,12 @@ class KubeClient:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = content_type
-        response = self._pool.request(method, f"{self.server}{path}{query}", body=payload, headers=headers)
+        try:
+            response = self._pool.request(method, f"{self.server}{path}{query}", body=payload, headers=headers)
+        except urllib3.exceptions.HTTPError as error:
+            # An apiserver that is down or restarting: an OSError, as callers that ride it out (the executor's
+            # heartbeat and sync, like a kubelet's) expect of a network failure, not urllib3's own class.
+            raise ConnectionError(f"{method} {path}: {error}") from error
         decoded = json.loads(response.data) if response.data else {}
         if response.status >= 300:
             raise ApiError(method, path, response.status, decoded if isinstance(decoded, dict) else {})

@@ -95,6 +95,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "data.staging": (DATA,),
     "data.staging.mode": (DATA,),
     "data.staging.cache_dir": (DATA,),
+    "data.staging.cache_claim": (RESOLVE, RENDER),
     "data.staging.parallelism": (DATA,),
     "augmentation": (COMPONENTS, CLASSIFICATION),
     "augmentation.preset": (AUGMENT,),

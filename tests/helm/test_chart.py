@@ -80,6 +80,7 @@ def test_every_setting_reaches_the_operator_unchanged() -> None:
         checkpoint_root="s3://team-checkpoints",
         endpoint_url="http://minio.minio.svc:9000",
         secret_ref="kiln-s3",
+        staging_cache_claim="kiln-staging",
         namespaces=("team-a", "team-*"),
         metrics_port=9090,
         progress_interval_s=2.5,

@@ -83,9 +83,11 @@ class Witness:
             restarting = condition["type"] == "Restarting" and condition["status"] == "True"
             if restarting and condition["message"] not in self.restarting:
                 self.restarting.append(condition["message"])
-        for job in self.cluster.kube.get(namespaced("jobs", self.namespace, group_version="batch/v1"))["items"]:
+        own = f"{L.TRAINING_JOB}={self.name}"  # not another TrainingJob's in the namespace
+        for job in self.cluster.kube.get(namespaced("jobs", self.namespace, group_version="batch/v1"),
+                                         labelSelector=own)["items"]:  # fmt: skip
             self.jobs.setdefault(job["metadata"]["name"], set()).add(job["metadata"]["uid"])
-        for pod in self.cluster.kube.get(namespaced("pods", self.namespace))["items"]:
+        for pod in self.cluster.kube.get(namespaced("pods", self.namespace), labelSelector=own)["items"]:
             attempt_label = (pod["metadata"].get("labels") or {}).get(L.ATTEMPT)
             if attempt_label is not None:
                 self.pods.setdefault(attempt_label, set()).add(pod["metadata"]["uid"])

@@ -24,6 +24,7 @@ from tj_builders import body
 
 from kiln.operator import labels as L
 from kiln.operator.handlers import Context, build_registry
+from kiln.operator.progress import poll_progress
 from kiln.operator.settings import Settings
 from kiln.testing.processes import free_port
 
@@ -254,3 +255,38 @@ async def test_exit_137_restarts_the_gang_as_a_new_attempt(kmock: kmock.Kubernet
     assert (status["attempt"], status["restarts"]) == (2, 1)
     restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
     assert restarting["status"] == "True" and "137" in restarting["message"]
+
+
+def plural(request: Any) -> str | None:
+    return str(request.resource.plural) if request.resource is not None else None
+
+
+async def test_progress_polls_list_an_attempts_pods_once_not_every_poll(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    """A pod list by label reads every pod in the namespace: one per poll made polling quadratic in the number
+    of running jobs. Rank 0's address is looked up once per attempt (its pod is never replaced)."""
+    rank0 = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{L.attempt_job_name('demo', 1)}-0-abcde",
+            "namespace": NS,
+            "labels": {L.TRAINING_JOB: "demo", L.ATTEMPT: "1"},
+            "annotations": {L.COMPLETION_INDEX_ANNOTATION: "0"},
+        },
+        # TEST-NET-1 (RFC 5737): nothing answers there, so each poll fails after finding the address.
+        "status": {"phase": "Running", "podIP": "192.0.2.1"},
+    }
+    await send(kmock, "POST", f"/api/v1/namespaces/{NS}/pods", rank0)
+    assert operator.kube is not None
+    running = {"metadata": {"namespace": NS, "name": "demo"}, "status": {"attempt": 1}}
+    for _ in range(3):
+        with pytest.raises(OSError):
+            await asyncio.to_thread(poll_progress, operator.kube, running, 0.5, operator.rank0)
+    assert len([r for r in kmock["get"] if plural(r) == "pods"]) == 1
+    next_attempt = {**running, "status": {"attempt": 2}}  # no pod yet: nothing to poll, and nothing remembered
+    assert await asyncio.to_thread(poll_progress, operator.kube, next_attempt, 0.5, operator.rank0) == {}
+    assert len([r for r in kmock["get"] if plural(r) == "pods"]) == 2
+    operator.rank0.forget(NS, "demo")
+    assert len(operator.rank0) == 0

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
+import pytest
 from tj_builders import SETTINGS, body, resolved_from
 
 from kiln.api.contract import METRICS_PORT_NAME_PATTERN
+from kiln.api.manifest import InvalidManifest
 from kiln.operator.render import render_configmap, render_job, render_service
+from kiln.operator.settings import Settings
 
 OWNER = {
     "apiVersion": "kiln.dev/v1alpha1",
@@ -181,3 +185,46 @@ def test_rendering_is_deterministic() -> None:
     resolved = resolved_from(body())
     assert render_job(resolved, 2, SETTINGS) == render_job(resolved, 2, SETTINGS)
     assert render_configmap(resolved) == render_configmap(resolved)
+
+
+def _cache(resolved_settings: Settings, **spec_overrides: object) -> tuple[dict, dict, dict]:
+    """The cache volume, its mount and the trainer's KILN_CACHE_DIR of a job rendered under these settings."""
+    resolved = resolved_from(body(**spec_overrides), resolved_settings)
+    pod = render_job(resolved, 1, resolved_settings)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volume = next(v for v in pod["volumes"] if v["name"] == "cache")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "cache")
+    return volume, mount, _env(container)
+
+
+def test_the_staging_cache_is_an_emptydir_unless_a_claim_is_named() -> None:
+    volume, mount, env = _cache(SETTINGS)
+    assert volume == {"name": "cache", "emptyDir": {}}
+    assert env["KILN_CACHE_DIR"] == mount["mountPath"]
+
+
+def test_the_operators_cache_claim_is_every_pods_staging_cache_and_the_spec_overrides_it() -> None:
+    shared = replace(SETTINGS, staging_cache_claim="node-cache")
+    volume, mount, env = _cache(shared)
+    assert volume == {"name": "cache", "persistentVolumeClaim": {"claimName": "node-cache"}}
+    assert env["KILN_CACHE_DIR"] == mount["mountPath"]  # the trainer stages where the claim is mounted
+
+    volume, _, _ = _cache(shared, data__staging={"cacheClaim": "team-cache"})
+    assert volume["persistentVolumeClaim"] == {"claimName": "team-cache"}
+    volume, _, _ = _cache(SETTINGS, data__staging={"cacheClaim": "team-cache"})
+    assert volume["persistentVolumeClaim"] == {"claimName": "team-cache"}
+    # A spec cacheDir is a folder of the pod's own: the default claim would be mounted and never written.
+    volume, _, _ = _cache(shared, data__staging={"cacheDir": "/scratch"})
+    assert volume == {"name": "cache", "emptyDir": {}}
+
+
+def test_a_claim_and_a_cache_dir_are_refused_together() -> None:
+    with pytest.raises(
+        InvalidManifest, match=r"spec\.data\.staging\.cacheClaim: cacheClaim and cacheDir are exclusive"
+    ):
+        resolved_from(body(data__staging={"cacheClaim": "c", "cacheDir": "/scratch"}))
+
+
+def test_the_pod_keeps_a_cache_claim_from_being_chowned_on_every_start() -> None:
+    pod = render_job(resolved_from(body()), 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"

@@ -1,0 +1,86 @@
+"""The TrainingJob schedule's resyncs: the safety net for missed events, so only for jobs events left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from kiln.operator.background import Background, Schedule
+
+WALL = datetime(2026, 1, 1, tzinfo=UTC)  # only TTL deletes read the wall clock
+
+
+def pending(name: str) -> dict[str, object]:
+    return {"metadata": {"name": name, "namespace": "ml"}, "status": {"phase": "Pending"}}
+
+
+def resynced(schedule: Schedule, now: float) -> list[str]:
+    return sorted(key[1] for kind, key, _ in schedule.due(now, WALL) if kind == "resync")
+
+
+def test_a_reconcile_puts_the_next_resync_a_full_interval_away() -> None:
+    schedule = Schedule(60.0, None)
+    for name in ("busy", "quiet"):
+        schedule.observe("ml", name, pending(name), now=0.0)
+    schedule.reconciled("ml", "busy", now=50.0)  # a Job event reconciled it
+    assert resynced(schedule, 60.0) == ["quiet"]
+    assert resynced(schedule, 109.0) == []
+    assert resynced(schedule, 110.0) == ["busy"]
+    assert resynced(schedule, 120.0) == ["quiet"]
+
+
+def test_a_reconcile_never_brings_a_resync_forward_and_ignores_unknown_jobs() -> None:
+    schedule = Schedule(60.0, None)
+    schedule.observe("ml", "a", pending("a"), now=100.0)  # due at 160
+    schedule.reconciled("ml", "a", now=10.0)  # a late-arriving report from a thread that started long ago
+    schedule.reconciled("ml", "never-seen", now=10.0)
+    assert resynced(schedule, 159.0) == []
+    assert resynced(schedule, 160.0) == ["a"]
+
+
+def test_the_schedule_keeps_each_body_without_its_managed_fields() -> None:
+    """Kept for every job the operator sees, and read by nothing: over half of a TrainingJob's memory."""
+    schedule = Schedule(60.0, None)
+    managed = [{"manager": "kiln-operator", "operation": "Update", "fieldsV1": {"f:status": {}}}]
+    body = {**pending("a"), "metadata": {"name": "a", "namespace": "ml", "managedFields": managed}}
+    schedule.observe("ml", "a", body, now=0.0)
+    [(_, _, kept)] = list(schedule.due(60.0, WALL))
+    assert kept == {**pending("a"), "metadata": {"name": "a", "namespace": "ml"}}
+    assert body["metadata"]["managedFields"] == managed  # the watch event's own body is left as it was
+
+
+def test_resyncs_in_flight_are_capped_and_the_postponed_ones_run_next() -> None:
+    """Resyncs share the handlers' threads: on a slow apiserver they must not take them all."""
+    schedule = Schedule(60.0, None)
+    for index in range(6):
+        schedule.observe("ml", f"j{index}", pending(f"j{index}"), now=-60.0)  # all due at once
+    release, started, running, most = threading.Event(), [], [0], [0]
+    lock = threading.Lock()
+
+    def resync(_: str, name: str, __: object) -> None:
+        with lock:
+            started.append(name)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+
+    async def run() -> None:
+        background = Background((schedule, {"resync": resync}), tick_s=0.01, max_resyncs=2)
+        background.start(ThreadPoolExecutor(8))
+        while len(started) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # twenty ticks with both slots taken
+        assert sorted(started) == ["j0", "j1"]
+        release.set()
+        deadline = time.monotonic() + 10
+        while len(started) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await background.stop()
+
+    asyncio.run(run())
+    assert sorted(started) == [f"j{index}" for index in range(6)] and most[0] == 2
