@@ -14,23 +14,19 @@ AWS_* credentials, for example a MinIO next to the trainer.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import torch
 import torchvision
+from moto_process import moto_server
 
 from kiln.api.training import StorageSpec
 from kiln.storage import Store, open_store
@@ -67,39 +63,6 @@ def timed_save(state: dict[str, torch.Tensor], folder: Path, upload: Callable[[P
         return Timing(saved - start, time.perf_counter() - saved)
     finally:
         path.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server in a subprocess, with fake credentials in this process's environment."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def run(endpoint: str, bucket: str, reps: int, folder: Path) -> dict[str, list[Timing]]:
