@@ -92,6 +92,12 @@ class Schedule:
         if entry is not None:
             entry.next_resync = 0.0
 
+    def resync_soon(self, namespace: str, name: str, at: float) -> None:
+        """Resync this job at ``at`` (monotonic s) if not sooner: the retry of a reconcile that failed."""
+        entry = self.entries.get((namespace, name))
+        if entry is not None:
+            entry.next_resync = min(entry.next_resync, at)
+
     def wake(self, namespace: str, matches: Callable[[Obj], bool]) -> None:
         """Resync, at the next tick, the objects of ``namespace`` whose latest body ``matches``."""
         for (entry_namespace, _), entry in self.entries.items():

@@ -7,10 +7,13 @@ lives in module globals.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import functools
 import logging
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -23,7 +26,7 @@ from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
-from kiln.operator.kube import Kube, load_api_client
+from kiln.operator.kube import Kube, is_status, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
@@ -34,6 +37,43 @@ Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RESYNC_INTERVAL_S = 60.0
+RETRY_DELAY_S = 2.0
+"""Seconds before a reconcile that an API error stopped is tried again."""
+
+
+class Generations:
+    """The TrainingJob generations reconciled by this process, by uid.
+
+    A TrainingJob event needs a reconcile only when its uid was never reconciled here (a new TrainingJob, or one
+    first seen after this operator started) or its generation moved on (a spec change). Every other event is the
+    operator's own status write or a metadata change, which the reconcile does not read. Each TrainingJob is
+    triggered by its watch events directly (kopf ``on.event``), not through kopf's create/update/resume handlers:
+    those cost a PATCH per job (kopf's annotation), a deep copy of every event's body, and a re-run of the
+    creation on a stale body whenever kopf's wait for its own PATCH timed out on a busy apiserver.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[str, Any] = {}
+
+    def wanted(self, body: kopf.Body | Obj) -> bool:
+        meta = body["metadata"]
+        uid = meta.get("uid")
+        return uid not in self._done or self._done[uid] != meta.get("generation")
+
+    def unreconciled(self, body: kopf.Body | Obj) -> Obj | None:
+        """The body itself when nothing can be newer than it in what a reconcile reads: never reconciled here and
+        no status yet (a TrainingJob just created); None when it must be read fresh."""
+        if body["metadata"].get("uid") in self._done or body.get("status"):
+            return None
+        return dict(body)
+
+    def reconciled(self, body: Obj) -> None:
+        """Called from handler threads: one dict store."""
+        meta = body["metadata"]
+        self._done[meta.get("uid")] = meta.get("generation")
+
+    def forget(self, uid: str) -> None:
+        self._done.pop(uid, None)
 
 
 @dataclass
@@ -52,6 +92,10 @@ class Context:
     export_schedule: Schedule = field(init=False)
     """Every ExportJob seen, for resyncs (a source that never appears) and to wake those waiting on a source."""
     background: Background | None = None
+    generations: Generations = field(default_factory=Generations)
+    """Which TrainingJob generations this process reconciled: what decides whether a TrainingJob event needs one."""
+    executor: Executor | None = None
+    """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
 
     def __post_init__(self) -> None:
         self.schedule = Schedule(RESYNC_INTERVAL_S, self.settings.progress_interval_s)
@@ -75,23 +119,37 @@ def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
     return f"{namespace}/{name}" if kind == L.TJ_PLURAL else f"{namespace}/{kind}/{name}"
 
 
-def run_reconcile(ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None) -> Outcome | None:
+def run_reconcile(
+    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None, unread: Obj | None = None
+) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
-    The TrainingJob is always read fresh, never taken from kopf's event: another trigger may have moved its
-    status on, and kopf re-runs a creation on a stale event when its consistency wait for its own annotation
-    PATCH runs out (a saturated apiserver; docs/benchmarks.md). Reconciling that stale body posted every
-    transition Event again and wrote the older status back over the newer one.
+    The TrainingJob is read fresh: another trigger may have moved its status on since any watch event's body,
+    and reconciling a stale body would post every transition Event again and write the older status back over
+    the newer one. The one exception is ``unread``, the body of a TrainingJob's first event that has no status
+    yet (``Generations.unreconciled``): it saves a round trip on the way from a new TrainingJob to its Job, and
+    its status is written only over that very version, so a TrainingJob written meanwhile is read and
+    reconciled again (the first pass's creates are adopted).
     """
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
     try:
         with ctx.lock(namespace, name):
-            body = ctx.kube.get_trainingjob(namespace, name)
+            body = unread or ctx.kube.get_trainingjob(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 result = "gone"
                 return None
-            outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body)
+            try:
+                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None)
+            except ApiException as exc:
+                if unread is None or not is_status(exc, 409):
+                    raise
+                body = ctx.kube.get_trainingjob(namespace, name)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    result = "gone"
+                    return None
+                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body)
+        ctx.generations.reconciled(body)
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
     except ApiException as exc:
@@ -200,7 +258,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if ctx.server is None:  # the runner starts it before the leader election, so a standby answers probes
             ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
         ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
-        ctx.background.start(settings.execution.executor)
+        ctx.executor = settings.execution.executor
+        ctx.background.start(ctx.executor)
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
 
@@ -211,18 +270,6 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             await ctx.background.stop()
         if ctx.server is not None:
             await ctx.server.cleanup()
-
-    @on.resume(*TJ, id="reconcile", registry=registry)
-    @on.create(*TJ, id="reconcile", registry=registry)
-    @on.update(*TJ, id="reconcile", field="spec", registry=registry)
-    def on_trainingjob_change(namespace: str | None, name: str, **_: Any) -> None:
-        outcome = run_reconcile(ctx, "trainingjob", namespace or "", name)
-        if (
-            outcome is not None
-            and outcome.decision.status.phase == Phase.FAILED
-            and any(t.reason == "InvalidSpec" for t in outcome.decision.transitions)
-        ):
-            raise kopf.PermanentError("invalid spec; see the Failed condition")
 
     @on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT}, id="job-event", registry=registry)
     def on_attempt_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
@@ -257,6 +304,23 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             ctx.rank0.forget(namespace or "", name)
         if deleted:
             ctx.locks.pop(lock_key(namespace or "", name), None)
+            ctx.generations.forget(uid)
+
+    @on.event(*TJ, id="reconcile", registry=registry)
+    async def on_trainingjob_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+        # After track-phase (handlers run in the order registered), so a retry below finds the job scheduled.
+        if type == "DELETED" or not ctx.generations.wanted(body):
+            return
+        reconcile_now = functools.partial(
+            run_reconcile, ctx, "trainingjob", namespace or "", name, unread=ctx.generations.unreconciled(body)
+        )
+        loop = asyncio.get_running_loop()
+        try:  # in kopf's threads and context (kopf.event reads its context variables), as kopf runs sync handlers
+            await loop.run_in_executor(ctx.executor, contextvars.copy_context().run, reconcile_now)
+        except kopf.TemporaryError as exc:  # an API error: event handlers are not retried, so the schedule does
+            logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
+                                                namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
+            ctx.schedule.resync_soon(namespace or "", name, time.monotonic() + RETRY_DELAY_S)
 
     @on.resume(*EJ, id="reconcile-export", registry=registry)
     @on.create(*EJ, id="reconcile-export", registry=registry)
@@ -320,9 +384,9 @@ def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kiln.dev", key="last-handled-configuration"
     )
-    # kopf waits this long for the watch to deliver its own annotation patch before handling newer events;
-    # a saturated apiserver took > 5 s (the default) in the 200-job benchmark, and kopf then re-ran the
-    # create handler on the stale event (128 of 200 jobs: an extra reconcile, GET and PATCH each).
+    # kopf waits this long for the watch to deliver its own annotation patch before handling newer events
+    # (ExportJobs' create/resume handlers; TrainingJobs use none): a saturated apiserver took > 5 s (the
+    # default) in the 200-job benchmark, and kopf then re-ran the create handler on the stale event.
     settings.persistence.consistency_timeout = 30
     # Only explicit transition Events and warnings reach the cluster, not every "handler succeeded" line.
     settings.posting.level = logging.WARNING

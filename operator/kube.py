@@ -170,10 +170,17 @@ class Kube:
     def get_trainingjob(self, namespace: str, name: str) -> Obj | None:
         return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)
 
-    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
-        return self.patch(
-            f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, {"status": patch}, subresource="status"
-        )
+    def patch_trainingjob_status(
+        self, namespace: str, name: str, patch: Obj, *, resource_version: str | None = None
+    ) -> Obj:
+        """``resource_version``: write only over that version of the TrainingJob (409 otherwise, not retried), for
+        a status computed from a watch event's body instead of a fresh read."""
+        api_version = f"{L.TJ_GROUP}/{L.TJ_VERSION}"
+        if resource_version is None:
+            return self.patch(api_version, L.TJ_KIND, namespace, name, {"status": patch}, subresource="status")
+        path = self._path(api_version, L.TJ_KIND, namespace, name) + "/status"
+        body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
 
     def delete_trainingjob(self, namespace: str, name: str) -> bool:
         return self.delete(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)

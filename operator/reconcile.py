@@ -129,9 +129,19 @@ def act(
 
 
 def reconcile(
-    kube: Kube, settings: Settings, body: Obj, *, job_body: Obj | None = None, now: datetime | None = None
+    kube: Kube,
+    settings: Settings,
+    body: Obj,
+    *,
+    job_body: Obj | None = None,
+    now: datetime | None = None,
+    unread: bool = False,
 ) -> Outcome:
-    """Observe -> decide -> act -> patch status. Safe to repeat at any point."""
+    """Observe -> decide -> act -> patch status. Safe to repeat at any point.
+
+    ``unread``: ``body`` came from a watch event, not a fresh read, so the status is written only over that very
+    version (an ApiException 409 when anything wrote the TrainingJob since; the caller reads it and goes again).
+    """
     now = now or datetime.now(UTC)
     resolved, invalid = resolve_body(body, settings)
     observed = observe(kube, body, resolved, invalid, job_body)
@@ -140,5 +150,6 @@ def reconcile(
     patch = status_patch(body.get("status") or {}, decision.status)
     if patch:
         meta = body["metadata"]
-        kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch)
+        version = meta.get("resourceVersion") if unread else None
+        kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch, resource_version=version)
     return Outcome(decision=decision, before=observed.status, patched=bool(patch))

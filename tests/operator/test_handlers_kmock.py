@@ -203,9 +203,9 @@ async def test_a_complete_job_makes_the_trainingjob_succeeded(
 async def test_a_creation_redelivered_on_a_stale_event_changes_nothing(
     kmock: kmock.KubernetesEmulator, operator: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """kopf re-runs a creation on a stale event when its wait for its own annotation PATCH runs out (a saturated
-    apiserver), with the body as it was before any status: the reconcile must read the TrainingJob, not roll
-    it back to Pending or repeat its Events."""
+    """A TrainingJob's creation event delivered again after its status moved on (a watch that restarts from an
+    older list, or kopf's own redelivery) must not roll the status back to Pending or repeat its Events: its
+    generation was reconciled already, so the event changes nothing."""
     created = await create_tj(kmock)
     complete = [{"type": "Complete", "status": "True", "reason": "CompletionsReached"}]
     await until(lambda: phase_of(kmock) == "Pending", "phase Pending")
@@ -217,13 +217,34 @@ async def test_a_creation_redelivered_on_a_stale_event_changes_nothing(
     # The same handlers over the running operator's ctx, called as kopf calls them; outside kopf's own task an
     # Event cannot be posted, so the spy records what would have been.
     registry, _ = build_registry(operator.settings, operator)
-    create = next(h for h in registry._changing.get_all_handlers() if h.id == "reconcile")
+    handler = next(h for h in registry._watching.get_all_handlers() if h.id == "reconcile")
     reasons: list[str] = []
     monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: reasons.append(reason))
-    await asyncio.to_thread(create.fn, body=created, reason="create", namespace=NS, name="demo")
+    await handler.fn(type="ADDED", body=created, namespace=NS, name="demo")
 
     assert reasons == []
     assert stored(kmock, "trainingjobs", "demo")["status"] == status  # type: ignore[index]
+
+
+async def test_a_new_generation_is_reconciled_and_a_metadata_change_is_not(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    """TrainingJob events trigger a reconcile only for a generation this operator has not reconciled (kmock keeps
+    no generations, so the patches below bump it as the apiserver does for a spec change)."""
+    await create_tj(kmock)
+    job = L.attempt_job_name("demo", 1)
+    await until(lambda: events(kmock), "the Created Event")  # posted after the reconcile was counted
+    reconciles = operator.metrics.reconciles.labels("trainingjob", "ok")
+    before = reconciles._value.get()
+
+    await send(kmock, "PATCH", f"{TJ}/demo", {"metadata": {"labels": {"team": "vision"}}})
+    spec_change = {"metadata": {"generation": 2}, "spec": {"runPolicy": {"activeDeadlineSeconds": 600}}}
+    await send(kmock, "PATCH", f"{TJ}/demo", spec_change)
+    deadline = await until(
+        lambda: (stored(kmock, "jobs", job) or {})["spec"].get("activeDeadlineSeconds"), "a deadline"
+    )
+    assert 0 < deadline <= 600
+    assert reconciles._value.get() == before + 1  # the spec change, not the label
 
 
 async def test_exit_137_restarts_the_gang_as_a_new_attempt(kmock: kmock.KubernetesEmulator, operator: Context) -> None:
