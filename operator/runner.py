@@ -3,13 +3,15 @@
 Every replica serves /metrics, /healthz and /readyz from the start (a standby is Ready: a Deployment of two
 counts both available). Only the Lease holder runs kopf, so only it reconciles; a standby runs no watch at all
 and takes over with a fresh start, exactly as a restarted operator does (resume handlers, adopt-on-409).
-The Lease itself is held by a forked child process (``kiln.operator.leader``), which SIGKILLs this one if the
-Lease is lost.
+The Lease itself is held by a forked child process (``kiln.operator.leader``), which SIGSTOPs this one while
+the Lease cannot be renewed (SIGCONT once it is again: kopf reconnects its watches by itself and retries the
+handlers that failed meanwhile), and SIGKILLs it if the Lease is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -141,9 +143,37 @@ def replica_identity() -> str:
     return os.environ.get("HOSTNAME") or socket.gethostname()
 
 
+def leave_pid_1() -> None:
+    """As a PID namespace's init (a container's PID 1), fork the operator off and stay a minimal init: forward
+    SIGTERM, SIGINT and SIGHUP to it, reap orphans, and exit with its status (128 + the signal's number if a
+    signal ended it). Returns in the operator only; elsewhere it does nothing.
+
+    Why: the kernel drops every signal sent to a namespace's init from inside the namespace unless init handles
+    it, so the lease process's SIGSTOP and SIGKILL would be dropped silently, and the fence with them."""
+    if os.getpid() != 1:
+        return
+    operator = os.fork()
+    if operator == 0:
+        return
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(operator, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    while True:
+        pid, status = os.waitpid(-1, 0)  # any child: orphans (a lease process outliving the operator) are ours
+        if pid == operator:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
+
+
 def run(settings: Settings, *, verbose: bool = False) -> None:
     """Block until SIGINT/SIGTERM (kopf stops, the Lease is released), or until the Lease is lost (the lease
-    process SIGKILLs this one) or the lease process dies while this replica leads (exit 1)."""
+    process SIGKILLs this one) or the lease process dies while this replica leads (exit 1). While the Lease cannot
+    be renewed past the renew deadline, this process is stopped (SIGSTOP) until it is renewed again."""
+    leave_pid_1()  # before anything else: one init, doing nothing but wait
     configure_logging(settings, verbose)
     for key in settings.extra:
         log.warning("ignoring unknown setting %s", key)

@@ -83,10 +83,13 @@ class Settings:
     takeover under 15 s (client-go's 15 would not). Shorter means more renewals for the same deadline margin."""
 
     renew_deadline_s: float = 8.0
-    """Seconds the leader goes on without a successful renewal before its lease process SIGKILLs it (the pod
-    restarts and takes its own Lease back if nobody else took it). Shorter than lease_duration_s, so a leader
-    that lost the apiserver stops before a standby may take over; the 2 s between them cover the SIGKILL. Also
-    the longest apiserver stall a leader rides out without restarting (a loaded test machine saw over 7 s)."""
+    """Seconds the leader goes on without a successful renewal before its lease process pauses it (SIGSTOP).
+    Shorter than lease_duration_s, so a leader that lost the apiserver is frozen before a standby may take over;
+    the 2 s between them cover the signal. The lease process keeps trying: a renewal of the still-unchanged
+    Lease resumes the operator (SIGCONT), a Lease taken over meanwhile ends it (SIGKILL). A paused operator
+    answers no /healthz, so the chart's liveness probe (10 s x 6) bounds the pause: apiserver outages up to
+    about a minute are ridden out without a restart; a longer one restarts the container, which takes its own
+    Lease back at once (same pod name) if nobody else took it."""
 
     retry_period_s: float = 1.0
     """Seconds between the leader's renewals and between a standby's tries: one small GET (and PUT) per

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OPERATOR_NAMESPACE
-from operator_process import OperatorProcess
+from operator_process import OperatorProcess, shipped_lease_timings
 from test_cluster import NOWHERE, create_tj, get_tj, jobs
 
 from kiln.operator.labels import LEADER_LEASE
@@ -51,12 +51,7 @@ def replicas(
     meanwhile (a clean stop releases the Lease, so replica-a acquires it at once)."""
     kiln_operator.stop()
     logs = cluster.root / "logs"
-    shipped = Settings()
-    timings = {
-        "KILN_OPERATOR_LEASE_DURATION_S": str(shipped.lease_duration_s),
-        "KILN_OPERATOR_RENEW_DEADLINE_S": str(shipped.renew_deadline_s),
-        "KILN_OPERATOR_RETRY_PERIOD_S": str(shipped.retry_period_s),
-    }
+    timings = shipped_lease_timings()
     a = OperatorProcess(operator_kubeconfig, logs / "kiln-operator-replica-a.log", HOSTNAME="replica-a", **timings)
     b = OperatorProcess(operator_kubeconfig, logs / "kiln-operator-replica-b.log", HOSTNAME="replica-b", **timings)
     try:
