@@ -9,7 +9,20 @@ Layers, outermost first (each imports only the ones below it):
 - ``kube``, ``progress``, ``metrics``: the API client, the rank-0 progress poller, Prometheus.
 - ``render``, ``status``, ``failures``, ``export_render``, ``export_status``: pure functions, no client, clock or
   environment reads.
-- ``settings``, ``labels``: configuration and the label/annotation keys.
+- ``settings``, ``labels``, ``credentials``: configuration, the label/annotation keys, and where the API
+  credentials come from (the ServiceAccount or a kubeconfig).
 
 Nothing here imports torch or ``kiln.trainer``.
 """
+
+import sys
+
+# kopf imports the kubernetes package's models when it is installed (kopf._cogs.helpers.thirdparty), only to
+# recognise them in kopf.adopt() and the like: the operator passes dicts, and that import costs 46 MB of memory.
+# So kopf's first import, which every operator process goes through this package for, does not see it.
+if "kopf" not in sys.modules and "kubernetes" not in sys.modules:
+    sys.modules["kubernetes"] = None  # type: ignore[assignment]  # None in sys.modules: ImportError
+    try:
+        import kopf  # noqa: F401
+    finally:
+        del sys.modules["kubernetes"]

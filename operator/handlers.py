@@ -19,14 +19,14 @@ from typing import Any, cast
 
 import kopf
 from aiohttp import web
-from kubernetes.client.rest import ApiException
 
 from kiln.api.status import ConditionType, Phase
+from kiln.operator import credentials as creds
 from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
-from kiln.operator.kube import Kube, is_status, load_api_client
+from kiln.operator.kube import ApiException, Kube, is_status, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
@@ -247,9 +247,13 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     on = kopf.on
 
     @on.login(id="login", registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # The same kubeconfig / in-cluster credentials as the kubernetes client in Kube.
-        return kopf.login_via_client(**kwargs)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        # Kube's own credentials, so both authenticate identically.
+        try:
+            credentials = ctx.kube.api.credentials if ctx.kube is not None else creds.load()
+            return credentials.connection_info(settings.networking.trust_env)
+        except creds.CredentialsError as exc:
+            raise kopf.LoginError(str(exc)) from exc
 
     @on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:

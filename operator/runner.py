@@ -130,8 +130,6 @@ def configure_logging(settings: Settings, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # The kubernetes client logs every request at DEBUG; keep it out unless asked.
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
     # kopf logs every successful handler call at INFO; transitions are logged as Events instead.
     if not verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -87,7 +87,9 @@ class FakeKube:
     def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         return []
 
-    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
+    def patch_trainingjob_status(
+        self, namespace: str, name: str, patch: Obj, *, resource_version: str | None = None
+    ) -> Obj:
         self.status_patches.append(patch)
         return patch
 

@@ -37,7 +37,7 @@ SETTINGS = Settings(image="kiln/trainer:test", storage_root="s3://runs")
 
 
 def kubeconfig(path: Path, server: str) -> Path:
-    """A plain-HTTP kubeconfig: both kopf's login and the operator's kubernetes client read it."""
+    """A plain-HTTP kubeconfig: both kopf's login and the operator's own client read it."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -65,8 +65,6 @@ async def operator(
         )
     path = kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"))
     monkeypatch.setenv("KUBECONFIG", str(path))
-    # The kubernetes library reads $KUBECONFIG once, at import.
-    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(path))
     registry, ctx = build_registry(Settings(**{**SETTINGS.__dict__, "metrics_port": free_port()}))
     task = asyncio.create_task(
         # Cluster-wide: with namespaces=[...] kopf lists /api/v1/namespaces, a path kmock 0.8 fails to parse

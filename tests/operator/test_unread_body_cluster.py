@@ -12,12 +12,11 @@ from typing import Any
 
 import kopf
 import pytest
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 from test_cluster import MERGE, NOWHERE, condition, create_tj, get_tj, jobs, tj_path
 
+from kiln.operator.credentials import from_kubeconfig
 from kiln.operator.handlers import Context, run_reconcile
-from kiln.operator.kube import Kube
+from kiln.operator.kube import ApiClient, ApiException, Kube
 from kiln.operator.settings import Settings
 from kiln.testing.controlplane import ControlPlane
 
@@ -25,9 +24,7 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(90)]
 
 
 def operator_kube(kubeconfig: Path) -> Kube:
-    configuration = client.Configuration()
-    config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    return Kube(client.ApiClient(configuration))
+    return Kube(ApiClient(from_kubeconfig(kubeconfig), pool_size=4))
 
 
 def test_a_status_computed_from_a_stale_event_body_is_refused_then_reconciled_from_a_fresh_read(
