@@ -193,9 +193,11 @@ RATIOS = (
 )
 
 
-def run(jobs: int, nodes: int, order: list[str]) -> dict[str, Any]:
+def run(jobs: int, nodes: int, order: list[str], job_syncs: int | None = None) -> dict[str, Any]:
     sides = {side.name: side for side in (kiln_side(), peer_side())}
-    config = ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False, kwok_completed_owner_kinds=PEER_POD_OWNER_KINDS)
+    flags = () if job_syncs is None else (f"--concurrent-job-syncs={job_syncs}",)
+    config = ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False, kwok_completed_owner_kinds=PEER_POD_OWNER_KINDS,
+                                controller_manager_flags=flags)  # fmt: skip
     cluster = ControlPlane(config).start()
     results: dict[str, Any] = {}
     try:
@@ -211,6 +213,7 @@ def run(jobs: int, nodes: int, order: list[str]) -> dict[str, Any]:
         "jobs": jobs,
         "kwok_nodes": nodes,
         "order": order,
+        "concurrent_job_syncs": job_syncs or "default (5)",
         "cpus": os.cpu_count(),
         **results,
         "ratio_kiln_over_kubeflow": {key: round(kiln[key] / peer[key], 2) if peer[key] else None for key in RATIOS},
@@ -222,12 +225,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--nodes", type=int, default=0, help="kwok GPU nodes (default: enough for all jobs)")
     parser.add_argument("--order", default="kiln,kubeflow", help="which operator runs first (comma-separated)")
+    parser.add_argument("--concurrent-job-syncs", type=int, default=None, dest="job_syncs",
+                        help="kube-controller-manager's Job sync workers (default: its own, 5); only Kiln's pods "
+                        "go through the Job controller")  # fmt: skip
     args = parser.parse_args()
     order = args.order.split(",")
     if sorted(order) != ["kiln", "kubeflow"]:
         parser.error(f"--order: {args.order!r} must name kiln and kubeflow once each")
     nodes = args.nodes or max(2, -(-args.jobs // 100))
-    print(json.dumps(run(args.jobs, nodes, order), indent=2))
+    print(json.dumps(run(args.jobs, nodes, order, args.job_syncs), indent=2))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import urllib3
+
 from kiln.operator.kube import ApiException, Kube, is_status
 
 Obj = dict[str, Any]
@@ -237,7 +239,7 @@ class LeaderElector:
             if lease is not None and _record(lease)[0] == self.identity:
                 self.kube.request("PUT", self._path(self.name), released(lease, datetime.now(UTC)))
                 log.info("released Lease %s/%s", self.namespace, self.name)
-        except (ApiException, OSError) as exc:
+        except (ApiException, OSError, urllib3.exceptions.HTTPError) as exc:  # MaxRetryError is no OSError
             log.warning("releasing Lease %s/%s failed; a standby takes over when it expires: %s", self.namespace,
                         self.name, exc)  # fmt: skip
 

@@ -51,6 +51,8 @@ class ControlPlaneConfig:
     """Seconds for the whole start; a warm start takes well under 20."""
     kwok_completed_owner_kinds: tuple[str, ...] = ()
     """Owner kinds besides batch/v1 Job whose pods kwok completes (a peer operator's, e.g. PyTorchJob)."""
+    controller_manager_flags: tuple[str, ...] = ()
+    """Extra kube-controller-manager flags, after the harness's own (e.g. ``--concurrent-job-syncs=50``)."""
 
 
 class ControlPlane:
@@ -126,7 +128,10 @@ class ControlPlane:
         self._wait(self._apiserver_ready, "kube-apiserver /readyz")
 
         kcm_port, scheduler_port, kwok_port = free_port(), free_port(), free_port()
-        self._spawn("kube-controller-manager", components.controller_manager_args(bin_dir, pki, kcm_port))
+        self._spawn(
+            "kube-controller-manager",
+            [*components.controller_manager_args(bin_dir, pki, kcm_port), *self.config.controller_manager_flags],
+        )
         self._spawn("kube-scheduler", components.scheduler_args(bin_dir, pki, scheduler_port))
         self._spawn("kwok", components.kwok_args(bin_dir, self.kubeconfig, kwok_port, self.root,
                                                  self.config.kwok_completed_owner_kinds))  # fmt: skip

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import urllib3
 
 from kiln.operator.kube import ApiException
 from kiln.operator.leader import LeaderElector, claimed, released, serve, still_ours
@@ -234,3 +235,17 @@ def test_the_operator_is_not_pid_1_so_the_fence_reaches_it() -> None:
                           timeout=30, check=False)  # fmt: skip
     assert done.stdout.split() == ["paused", "T", "resumed", "S"], done.stdout + done.stderr
     assert done.returncode == 128 + 9, done.stderr  # init exits as the shell would report the SIGKILLed operator
+
+
+def test_a_release_that_cannot_reach_the_apiserver_leaves_the_lease_to_expire() -> None:
+    """A clean stop during an outage: urllib3's MaxRetryError (not an OSError) must not escape the release."""
+    server = LeaseServer()
+    replica = Replica(server, {})
+    assert replica.elector.try_once() is True
+
+    def unreachable(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        raise urllib3.exceptions.MaxRetryError(None, path, ConnectionRefusedError("refused"))  # type: ignore[arg-type]
+
+    server.request = unreachable  # type: ignore[method-assign]
+    replica.elector.release()
+    assert server.holder() == (IDENTITY, 0)  # unchanged: it expires instead
