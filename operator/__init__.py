@@ -20,7 +20,10 @@ import sys
 # kopf imports the kubernetes package's models when it is installed (kopf._cogs.helpers.thirdparty), only to
 # recognise them in kopf.adopt() and the like: the operator passes dicts, and that import costs 46 MB of memory.
 # So kopf's first import, which every operator process goes through this package for, does not see it.
-if "kopf" not in sys.modules and "kubernetes" not in sys.modules:
+# Only as kiln.operator: run from the repository root, this directory also shadows the standard library's
+# ``operator`` for code that imports it afresh (torch._dynamo's polyfills do, in the trainer), and that import
+# must stay as empty as it always was.
+if __name__ == "kiln.operator" and "kopf" not in sys.modules and "kubernetes" not in sys.modules:
     sys.modules["kubernetes"] = None  # type: ignore[assignment]  # None in sys.modules: ImportError
     try:
         import kopf  # noqa: F401

@@ -242,6 +242,10 @@ async def test_a_new_generation_is_reconciled_and_a_metadata_change_is_not(
         lambda: (stored(kmock, "jobs", job) or {})["spec"].get("activeDeadlineSeconds"), "a deadline"
     )
     assert 0 < deadline <= 600
+    # Counted just after the deadline lands; then a moment for any reconcile that the label, or the status writes
+    # that followed, had wrongly started (kmock answers in milliseconds).
+    await until(lambda: reconciles._value.get() > before, "the spec change's reconcile counted")
+    await asyncio.sleep(0.5)
     assert reconciles._value.get() == before + 1  # the spec change, not the label
 
 
