@@ -96,10 +96,20 @@ class Context:
     """Which TrainingJob generations this process reconciled: what decides whether a TrainingJob event needs one."""
     executor: Executor | None = None
     """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
+    _credentials: creds.Credentials | None = None
+    _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.schedule = Schedule(RESYNC_INTERVAL_S, self.settings.progress_interval_s)
         self.export_schedule = Schedule(RESYNC_INTERVAL_S, None)
+
+    def credentials(self) -> creds.Credentials:
+        """Loaded once for the process and shared by kopf's login and Kube: an exec plugin runs once, not per
+        client. kopf's login (a thread) and the start-up handler (the event loop) may ask at the same time."""
+        with self._credentials_lock:
+            if self._credentials is None:
+                self._credentials = creds.load()
+            return self._credentials
 
     def lock(self, namespace: str, name: str, kind: str = L.TJ_PLURAL) -> threading.Lock:
         return self.locks.setdefault(lock_key(namespace, name, kind), threading.Lock())
@@ -250,15 +260,14 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
         # Kube's own credentials, so both authenticate identically.
         try:
-            credentials = ctx.kube.api.credentials if ctx.kube is not None else creds.load()
-            return credentials.connection_info(settings.networking.trust_env)
+            return ctx.credentials().connection_info(settings.networking.trust_env)
         except creds.CredentialsError as exc:
             raise kopf.LoginError(str(exc)) from exc
 
     @on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
         apply_kopf_settings(settings, ctx.settings)
-        ctx.kube = Kube(load_api_client(ctx.settings.workers * 3), fanout=ctx.settings.workers * 2)
+        ctx.kube = Kube(load_api_client(ctx.settings.workers * 3, ctx.credentials()), fanout=ctx.settings.workers * 2)
         if ctx.server is None:  # the runner starts it before the leader election, so a standby answers probes
             ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
         ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))

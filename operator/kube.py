@@ -75,9 +75,10 @@ class ApiClient:
             return self._pool[1]
 
 
-def load_api_client(pool_size: int) -> ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    return ApiClient(creds.load(), max(pool_size, 4))
+def load_api_client(pool_size: int, credentials: creds.Credentials | None = None) -> ApiClient:
+    """``credentials``, by default in-cluster ones when running in a pod, else the kubeconfig (KUBECONFIG or
+    ~/.kube/config)."""
+    return ApiClient(credentials or creds.load(), max(pool_size, 4))
 
 
 def credentials_namespace() -> str:
