@@ -226,6 +226,7 @@ def operator(  # noqa: PLR0917 (one parameter per flag)
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging.")] = False,
 ) -> None:
     """Run the TrainingJob operator (a thin wrapper over kopf; see docs/operations.md)."""
+    from kiln.operator.credentials import CredentialsError
     from kiln.operator.runner import run as run_operator
     from kiln.operator.settings import from_env
 
@@ -238,7 +239,11 @@ def operator(  # noqa: PLR0917 (one parameter per flag)
     except ValueError as exc:  # a KILN_OPERATOR_* value of the wrong type, or lease timings out of order
         err.print(f"operator settings: {exc}", highlight=False, markup=False)
         raise typer.Exit(EXIT_INVALID) from None
-    run_operator(settings, verbose=verbose)
+    try:
+        run_operator(settings, verbose=verbose)
+    except CredentialsError as exc:  # no kubeconfig, or one the operator cannot use
+        err.print(f"operator credentials: {exc}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 # `kiln logs|watch|stop|checkpoint|suspend|resume NAME [-n NS]`: the kubectl plugin's own commands.

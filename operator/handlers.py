@@ -13,6 +13,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -26,12 +27,14 @@ from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
+from kiln.operator.kopf_settings import apply_kopf_settings
 from kiln.operator.kube import ApiException, Kube, is_status, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
 from kiln.operator.status import Transition
+from kiln.operator.triggers import Generations, JobStates
 
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
@@ -41,41 +44,6 @@ RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
 
 
-class Generations:
-    """The TrainingJob generations reconciled by this process, by uid.
-
-    A TrainingJob event needs a reconcile only when its uid was never reconciled here (a new TrainingJob, or one
-    first seen after this operator started) or its generation moved on (a spec change). Every other event is the
-    operator's own status write or a metadata change, which the reconcile does not read. Each TrainingJob is
-    triggered by its watch events directly (kopf ``on.event``), not through kopf's create/update/resume handlers:
-    those cost a PATCH per job (kopf's annotation), a deep copy of every event's body, and a re-run of the
-    creation on a stale body whenever kopf's wait for its own PATCH timed out on a busy apiserver.
-    """
-
-    def __init__(self) -> None:
-        self._done: dict[str, Any] = {}
-
-    def wanted(self, body: kopf.Body | Obj) -> bool:
-        meta = body["metadata"]
-        uid = meta.get("uid")
-        return uid not in self._done or self._done[uid] != meta.get("generation")
-
-    def unreconciled(self, body: kopf.Body | Obj) -> Obj | None:
-        """The body itself when nothing can be newer than it in what a reconcile reads: never reconciled here and
-        no status yet (a TrainingJob just created); None when it must be read fresh."""
-        if body["metadata"].get("uid") in self._done or body.get("status"):
-            return None
-        return dict(body)
-
-    def reconciled(self, body: Obj) -> None:
-        """Called from handler threads: one dict store."""
-        meta = body["metadata"]
-        self._done[meta.get("uid")] = meta.get("generation")
-
-    def forget(self, uid: str) -> None:
-        self._done.pop(uid, None)
-
-
 @dataclass
 class Context:
     settings: Settings
@@ -83,8 +51,8 @@ class Context:
     kube: Kube | None = None
     server: web.AppRunner | None = None
     locks: dict[str, threading.Lock] = field(default_factory=dict)
-    job_signatures: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    """The last Job state reconciled per Job, to skip events that change nothing the operator reads."""
+    job_states: JobStates = field(default_factory=JobStates)
+    """The last state of each Job, to skip the Job events that change nothing the operator reads."""
     rank0: Rank0Addresses = field(default_factory=Rank0Addresses)
     """Where the progress polls find each running attempt's rank 0."""
     schedule: Schedule = field(init=False)
@@ -113,16 +81,6 @@ class Context:
 
     def lock(self, namespace: str, name: str, kind: str = L.TJ_PLURAL) -> threading.Lock:
         return self.locks.setdefault(lock_key(namespace, name, kind), threading.Lock())
-
-    def job_changed(self, namespace: str | None, body: kopf.Body, type: str) -> bool:
-        """Whether a Job event changes anything its owner's status reflects (most Job updates do not)."""
-        key, signature = f"{namespace}/{body['metadata']['name']}", job_signature(body)
-        previous = self.job_signatures.get(key)
-        if type == "DELETED":
-            self.job_signatures.pop(key, None)
-            return True
-        self.job_signatures[key] = signature
-        return not (previous == signature or (previous is None and signature[1:6] == EMPTY_JOB_COUNTS))
 
 
 def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
@@ -193,18 +151,6 @@ def run_repair(ctx: Context, namespace: str, name: str) -> None:
                    message=f"recreated the deleted {' and '.join(created)}")  # fmt: skip
 
 
-def job_signature(job: kopf.Body | Obj) -> tuple[Any, ...]:
-    """What a reconcile reads from a Job: suspension, pod counts, true conditions, deadline."""
-    spec, status = job.get("spec") or {}, job.get("status") or {}
-    conditions = tuple(sorted(c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"))
-    counts = tuple(int(status.get(key) or 0) for key in ("active", "ready", "succeeded", "failed"))
-    return (bool(spec.get("suspend")), *counts, conditions, spec.get("activeDeadlineSeconds"))
-
-
-# A Job just created by the operator: its first events change nothing in the TrainingJob's status.
-EMPTY_JOB_COUNTS = (0, 0, 0, 0, ())
-
-
 def run_export_reconcile(ctx: Context, kind: str, namespace: str, name: str) -> ExportOutcome | None:
     """Reconcile one ExportJob, read fresh and serialized per ExportJob; count it, emit transition Events."""
     assert ctx.kube is not None
@@ -251,6 +197,12 @@ def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
         ctx.metrics.restarted.inc(restarts)
 
 
+async def in_worker_thread(ctx: Context, call: Callable[[], object]) -> None:
+    """Run a blocking call in kopf's threads and context (kopf.event reads its context variables), as kopf runs
+    sync handlers."""
+    await asyncio.get_running_loop().run_in_executor(ctx.executor, contextvars.copy_context().run, call)
+
+
 def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf.OperatorRegistry, Context]:
     ctx = ctx or Context(settings=settings)
     registry = kopf.OperatorRegistry()
@@ -284,21 +236,28 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if ctx.server is not None:
             await ctx.server.cleanup()
 
+    # The child and Job handlers are async and filter on the event loop: most of their events need no reconcile,
+    # and a sync handler would cost each of them a hop to a worker thread and back.
     @on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT}, id="job-event", registry=registry)
-    def on_attempt_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-        if not ctx.job_changed(namespace, body, type):
+    async def on_attempt_job_event(
+        body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> None:
+        if not ctx.job_states.changed(namespace, body, type):
             return
+        job_body = None if type == "DELETED" else dict(body)
+        reconcile_now = functools.partial(
+            run_reconcile, ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body
+        )
         try:
-            job_body = None if type == "DELETED" else dict(body)
-            run_reconcile(ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body)
+            await in_worker_thread(ctx, reconcile_now)
         except kopf.TemporaryError as exc:
             logging.getLogger(__name__).warning("reconcile after a Job event failed, will resync: %s", exc)
 
     @on.event("", "v1", "configmaps", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-configmap", registry=registry)
     @on.event("", "v1", "services", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-service", registry=registry)
-    def on_child_event(type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    async def on_child_event(type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
         if type == "DELETED":  # drift: recreate it now, not with the next attempt
-            run_repair(ctx, namespace or "", labels[L.TRAINING_JOB])
+            await in_worker_thread(ctx, functools.partial(run_repair, ctx, namespace or "", labels[L.TRAINING_JOB]))
 
     @on.event(*TJ, id="track-phase", registry=registry)
     async def track_phase(type: str, body: kopf.Body, uid: str, namespace: str | None, name: str, **_: Any) -> None:
@@ -327,9 +286,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         reconcile_now = functools.partial(
             run_reconcile, ctx, "trainingjob", namespace or "", name, unread=ctx.generations.unreconciled(body)
         )
-        loop = asyncio.get_running_loop()
-        try:  # in kopf's threads and context (kopf.event reads its context variables), as kopf runs sync handlers
-            await loop.run_in_executor(ctx.executor, contextvars.copy_context().run, reconcile_now)
+        try:
+            await in_worker_thread(ctx, reconcile_now)
         except kopf.TemporaryError as exc:  # an API error: event handlers are not retried, so the schedule does
             logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
                                                 namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
@@ -343,11 +301,15 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             raise kopf.PermanentError("invalid spec; see the Failed condition")
 
     @on.event("batch", "v1", "jobs", labels={L.EXPORT_JOB: kopf.PRESENT}, id="export-job-event", registry=registry)
-    def on_export_job_event(body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-        if not ctx.job_changed(namespace, body, type):
+    async def on_export_job_event(
+        body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> None:
+        if not ctx.job_states.changed(namespace, body, type):
             return
         try:
-            run_export_reconcile(ctx, "export-job", namespace or "", labels[L.EXPORT_JOB])
+            await in_worker_thread(
+                ctx, functools.partial(run_export_reconcile, ctx, "export-job", namespace or "", labels[L.EXPORT_JOB])
+            )
         except kopf.TemporaryError as exc:
             logging.getLogger(__name__).warning("reconcile after an export Job event failed, will resync: %s", exc)
 
@@ -388,27 +350,3 @@ def _export_actions(ctx: Context) -> dict[str, Any]:
         run_export_reconcile(ctx, "export-resync", namespace, name)
 
     return {"resync": resync}
-
-
-def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:
-    """Every kopf knob the operator changes, in one place."""
-    # Keep kopf's bookkeeping in annotations: status has a strict schema that would prune status.kopf.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kiln.dev", key="last-handled-configuration"
-    )
-    # kopf waits this long for the watch to deliver its own annotation patch before handling newer events
-    # (ExportJobs' create/resume handlers; TrainingJobs use none): a saturated apiserver took > 5 s (the
-    # default) in the 200-job benchmark, and kopf then re-ran the create handler on the stale event.
-    settings.persistence.consistency_timeout = 30
-    # Only explicit transition Events and warnings reach the cluster, not every "handler succeeded" line.
-    settings.posting.level = logging.WARNING
-    settings.posting.reporting_component = "kiln-operator"
-    # Blocking handlers run in this many threads (see Settings.workers).
-    settings.execution.max_workers = ours.workers
-    # Watches silently stall behind some load balancers without timeouts (nolar/kopf#585, #847): ask the
-    # server to end each watch after 5 minutes and give up on a silent connection a bit later.
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
-    settings.watching.connect_timeout = 30
-    settings.networking.request_timeout = 60

@@ -7,6 +7,7 @@ the existing object (deterministic names make that safe after an operator restar
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -79,19 +80,6 @@ def load_api_client(pool_size: int, credentials: creds.Credentials | None = None
     """``credentials``, by default in-cluster ones when running in a pod, else the kubeconfig (KUBECONFIG or
     ~/.kube/config)."""
     return ApiClient(credentials or creds.load(), max(pool_size, 4))
-
-
-def credentials_namespace() -> str:
-    """The namespace of the operator's own identity: its pod's in a cluster, else the kubeconfig context's
-    (the Helm release's namespace, where the chart grants the leader-election Lease)."""
-    namespace_file = creds.SERVICE_ACCOUNT_DIR / "namespace"
-    if namespace_file.is_file():
-        return namespace_file.read_text().strip()
-    try:
-        _, context = creds.current_context(creds.kubeconfig_path())
-    except creds.CredentialsError:
-        return "default"
-    return str(context.get("namespace") or "default")
 
 
 def is_status(exc: BaseException, code: int) -> bool:
@@ -185,10 +173,21 @@ class Kube:
         return existing
 
     def patch(
-        self, api_version: str, kind: str, namespace: str, name: str, patch: Obj, *, subresource: str = ""
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Obj,
+        *,
+        subresource: str = "",
+        retry_conflicts: bool = True,
     ) -> Obj:
+        """A merge patch. ``retry_conflicts`` False: a 409 (a resourceVersion precondition in ``patch`` that no
+        longer holds) is raised at once, for the caller to read the object again."""
         path = self._path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource else "")
-        return self._retry_conflicts(lambda: self.request("PATCH", path, patch, content_type=MERGE_PATCH))
+        send = functools.partial(self.request, "PATCH", path, patch, content_type=MERGE_PATCH)
+        return self._retry_conflicts(send) if retry_conflicts else send()
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
@@ -226,12 +225,11 @@ class Kube:
     ) -> Obj:
         """``resource_version``: write only over that version of the TrainingJob (409 otherwise, not retried), for
         a status computed from a watch event's body instead of a fresh read."""
-        api_version = f"{L.TJ_GROUP}/{L.TJ_VERSION}"
-        if resource_version is None:
-            return self.patch(api_version, L.TJ_KIND, namespace, name, {"status": patch}, subresource="status")
-        path = self._path(api_version, L.TJ_KIND, namespace, name) + "/status"
-        body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
-        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+        body: Obj = {"status": patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self.patch(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, body, subresource="status",
+                          retry_conflicts=resource_version is None)  # fmt: skip
 
     def delete_trainingjob(self, namespace: str, name: str) -> bool:
         return self.delete(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)

@@ -25,7 +25,7 @@ import kopf
 
 from kiln.operator import labels as L
 from kiln.operator.handlers import Context, build_registry
-from kiln.operator.kube import Kube, credentials_namespace, load_api_client
+from kiln.operator.kube import Kube, load_api_client
 from kiln.operator.leader import LeaderElector, hold_lease
 from kiln.operator.metrics import start_server
 from kiln.operator.settings import Settings
@@ -176,7 +176,11 @@ def run(settings: Settings, *, verbose: bool = False) -> None:
     for key in settings.extra:
         log.warning("ignoring unknown setting %s", key)
     registry, ctx = build_registry(settings)
-    lease = LeaseProcess(settings, credentials_namespace(), replica_identity())  # forks: no thread may run yet
+    # Before the fork: a missing or broken kubeconfig stops the operator here, in one line (CredentialsError).
+    # The Lease lives in the namespace of the operator's own identity: its pod's, else the kubeconfig context's
+    # (the Helm release's namespace, where the chart grants the Lease).
+    namespace = ctx.credentials().endpoint.namespace or "default"
+    lease = LeaseProcess(settings, namespace, replica_identity())  # forks: no thread may run yet
     asyncio.run(_lead(settings, registry, ctx, lease))
 
 

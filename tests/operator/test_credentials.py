@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import urllib3
 import yaml
 
 from kiln.operator import credentials as creds
-from kiln.operator.kube import ApiClient, ApiException, Kube, credentials_namespace
+from kiln.operator.kube import ApiClient, ApiException, Kube
 from kiln.testing.controlplane import ControlPlane
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -90,7 +91,7 @@ def test_kubeconfig_is_the_first_file_of_the_KUBECONFIG_list(tmp_path: Path, mon
     path = kubeconfig(tmp_path / "config", {"token": "abc"})
     monkeypatch.setenv("KUBECONFIG", f"{path}{os.pathsep}{tmp_path / 'other'}")
     assert creds.from_kubeconfig().origin == path
-    assert credentials_namespace() == "vision"
+    assert creds.load().endpoint.namespace == "vision"  # the Lease's namespace out of a cluster
 
 
 def test_client_certificate_data_becomes_private_files(tmp_path: Path) -> None:
@@ -162,7 +163,6 @@ def test_in_cluster_the_token_is_read_again_after_the_kubelet_rotates_it(
     assert loaded.auth().token == "first"
     project("..v2", "second")
     assert loaded.auth().token == "second"
-    assert credentials_namespace() == "kiln-system"
 
 
 def test_outside_a_cluster_the_kubeconfig_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,10 +199,17 @@ def test_a_missing_field_is_one_line_naming_the_file(tmp_path: Path, edit: Any, 
 def test_a_missing_kubeconfig_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(creds.CredentialsError, match=r"^.*/absent: cannot read the kubeconfig: No such file"):
         creds.from_kubeconfig(tmp_path / "absent")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KUBECONFIG", str(tmp_path / "absent"))
-        patch.setattr(creds, "SERVICE_ACCOUNT_DIR", tmp_path)
-        assert credentials_namespace() == "default"
+
+
+def test_kiln_operator_without_a_kubeconfig_exits_2_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "absent"), "KILN_OPERATOR_METRICS_PORT": "0"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    done = subprocess.run([sys.executable, "-m", "kiln.cli", "operator"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"operator credentials: {tmp_path / 'absent'}: cannot read the kubeconfig: No such file or "
+                     "directory"], done.stderr  # fmt: skip
 
 
 class Recorder(BaseHTTPRequestHandler):
