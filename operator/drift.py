@@ -12,7 +12,7 @@ from typing import Any
 from kiln.api.status import TERMINAL_PHASES
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import load_status, resolve_body
-from kiln.operator.render import render_configmap, render_service
+from kiln.operator.render import needs_service, render_configmap, render_service
 from kiln.operator.settings import Settings
 
 Obj = dict[str, Any]
@@ -36,7 +36,8 @@ def repair_children(kube: Kube, settings: Settings, body: Obj) -> list[str]:
     if resolved is None:
         return []
     created = []
-    for child in (render_configmap(resolved), render_service(resolved)):
+    children = [render_configmap(resolved), *([render_service(resolved)] if needs_service(resolved) else [])]
+    for child in children:
         meta = child["metadata"]
         if kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"]) is None:
             kube.create_or_adopt(child)

@@ -19,7 +19,7 @@ from kiln.operator.changes import AppliedSpec, applied_spec
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
 from kiln.operator.kueue import workload_verdict
-from kiln.operator.render import render_configmap, render_job, render_service
+from kiln.operator.render import needs_service, render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status, status_patch
 
@@ -112,14 +112,14 @@ def act(
     if decision.create_attempt is not None:
         # Independent creates, sent together: the Job's pods wait for the ConfigMap volume as kubelet
         # retries mounts, and the Service only gives the pods DNS names, which they resolve later.
-        configmap, service = render_configmap(resolved), render_service(resolved)
+        configmap = render_configmap(resolved)
         deadline = job_deadline(resolved.spec.run_policy, decision.status.start_time, None, now)
         job = render_job(resolved, decision.create_attempt, settings, active_deadline_seconds=deadline, applied=applied)
-        kube.concurrently(
-            lambda: kube.apply_configmap(configmap),
-            lambda: kube.create_or_adopt(service),
-            lambda: kube.create_or_adopt(job),
-        )
+        creates = [lambda: kube.apply_configmap(configmap), lambda: kube.create_or_adopt(job)]
+        if needs_service(resolved):
+            service = render_service(resolved)
+            creates.append(lambda: kube.create_or_adopt(service))
+        kube.concurrently(*creates)
     if decision.job_deadline is not None or decision.clear_job_deadline:
         job_name = L.attempt_job_name(name, decision.status.attempt)
         # A merge patch: when clearing, job_deadline is None, and null removes the field.

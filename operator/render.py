@@ -54,8 +54,15 @@ def render_configmap(resolved: ResolvedTrainingJob) -> Obj:
     }
 
 
+def needs_service(resolved: ResolvedTrainingJob) -> bool:
+    """Whether the attempt's pods rendezvous across pods. One node's ranks all run in its one pod, which finds its
+    master at its own IP: a Service there would cost five apiserver writes per job (itself, its Endpoints and
+    EndpointSlice, and their updates as the pod starts) and serve no name anyone resolves."""
+    return resolved.spec.resources.nodes > 1
+
+
 def render_service(resolved: ResolvedTrainingJob) -> Obj:
-    """Headless Service giving every worker pod a stable DNS name for the torchrun rendezvous."""
+    """Headless Service giving every worker pod a stable DNS name for the torchrun rendezvous (``needs_service``)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -70,10 +77,13 @@ def render_service(resolved: ResolvedTrainingJob) -> Obj:
     }
 
 
-def master_address(resolved: ResolvedTrainingJob, attempt: int) -> str:
-    """Pod 0's DNS name: Indexed Job pods get hostname <job>-<index> under the Service's subdomain."""
+def master_address(resolved: ResolvedTrainingJob, attempt: int) -> Obj:
+    """The PET_MASTER_ADDR variable: pod 0's DNS name (Indexed Job pods get hostname <job>-<index> under the
+    Service's subdomain), or, for one node, the pod's own IP."""
+    if not needs_service(resolved):
+        return {"name": "PET_MASTER_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     job = L.attempt_job_name(resolved.name, attempt)
-    return f"{job}-0.{L.service_name(resolved.name)}.{resolved.namespace}.svc"
+    return {"name": "PET_MASTER_ADDR", "value": f"{job}-0.{L.service_name(resolved.name)}.{resolved.namespace}.svc"}
 
 
 def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
@@ -86,7 +96,7 @@ def _env(resolved: ResolvedTrainingJob, attempt: int) -> list[Obj]:
             "name": "PET_NODE_RANK",
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{L.COMPLETION_INDEX_ANNOTATION}']"}},
         },
-        {"name": "PET_MASTER_ADDR", "value": master_address(resolved, attempt)},
+        master_address(resolved, attempt),
         {"name": "PET_MASTER_PORT", "value": str(contract.RENDEZVOUS_PORT)},
         {"name": Env.METRICS_PORT, "value": str(contract.METRICS_PORT)},
         {"name": Env.TERMINATION_LOG, "value": contract.TERMINATION_LOG},
@@ -236,7 +246,6 @@ def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -
     spec = resolved.spec
     pod: Obj = {
         "restartPolicy": "Never",
-        "subdomain": L.service_name(resolved.name),
         "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         # The trainer needs no Kubernetes API access at all: progress is pulled, not pushed.
         "automountServiceAccountToken": False,
@@ -249,6 +258,8 @@ def _pod_spec(resolved: ResolvedTrainingJob, attempt: int, settings: Settings) -
             cache_volume(resolved),
         ],
     }
+    if needs_service(resolved):
+        pod["subdomain"] = L.service_name(resolved.name)
     pod.update(placement(spec.resources.node_selector, spec.resources.tolerations))
     if spec.resources.affinity:
         pod["affinity"] = dict(spec.resources.affinity)

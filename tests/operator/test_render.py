@@ -11,7 +11,7 @@ from tj_builders import SETTINGS, body, resolved_from
 
 from kiln.api.contract import METRICS_PORT_NAME_PATTERN
 from kiln.api.manifest import InvalidManifest
-from kiln.operator.render import render_configmap, render_job, render_service
+from kiln.operator.render import needs_service, render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 
 OWNER = {
@@ -102,6 +102,14 @@ def test_container_runs_torchrun_with_the_contract_flags_and_env() -> None:
         {"name": "metrics-3", "containerPort": 9403, "protocol": "TCP"},
     ]
     assert {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"} in container["ports"]
+
+
+def test_one_node_needs_no_service_and_finds_its_master_at_its_own_ip() -> None:
+    resolved = resolved_from(body(resources={"nodes": 1, "gpusPerNode": 4}))
+    assert not needs_service(resolved) and needs_service(resolved_from(body()))
+    pod = render_job(resolved, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert "subdomain" not in pod
+    assert _env(pod["containers"][0])["PET_MASTER_ADDR"] == {"fieldRef": {"fieldPath": "status.podIP"}}
 
 
 def test_resources_and_placement_come_from_the_spec() -> None:
