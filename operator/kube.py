@@ -93,15 +93,21 @@ class Kube:
         self.api, self.timeout_s = api, timeout_s
         self._fanout = ThreadPoolExecutor(max_workers=fanout, thread_name_prefix="kiln-kube")
 
-    def concurrently(self, *calls: Callable[[], Obj]) -> list[Obj]:
-        """Run independent calls at once (one round trip of wall time, not one per call); re-raise the first
-        error after all have finished, so a retry never races a call still in flight."""
-        futures = [self._fanout.submit(call) for call in calls]
+    def concurrently(self, first: Callable[[], Obj], *rest: Callable[[], Obj]) -> list[Obj]:
+        """Run independent calls at once (one round trip of wall time, not one per call), the first on this very
+        thread; re-raise the first error after all have finished, so a retry never races a call still in flight."""
+        futures = [self._fanout.submit(call) for call in rest]
+        try:
+            results: list[Obj] = [first()]
+        except Exception as exc:
+            for future in futures:
+                future.exception()  # wait for it; its own error, if any, is the lesser news
+            raise exc
         errors = [f.exception() for f in futures]
         for error in errors:
             if error is not None:
                 raise error
-        return [f.result() for f in futures]
+        return results + [f.result() for f in futures]
 
     def request(
         self,
