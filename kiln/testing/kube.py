@@ -34,7 +34,7 @@ class ApiError(Exception):
 class KubeClient:
     """Talks to one apiserver as one identity, read from a kubeconfig's current context."""
 
-    def __init__(self, kubeconfig: Path, *, timeout: float = 30.0):
+    def __init__(self, kubeconfig: Path, *, timeout: float = 30.0, pool_size: int = 4):
         config = yaml.safe_load(kubeconfig.read_text())
         context = _named(config["contexts"], config["current-context"])["context"]
         cluster = _named(config["clusters"], context["cluster"])["cluster"]
@@ -54,7 +54,7 @@ class KubeClient:
             cert_reqs="CERT_REQUIRED",
             timeout=urllib3.Timeout(total=timeout),
             retries=False,
-            maxsize=4,
+            maxsize=pool_size,
             **pool_options,
         )
 
