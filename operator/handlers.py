@@ -172,8 +172,21 @@ def run_export_reconcile(ctx: Context, kind: str, namespace: str, name: str) -> 
     return outcome
 
 
+IMPLIED_ENDS = frozenset({ConditionType.RUNNING, ConditionType.RESTARTING, ConditionType.QUEUED})
+"""Conditions whose turning False is the other side of another one turning True in the same pass (Running ends as
+Succeeded, Failed, Restarting or Suspended begins; Restarting and Queued end as Running begins)."""
+
+
+def told(transitions: tuple[Transition, ...]) -> tuple[Transition, ...]:
+    """The transitions an Event tells: all but an implied end (``IMPLIED_ENDS``) beside a condition turning True,
+    whose Event says the same. A second Event would repeat it, at a write per job on a busy apiserver."""
+    if not any(t.status == "True" for t in transitions):
+        return transitions
+    return tuple(t for t in transitions if t.status == "True" or t.type not in IMPLIED_ENDS)
+
+
 def _post_events(body: Obj, transitions: tuple[Transition, ...]) -> None:
-    for t in transitions:
+    for t in told(transitions):
         kopf.event(
             cast(kopf.Body, body),
             type="Warning" if t.warning else "Normal",

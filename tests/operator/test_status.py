@@ -10,8 +10,18 @@ from kiln.api.status import ConditionType, Phase, TrainingJobStatus
 from kiln.api.training import RunPolicy
 from kiln.operator.changes import AppliedSpec, applied_spec
 from kiln.operator.failures import Failure
-from kiln.operator.status import JobView, Observed, job_deadline, job_view, next_status, status_patch
+from kiln.operator.handlers import told
+from kiln.operator.status import (
+    JobView,
+    Observed,
+    Transition,
+    job_deadline,
+    job_view,
+    next_status,
+    status_patch,
+)
 
+C = ConditionType
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
@@ -77,6 +87,24 @@ def test_complete_job_succeeds_with_final_progress() -> None:
     assert done.status.progress is not None and done.status.progress.epoch == 3
     assert done.status.checkpoints is not None and done.status.checkpoints.best == "s3://b"
     assert done.status.completion_time == "2026-01-01T12:00:00Z"
+
+
+def test_events_tell_what_turned_true_and_leave_the_false_it_implies_to_the_condition() -> None:
+    done = step(running(), JobView(exists=True, succeeded=2, complete=True))
+    assert {(t.type, t.status) for t in done.transitions} == {(C.SUCCEEDED, "True"), (C.RUNNING, "False")}
+    assert [(t.type, t.status, t.reason) for t in told(done.transitions)] == [(C.SUCCEEDED, "True", "JobCompleted")]
+    failed = JobView(exists=True, failed=1, failed_reason="PodFailurePolicy")
+    restart = step(running(), failed, failure=Failure(retriable=True, message="exit 137"))
+    assert (C.RUNNING, "False") in [(t.type, t.status) for t in restart.transitions]
+    assert all(t.status == "True" for t in told(restart.transitions)) and told(restart.transitions)
+    alone = (Transition(C.QUEUED, "False", "Admitted", "the Job was admitted"),)
+    assert told(alone) == alone  # nothing else tells it
+    news = (Transition(C.SUCCEEDED, "False", "EpochsRaised", "raised to 5"), Transition(C.SUSPENDED, "True", "x", ""))
+    assert told(news) == news  # a False with news of its own stays beside a True
+    admitted = step(step(TrainingJobStatus(), run_policy=RunPolicy(queue_name="q")).status, RUNNING_JOB,
+                    run_policy=RunPolicy(queue_name="q")).transitions  # fmt: skip
+    assert [(t.type, t.status) for t in admitted] == [(C.QUEUED, "False"), (C.RUNNING, "True")]
+    assert [(t.type, t.status) for t in told(admitted)] == [(C.RUNNING, "True")]
 
 
 def test_retriable_failure_restarts_the_whole_gang() -> None:
