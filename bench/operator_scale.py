@@ -14,7 +14,7 @@ whatever else runs there): the load average and the machine's busy CPU share dur
 
 Usage:
 
-    .venv/bin/python bench/operator_scale.py --jobs 200 [--jobs 1000]
+    .venv/bin/python bench/operator_scale.py --jobs 200 [--jobs 1000] [--unrelated 5000]
 """
 
 from __future__ import annotations
@@ -140,6 +140,39 @@ def create_namespace(cluster: ControlPlane, namespace: str) -> None:
                what="namespace ready")  # fmt: skip
 
 
+def create_unrelated(cluster: ControlPlane, count: int) -> None:
+    """Another workload's objects, of the kinds the operator watches: ``count`` ConfigMaps of 4 KB and a tenth as
+    many suspended Jobs (nothing runs), in their own namespace. A real cluster holds many; the operator asks the
+    apiserver for its own children only (kopf_settings.OWN_CHILDREN)."""
+    create_namespace(cluster, "unrelated")
+    client = KubeClient(cluster.kubeconfig, pool_size=8)
+    pod = {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}
+
+    def create(index: int) -> None:
+        client.create(
+            namespaced("configmaps", "unrelated"),
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": f"other-{index:05d}", "labels": {"app": "x"}},
+                "data": {"blob": "x" * 4096},
+            },
+        )
+        if index % 10 == 0:
+            client.create(
+                namespaced("jobs", "unrelated", group_version="batch/v1"),
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {"name": f"other-{index:05d}"},
+                    "spec": {"suspend": True, "template": {"spec": pod}},
+                },
+            )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, range(count)))
+
+
 def start_kiln_operator(cluster: ControlPlane, metrics_port: int) -> subprocess.Popen[bytes]:
     """Kiln's operator as a user runs it (`kiln operator`), its log in the temp dir (one file per run: benchmarks
     on a shared VM overlap). The leader Lease is lengthened: a burst that saturates the shared cores delayed a
@@ -172,15 +205,17 @@ def create_burst(
     return sent, created
 
 
-def run(jobs: int, nodes: int) -> dict[str, Any]:
+def run(jobs: int, nodes: int, unrelated: int = 0) -> dict[str, Any]:
     cluster = ControlPlane(ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False)).start()
     try:
         cluster.install_crds(sorted((REPO / "crds").glob("*.yaml")))
         create_namespace(cluster, NAMESPACE)
+        if unrelated:
+            create_unrelated(cluster, unrelated)
         port = free_port()
         operator = start_kiln_operator(cluster, port)
-        time.sleep(3)
-        rss_idle, _ = proc_stats(operator.pid)
+        time.sleep(3 if not unrelated else 15)  # its start-up: the Lease, then the first LIST of each watch
+        rss_idle, cpu_idle = proc_stats(operator.pid)
 
         job_seen: dict[str, float] = {}
         running: dict[str, float] = {}
@@ -263,6 +298,8 @@ def run(jobs: int, nodes: int) -> dict[str, Any]:
             "cr_to_running_p99_s": round(percentile(to_running, 99), 3) if to_running else None,
             "running_observed": len(to_running),
             "all_succeeded_s": round(all_done, 1),
+            "unrelated_configmaps": unrelated,
+            "operator_cpu_at_start_s": round(cpu_idle, 1),
             "operator_rss_idle_mb": round(rss_idle, 1),
             "operator_rss_peak_mb": round(rss_peak, 1),
             "operator_cpu_s": round(cpu - operator_cpu_before, 1),
@@ -280,9 +317,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--nodes", type=int, default=0, help="kwok GPU nodes (default: enough for all jobs)")
+    parser.add_argument(
+        "--unrelated", type=int, default=0, help="another workload's ConfigMaps (and a tenth as many Jobs) first"
+    )
     args = parser.parse_args()
     nodes = args.nodes or max(2, -(-args.jobs // 100))
-    print(json.dumps(run(args.jobs, nodes), indent=2))
+    print(json.dumps(run(args.jobs, nodes, args.unrelated), indent=2))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,16 @@ class ChangeHandledDiffBase(kopf.AnnotationsDiffBaseStorage):
         return super().build(body=body, extra_fields=extra_fields)
 
 
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "configmaps"), ("", "v1", "services"))
+"""Kinds the operator creates and watches: besides Kiln's, a cluster holds many of them (every namespace's
+kube-root-ca.crt ConfigMap, other workloads' Jobs) that would otherwise all be sent, decoded and remembered."""
+OWN_CHILDREN = f"{L.MANAGED_BY}={L.MANAGER}"
+"""The label selector the apiserver applies to those watches: every TrainingJob's and ExportJob's child has it."""
+
+
 def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:
+    for resource in CHILD_RESOURCES:  # server-side; the handlers' own label filters still apply
+        settings.watching.label_selectors[resource] = OWN_CHILDREN
     # Keep kopf's bookkeeping in annotations: status has a strict schema that would prune status.kopf.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
     settings.persistence.diffbase_storage = ChangeHandledDiffBase(
