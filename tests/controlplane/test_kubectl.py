@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kiln.testing.controlplane import ControlPlane
+from kiln.testing.controlplane import ControlPlane, KubectlError
 from kiln.testing.nodes import GPU_RESOURCE
 
 pytestmark = pytest.mark.controlplane
@@ -50,3 +50,8 @@ def test_components_report_the_release_they_were_built_from(cluster: ControlPlan
 
     assert version["gitVersion"] == cluster.kubernetes_version
     assert not version["gitVersion"].startswith("v0.0.0")
+
+
+def test_a_failed_kubectl_says_what_kubectl_said(cluster: ControlPlane, namespace: str) -> None:
+    with pytest.raises(KubectlError, match=r'exit status 1\. Error from server \(NotFound\): configmaps "absent"'):
+        cluster.kubectl("get", "configmap", "absent", "-n", namespace)
