@@ -99,10 +99,10 @@ class Kube:
         futures = [self._fanout.submit(call) for call in rest]
         try:
             results: list[Obj] = [first()]
-        except Exception as exc:
+        except Exception:
             for future in futures:
                 future.exception()  # wait for it; its own error, if any, is the lesser news
-            raise exc
+            raise
         errors = [f.exception() for f in futures]
         for error in errors:
             if error is not None:
