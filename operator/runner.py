@@ -23,6 +23,7 @@ from typing import Any
 
 import kopf
 
+from kiln.operator import credentials as creds
 from kiln.operator import labels as L
 from kiln.operator.handlers import Context, build_registry
 from kiln.operator.kube import Kube, load_api_client
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 class LeaseProcess:
     """The child process that holds the Lease (``leader.hold_lease``), seen from the operator."""
 
-    def __init__(self, settings: Settings, namespace: str, identity: str) -> None:
-        """Fork it; call before any thread starts (a forked child gets only the forking thread)."""
+    def __init__(self, settings: Settings, credentials: creds.Credentials, identity: str) -> None:
+        """Fork it; call before any thread starts (a forked child gets only the forking thread). The child uses the
+        operator's credentials as loaded; the Lease lives in the namespace of that identity: its pod's, else the
+        kubeconfig context's (the Helm release's namespace, where the chart grants the Lease)."""
+        namespace = credentials.endpoint.namespace or "default"
         self.namespace, self.stopping = namespace, False
         commands_in, commands_out = os.pipe()
         events_in, events_out = os.pipe()
@@ -50,7 +54,8 @@ class LeaseProcess:
             os.close(events_in)
             code = 1
             try:
-                elector = LeaderElector(Kube(load_api_client(2), timeout_s=settings.renew_deadline_s), namespace,
+                api = load_api_client(2, credentials)
+                elector = LeaderElector(Kube(api, timeout_s=settings.renew_deadline_s), namespace,
                                         L.LEADER_LEASE, identity, settings.lease_duration_s)  # fmt: skip
                 code = hold_lease(elector, renew_deadline_s=settings.renew_deadline_s,
                                   retry_period_s=settings.retry_period_s, commands=commands_in, events=events_out,
@@ -177,10 +182,7 @@ def run(settings: Settings, *, verbose: bool = False) -> None:
         log.warning("ignoring unknown setting %s", key)
     registry, ctx = build_registry(settings)
     # Before the fork: a missing or broken kubeconfig stops the operator here, in one line (CredentialsError).
-    # The Lease lives in the namespace of the operator's own identity: its pod's, else the kubeconfig context's
-    # (the Helm release's namespace, where the chart grants the Lease).
-    namespace = ctx.credentials().endpoint.namespace or "default"
-    lease = LeaseProcess(settings, namespace, replica_identity())  # forks: no thread may run yet
+    lease = LeaseProcess(settings, ctx.credentials(), replica_identity())  # forks: no thread may run yet
     asyncio.run(_lead(settings, registry, ctx, lease))
 
 
