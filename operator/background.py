@@ -25,8 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kiln.api.status import TERMINAL_PHASES, Phase
+from kiln.operator.conditions import parse_time
 from kiln.operator.control import control_annotations
-from kiln.operator.status import parse_time
 
 Obj = dict[str, Any]
 TERMINAL = {p.value for p in TERMINAL_PHASES}

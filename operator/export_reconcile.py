@@ -16,13 +16,14 @@ from kiln.api.manifest import ExportJob, InvalidManifest, ManifestError
 from kiln.api.parse import parse_manifest
 from kiln.api.status import ConditionType, ExportJobStatus
 from kiln.operator import labels as L
+from kiln.operator.conditions import parse_time, status_patch
 from kiln.operator.export_render import render_export_configmap, render_export_job
 from kiln.operator.export_status import ExportDecision, ExportObserved, SourceView, next_export_status, source_view
 from kiln.operator.failures import PodOutcome, pod_outcome
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import resolve_body
 from kiln.operator.settings import Settings
-from kiln.operator.status import job_view, parse_time, status_patch
+from kiln.operator.status import job_view
 
 Obj = dict[str, Any]
 _STATUS_KEYS = set(ExportJobStatus.model_fields) | {f.alias for f in ExportJobStatus.model_fields.values()}

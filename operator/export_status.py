@@ -25,8 +25,9 @@ from kiln.api.contract import ExportReport
 from kiln.api.export import ExportJobSpec
 from kiln.api.export_resolve import ResolvedExportJob, resolve_export
 from kiln.api.status import TERMINAL_PHASES, ConditionType, ExportJobStatus, Phase, Reason
+from kiln.operator.conditions import ConditionBuilder, Transition, rfc3339
 from kiln.operator.failures import MESSAGE_LIMIT, PodOutcome
-from kiln.operator.status import ConditionBuilder, JobView, Transition, rfc3339
+from kiln.operator.status import JobView
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason

@@ -25,6 +25,7 @@ from kiln.api.status import ConditionType, Phase
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
+from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
 from kiln.operator.kopf_settings import apply_kopf_settings
@@ -33,7 +34,6 @@ from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
-from kiln.operator.status import Transition
 from kiln.operator.triggers import Generations, JobStates
 
 Obj = dict[str, Any]

@@ -16,10 +16,10 @@ from kiln.api import contract
 from kiln.api.contract import ControlRequest, TrainerReport, parse_report
 from kiln.api.status import CheckpointStatus, ControlStatus, Progress
 from kiln.operator import labels as L
+from kiln.operator.conditions import merge_model
 from kiln.operator.control import control_request
 from kiln.operator.kube import Kube
 from kiln.operator.reconcile import load_status
-from kiln.operator.status import merge_model
 
 Obj = dict[str, Any]
 

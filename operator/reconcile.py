@@ -16,12 +16,13 @@ from kiln.api.status import TERMINAL_PHASES, TrainingJobStatus
 from kiln.api.training import RunPolicy
 from kiln.operator import labels as L
 from kiln.operator.changes import AppliedSpec, applied_spec
+from kiln.operator.conditions import status_patch
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
 from kiln.operator.kueue import workload_verdict
 from kiln.operator.render import needs_service, render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
-from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status, status_patch
+from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status
 
 Obj = dict[str, Any]
 _STATUS_KEYS = set(TrainingJobStatus.model_fields) | {f.alias for f in TrainingJobStatus.model_fields.values()}

@@ -7,19 +7,16 @@ are recomputed from scratch each time, so a repeated or replayed reconcile yield
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from kiln.api.contract import TrainerReport
 from kiln.api.status import (
     TERMINAL_PHASES,
     CheckpointStatus,
-    Condition,
     ConditionType,
     ControlStatus,
-    ExportJobStatus,
     Phase,
     Progress,
     Reason,
@@ -28,21 +25,12 @@ from kiln.api.status import (
 )
 from kiln.api.training import RunPolicy
 from kiln.operator.changes import AppliedSpec, changed_sections, from_annotations
+from kiln.operator.conditions import ConditionBuilder, Transition, merge_model, parse_time, rfc3339
 from kiln.operator.failures import Failure
 from kiln.operator.kueue import KueueVerdict
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -111,18 +99,6 @@ class Observed:
 
 
 @dataclass(frozen=True)
-class Transition:
-    type: ConditionType
-    status: str
-    reason: str
-    message: str
-
-    @property
-    def warning(self) -> bool:
-        return self.status == "True" and self.type in (C.FAILED, C.RESTARTING)
-
-
-@dataclass(frozen=True)
 class Decision:
     status: TrainingJobStatus
     create_attempt: int | None = None
@@ -136,41 +112,6 @@ class Decision:
     clear_job_deadline: bool = False
     """Remove the current Job's activeDeadlineSeconds (runPolicy.activeDeadlineSeconds was removed)."""
     transitions: tuple[Transition, ...] = ()
-
-
-class ConditionBuilder:
-    """Accumulates condition changes on a status; lastTransitionTime moves only when a status flips."""
-
-    def __init__(self, status: TrainingJobStatus | ExportJobStatus, now: datetime, generation: int | None) -> None:
-        self.conditions = {c.type: c for c in status.conditions}
-        self.now, self.generation = rfc3339(now), generation
-        self.transitions: list[Transition] = []
-
-    def set(self, type_: ConditionType, status: bool, reason: Reason | str, message: str = "") -> None:
-        value = "True" if status else "False"
-        old = self.conditions.get(type_)
-        if old is None and not status:
-            return  # a condition that never held is simply absent
-        if old is not None and (old.status, old.reason, old.message) == (value, str(reason), message):
-            return
-        changed = old is None or old.status != value
-        self.conditions[type_] = Condition(
-            type=type_,
-            status=value,
-            reason=str(reason),
-            message=message,
-            last_transition_time=self.now if changed or old is None else old.last_transition_time,
-            observed_generation=self.generation,
-        )
-        if changed:
-            self.transitions.append(Transition(type_, value, str(reason), message))
-
-    def holds(self, type_: ConditionType) -> bool:
-        old = self.conditions.get(type_)
-        return old is not None and old.status == "True"
-
-    def ordered(self) -> list[Condition]:
-        return [self.conditions[t] for t in ConditionType if t in self.conditions]
 
 
 def _awaiting(run_policy: RunPolicy) -> str:
@@ -316,7 +257,8 @@ def _start_attempt(observed: Observed, b: ConditionBuilder, attempt: int, now: d
     status, run_policy = observed.status, observed.run_policy
     update: dict[str, Any] = {"attempt": attempt, "phase": _waiting_phase(run_policy), "workers": WorkerCounts()}
     if attempt == 1:
-        b.set(C.CREATED, True, R.CHILDREN_CREATED, "ConfigMap, headless Service and Job created")
+        children = "ConfigMap, headless Service and Job" if observed.nodes > 1 else "ConfigMap and Job"
+        b.set(C.CREATED, True, R.CHILDREN_CREATED, f"{children} created")
     if b.holds(C.SUSPENDED):
         b.set(C.SUSPENDED, False, R.RESUMED, f"resumed as attempt {attempt} from the latest checkpoint")
         update["start_time"] = None  # the deadline clock restarts on resume, as for batch/v1 Jobs
@@ -396,25 +338,3 @@ def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> 
 
 def _waiting_phase_admitted(status: TrainingJobStatus) -> Phase:
     return Phase.RUNNING if status.phase == Phase.RUNNING else Phase.PENDING
-
-
-def merge_model(current: Any, model: type[Any], reported: Obj) -> Any:
-    base = current.to_dict() if current is not None else {}
-    try:
-        return model.model_validate({**base, **reported})
-    except ValueError:
-        return current
-
-
-def status_patch(old: Obj, new: TrainingJobStatus | ExportJobStatus) -> Obj:
-    """The top-level status keys that changed, as a JSON merge patch (None deletes a key)."""
-    wanted = new.to_dict()
-    patch: Obj = {key: value for key, value in wanted.items() if old.get(key) != value}
-    for key in ("startTime", "completionTime"):
-        if key in old and key not in wanted:
-            patch[key] = None
-    return patch
-
-
-def transitions_of(conditions: Sequence[Condition]) -> set[str]:
-    return {c.type.value for c in conditions if c.status == "True"}

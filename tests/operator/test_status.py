@@ -9,17 +9,10 @@ from kiln.api.contract import TrainerReport
 from kiln.api.status import ConditionType, Phase, TrainingJobStatus
 from kiln.api.training import RunPolicy
 from kiln.operator.changes import AppliedSpec, applied_spec
+from kiln.operator.conditions import Transition, status_patch
 from kiln.operator.failures import Failure
 from kiln.operator.handlers import told
-from kiln.operator.status import (
-    JobView,
-    Observed,
-    Transition,
-    job_deadline,
-    job_view,
-    next_status,
-    status_patch,
-)
+from kiln.operator.status import JobView, Observed, job_deadline, job_view, next_status
 
 C = ConditionType
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -29,7 +22,7 @@ def observe(status: TrainingJobStatus, job: JobView | None = None, **kwargs: obj
     policy = kwargs.pop("run_policy", RunPolicy())
     return Observed(
         generation=1,
-        nodes=2,
+        nodes=kwargs.pop("nodes", 2),  # type: ignore[arg-type]
         run_policy=policy,
         status=status,  # type: ignore[arg-type]
         job=job or JobView(),
@@ -59,6 +52,12 @@ def test_new_job_creates_attempt_one() -> None:
     assert decision.status.attempt == 1 and decision.status.phase == Phase.PENDING
     assert conditions(decision.status) == {"Created": ("True", "ChildrenCreated")}
     assert [t.type for t in decision.transitions] == [ConditionType.CREATED]
+
+
+def test_created_names_only_the_children_made() -> None:
+    """A one-node job's ranks share a pod and get no rendezvous Service (render.needs_service)."""
+    messages = {nodes: step(TrainingJobStatus(), nodes=nodes).transitions[0].message for nodes in (1, 2)}
+    assert messages == {1: "ConfigMap and Job created", 2: "ConfigMap, headless Service and Job created"}
 
 
 def test_all_workers_ready_is_running() -> None:
