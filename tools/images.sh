@@ -49,7 +49,9 @@ build_local_base() {
     mkdir -p "$store"
     local rootfs
     rootfs="$(mktemp -d "$store/rootfs.XXXXXX")"
-    trap 'rm -rf "$rootfs"' RETURN
+    # A RETURN trap outlives the function that set it: it clears itself, or it would fire again when the caller
+    # returns, with $rootfs out of scope (set -u ends the script there).
+    trap 'rm -rf "$rootfs"; trap - RETURN' RETURN
     debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >"$store/debootstrap.log" 2>&1 \
         || { tail -20 "$store/debootstrap.log" >&2; echo "images.sh: debootstrap failed (log: $store/debootstrap.log)" >&2; return 1; }
     # What an image does not need: package lists and caches, docs, and /dev (the runtime provides it).
