@@ -30,10 +30,12 @@ class Transition:
     status: str
     reason: str
     message: str
+    alert: bool = False
+    """Worth a Warning Event although no failure: what stands in the way of a condition (``explain``)."""
 
     @property
     def warning(self) -> bool:
-        return self.status == "True" and self.type in (C.FAILED, C.RESTARTING)
+        return self.alert or (self.status == "True" and self.type in (C.FAILED, C.RESTARTING))
 
 
 class ConditionBuilder:
@@ -49,19 +51,33 @@ class ConditionBuilder:
         old = self.conditions.get(type_)
         if old is None and not status:
             return  # a condition that never held is simply absent
-        if old is not None and (old.status, old.reason, old.message) == (value, str(reason), message):
-            return
+        if self._put(type_, value, str(reason), message):
+            self.transitions.append(Transition(type_, value, str(reason), message))
+
+    def explain(self, type_: ConditionType, reason: str, message: str, *, alert: bool = False) -> None:
+        """``type_`` False with what keeps it from coming true, even if it never held. A new reason is a Transition
+        (an Event), as a flip is; the same reason with a new message is not."""
+        old = self.conditions.get(type_)
+        news = old is None or old.status != "False" or old.reason != reason
+        self._put(type_, "False", reason, message)
+        if news:
+            self.transitions.append(Transition(type_, "False", reason, message, alert=alert))
+
+    def _put(self, type_: ConditionType, value: str, reason: str, message: str) -> bool:
+        """Store the condition; True when its status flipped (or it is new)."""
+        old = self.conditions.get(type_)
+        if old is not None and (old.status, old.reason, old.message) == (value, reason, message):
+            return False
         changed = old is None or old.status != value
         self.conditions[type_] = Condition(
             type=type_,
             status=value,
-            reason=str(reason),
+            reason=reason,
             message=message,
             last_transition_time=self.now if changed or old is None else old.last_transition_time,
             observed_generation=self.generation,
         )
-        if changed:
-            self.transitions.append(Transition(type_, value, str(reason), message))
+        return changed
 
     def holds(self, type_: ConditionType) -> bool:
         old = self.conditions.get(type_)

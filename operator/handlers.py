@@ -39,7 +39,6 @@ from kiln.operator.triggers import Generations, JobStates
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
-RESYNC_INTERVAL_S = 60.0
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
 
@@ -68,8 +67,8 @@ class Context:
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.schedule = Schedule(RESYNC_INTERVAL_S, self.settings.progress_interval_s)
-        self.export_schedule = Schedule(RESYNC_INTERVAL_S, None)
+        self.schedule = Schedule(self.settings.resync_interval_s, self.settings.progress_interval_s)
+        self.export_schedule = Schedule(self.settings.resync_interval_s, None)
 
     def credentials(self) -> creds.Credentials:
         """Loaded once for the process and shared by kopf's login and Kube: an exec plugin runs once, not per
@@ -88,7 +87,14 @@ def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
 
 
 def run_reconcile(
-    ctx: Context, kind: str, namespace: str, name: str, *, job_body: Obj | None = None, unread: Obj | None = None
+    ctx: Context,
+    kind: str,
+    namespace: str,
+    name: str,
+    *,
+    job_body: Obj | None = None,
+    unread: Obj | None = None,
+    check_pods: bool = False,
 ) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
@@ -108,7 +114,9 @@ def run_reconcile(
                 result = "gone"
                 return None
             try:
-                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None)
+                outcome = reconcile(
+                    ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None, check_pods=check_pods
+                )
             except ApiException as exc:
                 if unread is None or not is_status(exc, 409):
                     raise
@@ -116,7 +124,7 @@ def run_reconcile(
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     result = "gone"
                     return None
-                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body)
+                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, check_pods=check_pods)
         ctx.generations.reconciled(body)
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
@@ -342,7 +350,8 @@ def _periodic_actions(ctx: Context) -> dict[str, Any]:
     """What Background runs when due: each takes (namespace, name, latest body) and may block."""
 
     def resync(namespace: str, name: str, _: Obj) -> None:
-        run_reconcile(ctx, "resync", namespace, name)
+        # The resync also asks why pods wait: a stuck pod sends no Job event to trigger a reconcile.
+        run_reconcile(ctx, "resync", namespace, name, check_pods=True)
 
     def progress(namespace: str, name: str, body: Obj) -> None:
         assert ctx.kube is not None

@@ -20,6 +20,7 @@ from kiln.operator.conditions import status_patch
 from kiln.operator.failures import classify, rank0_report
 from kiln.operator.kube import Kube
 from kiln.operator.kueue import workload_verdict
+from kiln.operator.pending import blocked
 from kiln.operator.render import needs_service, render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 from kiln.operator.status import Decision, Observed, job_deadline, job_view, next_status
@@ -55,8 +56,16 @@ def resolve_body(body: Obj, settings: Settings) -> tuple[ResolvedTrainingJob | N
 
 
 def observe(
-    kube: Kube, body: Obj, resolved: ResolvedTrainingJob | None, invalid: str | None, job_body: Obj | None = None
+    kube: Kube,
+    body: Obj,
+    resolved: ResolvedTrainingJob | None,
+    invalid: str | None,
+    job_body: Obj | None = None,
+    *,
+    check_pods: bool = False,
 ) -> Observed:
+    """What one decision reads. ``check_pods``: when the admitted attempt is not all running, read its pods for
+    what blocks them (a resync asks: a stuck pod changes nothing on its Job, so no Job event would)."""
     meta, status = body["metadata"], load_status(body.get("status"))
     if resolved is None:
         return Observed(
@@ -82,9 +91,14 @@ def observe(
         report = rank0_report(pods)
         if view.failed_reason is not None:
             failure = classify(pods, job or {}, resolved.spec.run_policy.retriable_exit_codes)
+    pods_checked = check_pods and view.exists and not view.suspended and not view.finished
+    pods_checked = pods_checked and view.ready < resolved.spec.resources.nodes
+    stuck = blocked(kube.attempt_pods(namespace, name, attempt)) if pods_checked else None
     return Observed(
         generation=meta.get("generation"),
         nodes=resolved.spec.resources.nodes,
+        pods_checked=pods_checked,
+        blocked=stuck,
         run_policy=resolved.spec.run_policy,
         status=status,
         job=view,
@@ -137,15 +151,17 @@ def reconcile(
     job_body: Obj | None = None,
     now: datetime | None = None,
     unread: bool = False,
+    check_pods: bool = False,
 ) -> Outcome:
     """Observe -> decide -> act -> patch status. Safe to repeat at any point.
 
     ``unread``: ``body`` came from a watch event, not a fresh read, so the status is written only over that very
     version (an ApiException 409 when anything wrote the TrainingJob since; the caller reads it and goes again).
+    ``check_pods``: see ``observe``.
     """
     now = now or datetime.now(UTC)
     resolved, invalid = resolve_body(body, settings)
-    observed = observe(kube, body, resolved, invalid, job_body)
+    observed = observe(kube, body, resolved, invalid, job_body, check_pods=check_pods)
     decision = next_status(observed, now)
     act(kube, settings, resolved, decision, now, applied=observed.wanted)
     patch = status_patch(body.get("status") or {}, decision.status)

@@ -28,6 +28,7 @@ from kiln.operator.changes import AppliedSpec, changed_sections, from_annotation
 from kiln.operator.conditions import ConditionBuilder, Transition, merge_model, parse_time, rfc3339
 from kiln.operator.failures import Failure
 from kiln.operator.kueue import KueueVerdict
+from kiln.operator.pending import BLOCKED_REASONS, Blocked
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason
@@ -96,6 +97,10 @@ class Observed:
     """The spec's validation errors, one per line, when it is invalid."""
     wanted: AppliedSpec | None = None
     """The current spec, as a new attempt would record it (None when it is invalid)."""
+    pods_checked: bool = False
+    """The attempt's pods were read for ``blocked`` (a resync of an admitted attempt not yet all running)."""
+    blocked: Blocked | None = None
+    """Why a worker of the admitted attempt cannot start (pending.blocked), when ``pods_checked``."""
 
 
 @dataclass(frozen=True)
@@ -332,8 +337,18 @@ def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> 
         update["start_time"] = status.start_time or job.start_time or rfc3339(now)
     else:
         update["phase"] = Phase.RESTARTING if b.holds(C.RESTARTING) else _waiting_phase_admitted(status)
+        _explain_waiting(observed, b)
     clear = run_policy.active_deadline_seconds is None and job.active_deadline_seconds is not None
     return Decision(status=status.model_copy(update=update), job_deadline=deadline, clear_job_deadline=clear)
+
+
+def _explain_waiting(observed: Observed, b: ConditionBuilder) -> None:
+    """Running=False with what keeps a worker from starting; once nothing does, that it is starting."""
+    job, running = observed.job, b.conditions.get(C.RUNNING)
+    if observed.blocked is not None:
+        b.explain(C.RUNNING, observed.blocked.reason, observed.blocked.message, alert=True)
+    elif observed.pods_checked and running is not None and running.reason in BLOCKED_REASONS:
+        b.explain(C.RUNNING, R.PODS_STARTING, f"{job.ready}/{observed.nodes} workers running, none blocked")
 
 
 def _waiting_phase_admitted(status: TrainingJobStatus) -> Phase:

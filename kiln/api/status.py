@@ -46,6 +46,8 @@ class Reason(StrEnum):
     AWAITING_ADMISSION = "AwaitingAdmission"
     ADMITTED = "Admitted"
     PODS_RUNNING = "PodsRunning"
+    PODS_STARTING = "PodsStarting"
+    UNSCHEDULABLE = "Unschedulable"
     WORKER_FAILED_RETRIABLE = "RetriableFailure"
     JOB_COMPLETED = "JobCompleted"
     WORKER_FAILED = "WorkerFailed"

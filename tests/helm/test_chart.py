@@ -85,6 +85,7 @@ def test_every_setting_reaches_the_operator_unchanged() -> None:
         metrics_port=9090,
         progress_interval_s=2.5,
         progress_timeout_s=0.5,
+        resync_interval_s=30.0,
         run_as_user=2000,
         default_procs_per_node=4,
         workers=8,

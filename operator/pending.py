@@ -1,0 +1,68 @@
+"""Why an admitted attempt's workers are not running yet, read from its pods: a pure function over pod dicts.
+
+A Job whose pods cannot start changes nothing the Job shows (it stays ``active``), so without this the TrainingJob
+would sit in Pending with no word of why. Two kinds of waiting are told apart from a pod that is merely starting:
+  - the scheduler found no node: PodScheduled=False, reason Unschedulable, with its message (too few GPUs, a
+    missing PersistentVolumeClaim such as data.staging.cacheClaim, a taint, a node selector);
+  - a container cannot be created: its waiting reason, verbatim (ErrImagePull, ImagePullBackOff,
+    CreateContainerConfigError: a missing Secret or ConfigMap key, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.operator import labels as L
+
+Obj = dict[str, Any]
+
+UNSCHEDULABLE = "Unschedulable"
+BLOCKED_CONTAINER_REASONS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
+)
+"""Container waiting reasons that do not pass by themselves (ContainerCreating and PodInitializing do)."""
+BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {UNSCHEDULABLE}
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The first worker (by index) that cannot start, and why."""
+
+    reason: str
+    message: str
+
+
+def blocked(pods: list[Obj]) -> Blocked | None:
+    """Why the lowest-index worker that cannot start is stuck; None when every pod is running or on its way."""
+    for pod in sorted(pods, key=_index):
+        why = _pod_blocked(pod)
+        if why is not None:
+            return why
+    return None
+
+
+def _index(pod: Obj) -> int:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    try:
+        return int(annotations.get(L.COMPLETION_INDEX_ANNOTATION, 0))
+    except ValueError:
+        return 0
+
+
+def _pod_blocked(pod: Obj) -> Blocked | None:
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    status = pod.get("status") or {}
+    worker = f"worker {_index(pod)} (pod {pod.get('metadata', {}).get('name')})"
+    for condition in status.get("conditions") or []:
+        unscheduled = condition.get("type") == "PodScheduled" and condition.get("status") == "False"
+        if unscheduled and condition.get("reason") == UNSCHEDULABLE:
+            return Blocked(UNSCHEDULABLE, f"{worker}: {condition.get('message') or 'no node fits it'}")
+    statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    for container in statuses:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in BLOCKED_CONTAINER_REASONS:
+            detail = waiting.get("message") or waiting["reason"]
+            return Blocked(waiting["reason"], f"{worker}, container {container.get('name')}: {detail}")
+    return None
