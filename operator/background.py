@@ -5,7 +5,7 @@ object goes: one PATCH to add it, one to remove it, a lost handling cycle (the c
 the finalizer's own watch event) and deletes that hang while the operator is down. None of that is needed
 here: the children are cleaned up by ownerReferences, and every periodic action tolerates a TrainingJob
 that is already gone. So one asyncio task walks an in-memory table of TrainingJobs, kept current by the
-``track-phase`` event handler, and hands due work to the handlers' thread pool. ExportJobs get a second
+TrainingJob event handler, and hands due work to the handlers' thread pool. ExportJobs get a second
 table (``track-export``) with resyncs only; a TrainingJob's phase change wakes the ExportJobs waiting for it.
 
 ``Schedule`` is the pure part (what is due when); ``Background`` runs it.

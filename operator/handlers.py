@@ -280,28 +280,29 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if type == "DELETED":  # drift: recreate it now, not with the next attempt
             await in_worker_thread(ctx, functools.partial(run_repair, ctx, namespace or "", labels[L.TRAINING_JOB]))
 
-    @on.event(*TJ, id="track-phase", registry=registry)
-    async def track_phase(type: str, body: kopf.Body, uid: str, namespace: str | None, name: str, **_: Any) -> None:
-        # async: runs on the event loop, so the schedule needs no lock and no worker thread is taken.
+    def track_phase(type: str, body: kopf.Body, namespace: str, name: str) -> None:
+        """Record the TrainingJob for the periodic work; on the event loop, so the schedule needs no lock."""
         if ctx.background is not None:
             ctx.background.adopt_context(contextvars.copy_context())
-        deleted = type == "DELETED"
+        deleted, uid = type == "DELETED", body["metadata"].get("uid")
         status = body.get("status") or {}
         phase = None if deleted else status.get("phase", Phase.PENDING.value)
-        seen = ctx.schedule.entries.get((namespace or "", name))
+        seen = ctx.schedule.entries.get((namespace, name))
         if seen is None or seen.phase != phase:  # created, deleted or moved on: re-check the exports waiting on it
-            ctx.export_schedule.wake(namespace or "", lambda export: waits_for(export, name))
-        ctx.metrics.observe_trainingjob(uid, namespace or "", name, None if deleted else body)
-        ctx.schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
+            ctx.export_schedule.wake(namespace, lambda export: waits_for(export, name))
+        ctx.metrics.observe_trainingjob(uid, namespace, name, None if deleted else body)
+        ctx.schedule.observe(namespace, name, None if deleted else dict(body), time.monotonic())
         if deleted or phase in TERMINAL:
-            ctx.rank0.forget(namespace or "", name)
+            ctx.rank0.forget(namespace, name)
         if deleted:
-            ctx.locks.pop(lock_key(namespace or "", name), None)
+            ctx.locks.pop(lock_key(namespace, name), None)
             ctx.generations.forget(uid)
 
+    # One handler per TrainingJob event that tracks, then decides whether to reconcile: the order is the code's,
+    # not kopf's order of registration. Most TrainingJob events (the operator's own status writes) only track.
     @on.event(*TJ, id="reconcile", registry=registry)
     async def on_trainingjob_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-        # After track-phase (handlers run in the order registered), so a retry below finds the job scheduled.
+        track_phase(type, body, namespace or "", name)  # first, so a retry below finds the job scheduled
         if type == "DELETED" or not ctx.generations.wanted(body):
             return
         reconcile_now = functools.partial(
