@@ -21,6 +21,7 @@ from kiln.operator.export_render import render_export_configmap, render_export_j
 from kiln.operator.export_status import ExportDecision, ExportObserved, SourceView, next_export_status, source_view
 from kiln.operator.failures import PodOutcome, pod_outcome
 from kiln.operator.kube import Kube
+from kiln.operator.pending import blocked
 from kiln.operator.reconcile import resolve_body
 from kiln.operator.settings import Settings
 from kiln.operator.status import job_view
@@ -73,7 +74,8 @@ def last_pod(pods: list[Obj]) -> PodOutcome | None:
     return max(ended, key=lambda op: (op[0].finished_at, op[1]["metadata"].get("creationTimestamp") or ""))[0]
 
 
-def observe_export(kube: Kube, settings: Settings, body: Obj) -> ExportObserved:
+def observe_export(kube: Kube, settings: Settings, body: Obj, *, check_pods: bool = False) -> ExportObserved:
+    """What one decision reads. ``check_pods``: when the Job runs no ready pod, read why (a resync asks)."""
     meta, status = body["metadata"], load_export_status(body.get("status"))
     namespace, name = meta["namespace"], meta["name"]
     manifest, invalid = parse_exportjob(body)
@@ -94,11 +96,15 @@ def observe_export(kube: Kube, settings: Settings, body: Obj) -> ExportObserved:
     source = None
     if spec.source.training_job and not job.exists:  # before the start, or to create a deleted Job again
         source = read_source(kube, settings, namespace, spec.source.training_job)
-    pod, report = None, None
+    pod, report, stuck = None, None, None
     if job.finished:
         pod = last_pod(kube.export_pods(namespace, name))
         report = parse_export_report(pod.message) if pod is not None else None
-    return ExportObserved(spec=spec, source=source, job=job, pod=pod, report=report, **common)
+    pods_checked = check_pods and job.exists and not job.finished and not job.ready
+    if pods_checked:
+        stuck = blocked(kube.export_pods(namespace, name))
+    return ExportObserved(spec=spec, source=source, job=job, pod=pod, report=report, pods_checked=pods_checked,
+                          blocked=stuck, **common)  # fmt: skip
 
 
 def act_export(kube: Kube, settings: Settings, decision: ExportDecision) -> None:
@@ -109,9 +115,11 @@ def act_export(kube: Kube, settings: Settings, decision: ExportDecision) -> None
     kube.concurrently(lambda: kube.apply_configmap(configmap), lambda: kube.create_or_adopt(job))
 
 
-def reconcile_export(kube: Kube, settings: Settings, body: Obj, *, now: datetime | None = None) -> ExportOutcome:
+def reconcile_export(
+    kube: Kube, settings: Settings, body: Obj, *, now: datetime | None = None, check_pods: bool = False
+) -> ExportOutcome:
     """Observe -> decide -> act -> patch status. Safe to repeat at any point."""
-    observed = observe_export(kube, settings, body)
+    observed = observe_export(kube, settings, body, check_pods=check_pods)
     decision = next_export_status(observed, now or datetime.now(UTC))
     act_export(kube, settings, decision)
     patch = status_patch(body.get("status") or {}, decision.status)

@@ -27,6 +27,7 @@ from kiln.api.export_resolve import ResolvedExportJob, resolve_export
 from kiln.api.status import TERMINAL_PHASES, ConditionType, ExportJobStatus, Phase, Reason
 from kiln.operator.conditions import ConditionBuilder, Transition, rfc3339
 from kiln.operator.failures import MESSAGE_LIMIT, PodOutcome
+from kiln.operator.pending import Blocked, explain_waiting
 from kiln.operator.status import JobView
 
 Obj = dict[str, Any]
@@ -91,6 +92,10 @@ class ExportObserved:
     """The exporter pod that ended last (only once the Job finished)."""
     report: ExportReport | None = None
     """That pod's termination message, parsed."""
+    pods_checked: bool = False
+    """The exporter's pods were read for ``pending.blocked`` (a resync while the Job runs no ready pod)."""
+    blocked: Blocked | None = None
+    """Why the exporter pod cannot start, when ``pods_checked``."""
     retries: int = 3
     """The Job's backoffLimit (Settings.export_retries)."""
     source_grace_s: float = 60.0
@@ -206,6 +211,7 @@ def _follow_job(observed: ExportObserved, spec: ExportJobSpec, b: ConditionBuild
         return ExportDecision(status=status.model_copy(update=update))
     if job.failed:
         b.set(C.RUNNING, False, R.WORKER_FAILED_RETRIABLE, f"the exporter pod failed; the Job starts another{retried}")
+    explain_waiting(b, observed.blocked, observed.pods_checked, f"the exporter pod is starting{retried}")
     return ExportDecision(status=status.model_copy(update={"phase": Phase.PENDING}))
 
 

@@ -159,7 +159,9 @@ def run_repair(ctx: Context, namespace: str, name: str) -> None:
                    message=f"recreated the deleted {' and '.join(created)}")  # fmt: skip
 
 
-def run_export_reconcile(ctx: Context, kind: str, namespace: str, name: str) -> ExportOutcome | None:
+def run_export_reconcile(
+    ctx: Context, kind: str, namespace: str, name: str, *, check_pods: bool = False
+) -> ExportOutcome | None:
     """Reconcile one ExportJob, read fresh and serialized per ExportJob; count it, emit transition Events."""
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
@@ -169,7 +171,7 @@ def run_export_reconcile(ctx: Context, kind: str, namespace: str, name: str) -> 
             if body is None or body["metadata"].get("deletionTimestamp"):
                 result = "gone"
                 return None
-            outcome = reconcile_export(ctx.kube, ctx.settings, body)
+            outcome = reconcile_export(ctx.kube, ctx.settings, body, check_pods=check_pods)
         result = "ok"
     except ApiException as exc:
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
@@ -370,6 +372,6 @@ def _periodic_actions(ctx: Context) -> dict[str, Any]:
 
 def _export_actions(ctx: Context) -> dict[str, Any]:
     def resync(namespace: str, name: str, _: Obj) -> None:
-        run_export_reconcile(ctx, "export-resync", namespace, name)
+        run_export_reconcile(ctx, "export-resync", namespace, name, check_pods=True)  # see _periodic_actions
 
     return {"resync": resync}

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.api.status import ConditionType, Reason
 from kiln.operator import labels as L
+from kiln.operator.conditions import ConditionBuilder
 
 Obj = dict[str, Any]
 
@@ -27,7 +29,7 @@ BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {UNSCHEDULABLE}
 
 @dataclass(frozen=True)
 class Blocked:
-    """The first worker (by index) that cannot start, and why."""
+    """The first pod (by worker index) that cannot start, and why."""
 
     reason: str
     message: str
@@ -42,6 +44,16 @@ def blocked(pods: list[Obj]) -> Blocked | None:
     return None
 
 
+def explain_waiting(b: ConditionBuilder, stuck: Blocked | None, checked: bool, starting: str) -> None:
+    """Running=False with what keeps a pod from starting (``stuck``); once the pods were read (``checked``) and
+    nothing does any more, ``starting`` (reason PodsStarting) replaces the earlier blocker."""
+    running = b.conditions.get(ConditionType.RUNNING)
+    if stuck is not None:
+        b.explain(ConditionType.RUNNING, stuck.reason, stuck.message, alert=True)
+    elif checked and running is not None and running.status == "False" and running.reason in BLOCKED_REASONS:
+        b.explain(ConditionType.RUNNING, Reason.PODS_STARTING, starting)
+
+
 def _index(pod: Obj) -> int:
     annotations = pod.get("metadata", {}).get("annotations") or {}
     try:
@@ -54,7 +66,9 @@ def _pod_blocked(pod: Obj) -> Blocked | None:
     if pod.get("metadata", {}).get("deletionTimestamp"):
         return None
     status = pod.get("status") or {}
-    worker = f"worker {_index(pod)} (pod {pod.get('metadata', {}).get('name')})"
+    name, annotations = pod.get("metadata", {}).get("name"), pod.get("metadata", {}).get("annotations") or {}
+    # An Indexed Job's pod is a worker of the gang; the ExportJob's lone exporter pod is just a pod.
+    worker = f"worker {_index(pod)} (pod {name})" if L.COMPLETION_INDEX_ANNOTATION in annotations else f"pod {name}"
     for condition in status.get("conditions") or []:
         unscheduled = condition.get("type") == "PodScheduled" and condition.get("status") == "False"
         if unscheduled and condition.get("reason") == UNSCHEDULABLE:

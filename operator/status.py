@@ -28,7 +28,7 @@ from kiln.operator.changes import AppliedSpec, changed_sections, from_annotation
 from kiln.operator.conditions import ConditionBuilder, Transition, merge_model, parse_time, rfc3339
 from kiln.operator.failures import Failure
 from kiln.operator.kueue import KueueVerdict
-from kiln.operator.pending import BLOCKED_REASONS, Blocked
+from kiln.operator.pending import Blocked, explain_waiting
 
 Obj = dict[str, Any]
 C, R = ConditionType, Reason
@@ -337,18 +337,10 @@ def _observe_running(observed: Observed, b: ConditionBuilder, now: datetime) -> 
         update["start_time"] = status.start_time or job.start_time or rfc3339(now)
     else:
         update["phase"] = Phase.RESTARTING if b.holds(C.RESTARTING) else _waiting_phase_admitted(status)
-        _explain_waiting(observed, b)
+        starting = f"{job.ready}/{observed.nodes} workers running, none blocked"
+        explain_waiting(b, observed.blocked, observed.pods_checked, starting)
     clear = run_policy.active_deadline_seconds is None and job.active_deadline_seconds is not None
     return Decision(status=status.model_copy(update=update), job_deadline=deadline, clear_job_deadline=clear)
-
-
-def _explain_waiting(observed: Observed, b: ConditionBuilder) -> None:
-    """Running=False with what keeps a worker from starting; once nothing does, that it is starting."""
-    job, running = observed.job, b.conditions.get(C.RUNNING)
-    if observed.blocked is not None:
-        b.explain(C.RUNNING, observed.blocked.reason, observed.blocked.message, alert=True)
-    elif observed.pods_checked and running is not None and running.reason in BLOCKED_REASONS:
-        b.explain(C.RUNNING, R.PODS_STARTING, f"{job.ready}/{observed.nodes} workers running, none blocked")
 
 
 def _waiting_phase_admitted(status: TrainingJobStatus) -> Phase:

@@ -11,6 +11,7 @@ from kiln.api.export import ExportJobSpec
 from kiln.api.status import Artifact, ConditionType, ExportJobStatus, LatencyMs, Phase, Reason
 from kiln.operator.export_status import ExportObserved, SourceView, next_export_status, source_view
 from kiln.operator.failures import PodOutcome
+from kiln.operator.pending import Blocked
 from kiln.operator.status import JobView
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -164,6 +165,18 @@ def test_a_ready_pod_is_running_and_a_deleted_job_is_created_again_from_the_pinn
     again = next_export_status(observed(running, source=SourceView(name="digits")), NOW)  # the TJ is gone by now
     assert again.create is not None and again.create.checkpoint_uri == BEST
     assert again.transitions == ()
+
+
+def test_an_exporter_pod_that_cannot_start_is_told_then_its_start() -> None:
+    status, pending = started(), JobView(exists=True, active=1)
+    why = Blocked("ImagePullBackOff", 'pod export-x1, container exporter: Back-off pulling image "kiln/trainer:typo"')
+    stuck = next_export_status(observed(status, job=pending, pods_checked=True, blocked=why), NOW)
+    assert stuck.status.phase == Phase.PENDING and conditions(stuck.status)["Running"] == ("False", "ImagePullBackOff")
+    assert message(stuck.status, ConditionType.RUNNING) == why.message
+    assert [(t.reason, t.warning) for t in stuck.transitions] == [("ImagePullBackOff", True)]
+    freed = next_export_status(observed(stuck.status, job=pending, pods_checked=True), NOW)
+    assert conditions(freed.status)["Running"] == ("False", "PodsStarting") and freed.transitions[0].warning is False
+    assert "Running" not in conditions(next_export_status(observed(status, job=pending, pods_checked=True), NOW).status)
 
 
 def artifact(**fields: Any) -> Artifact:

@@ -52,6 +52,12 @@ def test_a_container_that_cannot_be_created_is_told_by_the_kubelets_reason() -> 
     )
 
 
+def test_a_pod_of_no_index_is_named_as_a_pod() -> None:
+    exporter = pod(0, scheduled=UNSCHEDULABLE)
+    exporter["metadata"]["annotations"] = {}
+    assert blocked([exporter]) == Blocked("Unschedulable", f"pod demo-1-0-abcde: {UNSCHEDULABLE_MESSAGE}")
+
+
 def test_the_lowest_index_worker_speaks_for_the_gang() -> None:
     pods = [pod(1, scheduled=UNSCHEDULABLE), pod(0, waiting=PULL_BACKOFF)]
     found = blocked(pods)
