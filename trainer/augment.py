@@ -23,7 +23,7 @@ import cv2
 from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
 
-from kiln.api.training import AugmentationSpec, Transform
+from kiln.api.data import AugmentationSpec, Transform
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.registry import Registry
 

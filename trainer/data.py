@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kiln import storage
+from kiln.api.data import DataSource
 from kiln.api.resolve import ResolvedTrainingJob
-from kiln.api.training import DataSource
 from kiln.trainer.distributed import World, barrier
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.preemption import ignore_termination_in_worker

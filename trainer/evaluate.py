@@ -18,9 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from kiln.api.contract import Env, ExitCode, TrainerReport
+from kiln.api.data import FORMATS_BY_TASK
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.api.runtime import StorageSpec
-from kiln.api.training import FORMATS_BY_TASK
 from kiln.trainer.errors import InvalidInput, one_line
 from kiln.trainer.evaluation import read_state
 from kiln.trainer.progress import write_termination_log

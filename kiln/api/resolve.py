@@ -16,11 +16,12 @@ from pydantic import Field
 
 from kiln.api.base import KilnModel, Name, Uri
 from kiln.api.contract import DEFAULT_TRAINER_IMAGE
+from kiln.api.data import Staging
 from kiln.api.learning import LossKeyframe, MetricMode
 from kiln.api.manifest import InvalidManifest, ManifestError, TrainingJob
 from kiln.api.parse import parse_manifest
 from kiln.api.tracking import resolve_tracking
-from kiln.api.training import Staging, TrainingJobSpec
+from kiln.api.training import TrainingJobSpec
 
 
 @dataclass(frozen=True)

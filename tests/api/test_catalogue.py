@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from kiln.api import InvalidManifest, parse_manifest
 from kiln.api.catalogue import Catalogue, TransformArgs, load_catalogue
 from kiln.api.crd import KINDS, crd
+from kiln.api.data import FORMATS_BY_TASK, AugmentationPreset, Task, Transform
 from kiln.api.learning import SchedulerName
 from kiln.api.manifest import TrainingJob
 from kiln.api.resolve import TASK_DEFAULTS, Environment, resolve
-from kiln.api.training import FORMATS_BY_TASK, AugmentationPreset, Task, Transform
 from kiln.cli import EXIT_FAILED, app
 from kiln.trainer.augment import PRESETS, transforms_registry
 from kiln.trainer.models import MODELS

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.api.training import AugmentationSpec, Transform
+from kiln.api.data import AugmentationSpec, Transform
 from kiln.trainer import detection_shapes
 from kiln.trainer.augment import DETECTION_PRESETS, PRESETS, detection_eval_pipeline, detection_train_pipeline
 from kiln.trainer.errors import InvalidInput

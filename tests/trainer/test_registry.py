@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kiln.api.training import AugmentationSpec, ModelSpec, OptimizerSpec, SchedulerSpec, Transform
+from kiln.api.data import AugmentationSpec, Transform
+from kiln.api.training import ModelSpec, OptimizerSpec, SchedulerSpec
 from kiln.trainer.augment import PRESETS, train_pipeline, transforms_registry
 from kiln.trainer.errors import InvalidInput
 from kiln.trainer.models import MODELS, build_model, load_pretrained

@@ -134,7 +134,7 @@ def test_nearest_resize_keeps_only_valid_indices_and_moves_the_mask_with_the_ima
 
 
 def _preset(name: str) -> Any:
-    from kiln.api.training import AugmentationSpec
+    from kiln.api.data import AugmentationSpec
 
     return AugmentationSpec(preset=name)  # type: ignore[arg-type]
 

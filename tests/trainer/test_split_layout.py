@@ -12,8 +12,8 @@ from inprocess import run_main
 from trainer_testkit import YoloLayout, make_job, upload_yolo, yolo_key, yolo_split_uri
 
 from kiln.api.contract import ExitCode
+from kiln.api.data import DataSource
 from kiln.api.resolve import ResolvedTrainingJob
-from kiln.api.training import DataSource
 from kiln.testing.s3 import S3Server
 from kiln.trainer.data import localize
 from kiln.trainer.detection_shapes import write_detection_shapes
