@@ -10,7 +10,14 @@ Kiln's own CRDs, as committed in crds/, are installed once per session by ``kiln
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before anything imports torch: one intra-op thread per test process. Under `make test` the torch tests share the
+# 2 cores with the other xdist worker's control plane, and torch's default of a thread per core then spins against
+# it: the segmentation run in tests/trainer took 86 s with two threads and 20 s with one, beside two busy
+# processes (16.6 s on an idle machine). The trainer's subprocesses already get OMP_NUM_THREADS=1 (trainer_testkit).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
