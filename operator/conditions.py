@@ -54,10 +54,10 @@ class ConditionBuilder:
         if self._put(type_, value, str(reason), message):
             self.transitions.append(Transition(type_, value, str(reason), message))
 
-    def explain(self, type_: ConditionType, reason: str, message: str, *, alert: bool = False) -> None:
+    def explain(self, type_: ConditionType, reason: Reason | str, message: str, *, alert: bool = False) -> None:
         """``type_`` False with what keeps it from coming true, even if it never held. A new reason is a Transition
         (an Event), as a flip is; the same reason with a new message is not."""
-        old = self.conditions.get(type_)
+        reason, old = str(reason), self.conditions.get(type_)
         news = old is None or old.status != "False" or old.reason != reason
         self._put(type_, "False", reason, message)
         if news:

@@ -19,12 +19,11 @@ from kiln.operator.conditions import ConditionBuilder
 
 Obj = dict[str, Any]
 
-UNSCHEDULABLE = "Unschedulable"
 BLOCKED_CONTAINER_REASONS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
 )
 """Container waiting reasons that do not pass by themselves (ContainerCreating and PodInitializing do)."""
-BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {UNSCHEDULABLE}
+BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {Reason.UNSCHEDULABLE}
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,8 @@ def _pod_blocked(pod: Obj) -> Blocked | None:
     worker = f"worker {_index(pod)} (pod {name})" if L.COMPLETION_INDEX_ANNOTATION in annotations else f"pod {name}"
     for condition in status.get("conditions") or []:
         unscheduled = condition.get("type") == "PodScheduled" and condition.get("status") == "False"
-        if unscheduled and condition.get("reason") == UNSCHEDULABLE:
-            return Blocked(UNSCHEDULABLE, f"{worker}: {condition.get('message') or 'no node fits it'}")
+        if unscheduled and condition.get("reason") == Reason.UNSCHEDULABLE:
+            return Blocked(Reason.UNSCHEDULABLE, f"{worker}: {condition.get('message') or 'no node fits it'}")
     statuses = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
     for container in statuses:
         waiting = (container.get("state") or {}).get("waiting") or {}
