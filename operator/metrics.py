@@ -7,6 +7,8 @@ Series (all prefixed kiln_operator_ except the gauges, named for what users quer
   kiln_trainingjobs{phase}                          TrainingJobs this operator sees, by phase
   kiln_trainingjob_phase{trainingjob_namespace,trainingjob,phase}  1 for each TrainingJob's current phase
   kiln_trainingjob_restarts{trainingjob_namespace,trainingjob}     each TrainingJob's status.restarts
+  kiln_trainingjob_blocked{trainingjob_namespace,trainingjob,reason}  1 while a pod of it cannot start (Running=False
+                                                                   with a reason in kiln.api.status.BLOCKED_REASONS)
   kiln_operator_trainingjobs_created_total / _succeeded_total / _failed_total / _restarted_total
 
 The per-job series carry kiln.api.contract.MetricLabel's names, as the trainer's do, so the two join.
@@ -27,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kiln.api.contract import MetricLabel
-from kiln.api.status import Phase
+from kiln.api.status import BLOCKED_REASONS, ConditionType, Phase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,6 +44,8 @@ class JobSeen:
     name: str
     phase: str
     restarts: int
+    blocked: str | None = None
+    """The reason a pod of the current attempt cannot start, from the Running condition; None when none."""
 
 
 class _PhaseCollector(Collector):
@@ -73,11 +77,16 @@ class _PhaseCollector(Collector):
                                    labels=[*JOB_LABELS, "phase"])  # fmt: skip
         restarts = GaugeMetricFamily("kiln_trainingjob_restarts", "Whole-gang restarts of each TrainingJob.",
                                      labels=JOB_LABELS)  # fmt: skip
+        blocked = GaugeMetricFamily("kiln_trainingjob_blocked", "1 while a pod of the TrainingJob cannot start.",
+                                    labels=[*JOB_LABELS, "reason"])  # fmt: skip
         for job in jobs:
             phases.add_metric([job.namespace, job.name, job.phase], 1)
             restarts.add_metric([job.namespace, job.name], job.restarts)
+            if job.blocked is not None:
+                blocked.add_metric([job.namespace, job.name, job.blocked], 1)
         yield phases
         yield restarts
+        yield blocked
 
 
 def queue_wait_seconds(body: Mapping[str, Any]) -> float | None:
@@ -90,6 +99,15 @@ def queue_wait_seconds(body: Mapping[str, Any]) -> float | None:
         return max(0.0, (datetime.fromisoformat(started) - datetime.fromisoformat(created)).total_seconds())
     except (TypeError, ValueError):
         return None
+
+
+def blocked_reason(status: Mapping[str, Any]) -> str | None:
+    """Running=False's reason when it says a pod cannot start (pending.explain_waiting writes it)."""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == ConditionType.RUNNING and condition.get("status") == "False":
+            reason = condition.get("reason")
+            return reason if reason in BLOCKED_REASONS else None
+    return None
 
 
 class Metrics:
@@ -138,7 +156,7 @@ class Metrics:
             return
         status = body.get("status") or {}
         phase = status.get("phase") or Phase.PENDING.value
-        seen = JobSeen(namespace, name, phase, int(status.get("restarts") or 0))
+        seen = JobSeen(namespace, name, phase, int(status.get("restarts") or 0), blocked_reason(status))
         before = self.phases.observe(uid, seen)
         if before is not None and before.phase in WAITING_PHASES and phase == Phase.RUNNING.value:
             wait = queue_wait_seconds(body)

@@ -13,17 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.api.status import ConditionType, Reason
+from kiln.api.status import BLOCKED_CONTAINER_REASONS, BLOCKED_REASONS, ConditionType, Reason
 from kiln.operator import labels as L
 from kiln.operator.conditions import ConditionBuilder
 
 Obj = dict[str, Any]
-
-BLOCKED_CONTAINER_REASONS = frozenset(
-    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
-)
-"""Container waiting reasons that do not pass by themselves (ContainerCreating and PodInitializing do)."""
-BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {Reason.UNSCHEDULABLE}
 
 
 @dataclass(frozen=True)

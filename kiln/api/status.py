@@ -72,6 +72,15 @@ class Reason(StrEnum):
     SOURCE_FAILED = "SourceFailed"
 
 
+BLOCKED_CONTAINER_REASONS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
+)
+"""The kubelet's container waiting reasons that do not pass by themselves (ContainerCreating and PodInitializing
+do); the reason of Running=False, verbatim, while a pod of the current attempt waits with one."""
+BLOCKED_REASONS = BLOCKED_CONTAINER_REASONS | {Reason.UNSCHEDULABLE}
+"""Running=False reasons that say a pod cannot start (the kiln_trainingjob_blocked gauge, its alert)."""
+
+
 class StatusModel(KilnModel):
     """Status is written by the operator and read back from the apiserver as plain JSON, whose strings
     become the enums above; lax parsing is what lets them."""

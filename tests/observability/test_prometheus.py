@@ -247,6 +247,6 @@ def test_the_shipped_alert_rules_evaluate_cleanly_on_live_series(stack: Stack) -
         return [rule for group in groups for rule in group["rules"]]
 
     wait_until(lambda: all(rule.get("lastEvaluation", "").startswith("2") for rule in evaluated()) and
-               len(evaluated()) == 6, timeout=30, what="every rule evaluated")  # fmt: skip
+               len(evaluated()) == 7, timeout=30, what="every rule evaluated")  # fmt: skip
     unhealthy = [(rule["name"], rule.get("lastError")) for rule in evaluated() if rule["health"] != "ok"]
     assert not unhealthy, unhealthy

@@ -28,12 +28,13 @@ def alerts(rules: dict) -> dict[str, dict]:
 def test_promtool_checks_the_rule_file() -> None:
     result = promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 def test_the_shipped_alerts_are_the_ones_asked_for() -> None:
     assert set(alerts(yaml.safe_load(RULES.read_text()))) == {
-        "KilnTrainingJobFailed", "KilnTrainingJobRestartsClimbing", "KilnTrainingProgressStalled",
+        "KilnTrainingJobFailed", "KilnTrainingJobRestartsClimbing", "KilnTrainingJobCannotStart",
+        "KilnTrainingProgressStalled",
         "KilnCheckpointTooOld", "KilnDataWaitDominatesStepTime", "KilnOperatorReconcileErrors",
     }  # fmt: skip
 

@@ -44,6 +44,24 @@ def test_queue_wait_is_observed_once_when_a_waiting_job_starts() -> None:
     assert got[("kiln_operator_queue_wait_seconds_sum", frozenset())] == 90
 
 
+def test_a_job_whose_pod_cannot_start_is_blocked_until_it_starts() -> None:
+    metrics = Metrics()
+    pending = job("Pending")
+    running_false = {"type": "Running", "status": "False", "message": "worker 0 (pod p): 0/2 nodes are available"}
+    pending["status"]["conditions"] = [{**running_false, "reason": "Unschedulable"}]
+    metrics.observe_trainingjob("u1", "ml", "a", pending)
+    other = job("Restarting", 1)
+    other["status"]["conditions"] = [{**running_false, "reason": "RetriableFailure"}]  # a failure, not a block
+    metrics.observe_trainingjob("u2", "ml", "b", other)
+    got = samples(metrics)
+    a = frozenset({("trainingjob_namespace", "ml"), ("trainingjob", "a"), ("reason", "Unschedulable")})
+    assert got[("kiln_trainingjob_blocked", a)] == 1
+    assert [key for key in got if key[0] == "kiln_trainingjob_blocked"] == [("kiln_trainingjob_blocked", a)]
+    pending["status"]["conditions"] = [{**running_false, "reason": "PodsStarting"}]
+    metrics.observe_trainingjob("u1", "ml", "a", pending)
+    assert not [key for key in samples(metrics) if key[0] == "kiln_trainingjob_blocked"]
+
+
 def test_every_job_has_its_phase_and_restarts_until_deleted() -> None:
     metrics = Metrics()
     metrics.observe_trainingjob("u1", "ml", "a", job("Running", 2))

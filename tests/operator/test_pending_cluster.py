@@ -1,6 +1,7 @@
 """A worker that cannot start, on the real control plane: the real scheduler finds no node for a pod whose staging
 cache names a PersistentVolumeClaim that does not exist, and the TrainingJob says so (Running=False, the scheduler's
-reason and message, a Warning Event) at the operator's next resync instead of sitting in Pending without a word."""
+reason and message, a Warning Event, the kiln_trainingjob_blocked series) at the operator's next resync instead of
+sitting in Pending without a word."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from operator_process import OperatorProcess
+from prometheus_client.parser import text_string_to_metric_families
 from test_cluster import condition, create_tj, events, get_tj, jobs
 
 from kiln.testing.controlplane import ControlPlane
@@ -52,3 +54,13 @@ def test_a_missing_cache_claim_is_told_in_status(
                what="a Warning Event")  # fmt: skip
     assert events(cluster, namespace).count(("Warning", "Unschedulable")) == 1
     assert jobs(cluster, namespace) == ["demo-1"] and tj["status"]["attempt"] == 1  # waiting is no failure
+    # What the KilnTrainingJobCannotStart alert reads, once the watch has delivered the status write.
+    wanted = {"trainingjob_namespace": namespace, "trainingjob": "demo", "reason": "Unschedulable"}
+
+    def blocked() -> list[float]:
+        families = text_string_to_metric_families(quick_resync.metrics())
+        return [
+            s.value for f in families for s in f.samples if s.name == "kiln_trainingjob_blocked" and s.labels == wanted
+        ]
+
+    wait_until(lambda: blocked() == [1.0], timeout=15, what="the kiln_trainingjob_blocked series")
