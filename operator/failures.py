@@ -60,9 +60,6 @@ def _terminated(pod: Obj, container: str) -> Obj:
 def pod_outcome(pod: Obj, container: str = contract.CONTAINER_NAME) -> PodOutcome:
     """How a pod ended, read off ``container`` (the trainer's, or the exporter's in an ExportJob's pod)."""
     meta, status = pod.get("metadata", {}), pod.get("status", {})
-    index = (meta.get("annotations") or {}).get(L.COMPLETION_INDEX_ANNOTATION) or (meta.get("labels") or {}).get(
-        L.COMPLETION_INDEX_LABEL, "0"
-    )
     terminated = _terminated(pod, container)
     disrupted = (
         any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
@@ -70,7 +67,7 @@ def pod_outcome(pod: Obj, container: str = contract.CONTAINER_NAME) -> PodOutcom
     )
     return PodOutcome(
         name=meta.get("name", ""),
-        index=int(index) if str(index).isdigit() else 0,
+        index=L.completion_index(pod) or 0,
         exit_code=terminated.get("exitCode"),
         message=(terminated.get("message") or "").strip(),
         disrupted=disrupted,

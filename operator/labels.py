@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kiln.api.base import GROUP, VERSION
 from kiln.api.contract import Label
 
@@ -83,3 +85,13 @@ def attempt_job_name(job_name: str, attempt: int) -> str:
 
 def attempt_selector(job_name: str, attempt: int) -> str:
     return f"{TRAINING_JOB}={job_name},{ATTEMPT}={attempt}"
+
+
+def completion_index(pod: dict[str, Any]) -> int | None:
+    """A pod's index in its Indexed Job (the annotation, else the label Kubernetes sets beside it); None for a pod
+    of no index, such as an ExportJob's exporter."""
+    meta = pod.get("metadata") or {}
+    raw = (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) or (meta.get("labels") or {}).get(
+        COMPLETION_INDEX_LABEL
+    )
+    return int(raw) if raw is not None and str(raw).isdigit() else None

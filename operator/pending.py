@@ -30,7 +30,7 @@ class Blocked:
 
 def blocked(pods: list[Obj]) -> Blocked | None:
     """Why the lowest-index worker that cannot start is stuck; None when every pod is running or on its way."""
-    for pod in sorted(pods, key=_index):
+    for pod in sorted(pods, key=lambda pod: L.completion_index(pod) or 0):
         why = _pod_blocked(pod)
         if why is not None:
             return why
@@ -47,21 +47,13 @@ def explain_waiting(b: ConditionBuilder, stuck: Blocked | None, checked: bool, s
         b.explain(ConditionType.RUNNING, Reason.PODS_STARTING, starting)
 
 
-def _index(pod: Obj) -> int:
-    annotations = pod.get("metadata", {}).get("annotations") or {}
-    try:
-        return int(annotations.get(L.COMPLETION_INDEX_ANNOTATION, 0))
-    except ValueError:
-        return 0
-
-
 def _pod_blocked(pod: Obj) -> Blocked | None:
     if pod.get("metadata", {}).get("deletionTimestamp"):
         return None
     status = pod.get("status") or {}
-    name, annotations = pod.get("metadata", {}).get("name"), pod.get("metadata", {}).get("annotations") or {}
+    name, index = pod.get("metadata", {}).get("name"), L.completion_index(pod)
     # An Indexed Job's pod is a worker of the gang; the ExportJob's lone exporter pod is just a pod.
-    worker = f"worker {_index(pod)} (pod {name})" if L.COMPLETION_INDEX_ANNOTATION in annotations else f"pod {name}"
+    worker = f"pod {name}" if index is None else f"worker {index} (pod {name})"
     for condition in status.get("conditions") or []:
         unscheduled = condition.get("type") == "PodScheduled" and condition.get("status") == "False"
         if unscheduled and condition.get("reason") == Reason.UNSCHEDULABLE:
