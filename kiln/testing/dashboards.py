@@ -268,6 +268,17 @@ def operator() -> Dashboard:
             )
         )
         .with_panel(
+            series(
+                "TrainingJobs that cannot start",
+                "none",
+                # "or on() vector(0)": a zero line while nothing is blocked, instead of "no data".
+                query("sum by (reason) (kiln_trainingjob_blocked) or on() vector(0)", "{{reason}}"),
+                description="TrainingJobs with a pod that cannot start, by reason (Unschedulable, ImagePullBackOff, "
+                "CreateContainerConfigError, ...); the TrainingJob's Running condition has the message.",
+                stacked=True,
+            )
+        )
+        .with_panel(
             table.Panel()
             .title("TrainingJobs")
             .description("Every TrainingJob's phase and whole-gang restarts.")

@@ -41,5 +41,6 @@ def test_the_training_job_dashboard_picks_a_job_and_shows_what_was_asked() -> No
 def test_the_operator_dashboard_shows_reconciles_and_jobs_by_phase() -> None:
     exprs = " ".join(target["expr"] for panel in panels("kiln-operator.json") for target in panel["targets"])
     for series in ("kiln_operator_reconcile_total", "kiln_operator_reconcile_duration_seconds_bucket",
-                   "kiln_trainingjobs", "kiln_operator_queue_wait_seconds_bucket"):  # fmt: skip
+                   "kiln_trainingjobs", "kiln_operator_queue_wait_seconds_bucket",
+                   "kiln_trainingjob_blocked"):  # fmt: skip
         assert series in exprs, series
