@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class Entry:
     body: Obj
     next_resync: float
+    resync_was_due: float = 0.0
+    """When the resync last handed out was due: a postponed one keeps its place in the queue (``postpone_resync``)."""
     next_progress: float = 0.0
     next_expire: float = 0.0
     """No TTL delete before this (monotonic s): one delete in flight, and a failed one retried 5 s later."""
@@ -87,10 +89,11 @@ class Schedule:
             entry.next_resync = max(entry.next_resync, now + self.resync_interval_s)
 
     def postpone_resync(self, key: tuple[str, str]) -> None:
-        """A resync that was due but not started (too many in flight): due again at the next tick."""
+        """A resync that was due but not started (too many in flight): due again at the next tick, as overdue as
+        it was, so it goes before every resync that fell due after it (``due`` hands the most overdue out first)."""
         entry = self.entries.get(key)
         if entry is not None:
-            entry.next_resync = 0.0
+            entry.next_resync = entry.resync_was_due
 
     def resync_soon(self, namespace: str, name: str, at: float) -> None:
         """Resync this job at ``at`` (monotonic s) if not sooner: the retry of a reconcile that failed."""
@@ -111,12 +114,12 @@ class Schedule:
         finished job checks its TTL, an unfinished one its two clocks. 1,000 jobs without TTLs took 20 ms a tick
         before that, 10 ms after, on the saturated 2-core benchmark VM."""
         running, polls = Phase.RUNNING.value, self.progress_interval_s is not None
+        resyncs: list[tuple[float, tuple[str, str], Entry]] = []
         for key, entry in list(self.entries.items()):
             phase = entry.phase
             if phase not in TERMINAL:
                 if now >= entry.next_resync:
-                    entry.next_resync = now + self.resync_interval_s
-                    yield "resync", key, entry.body
+                    resyncs.append((entry.next_resync, key, entry))
                 if polls and phase == running and now >= entry.next_progress:
                     entry.next_progress = now + (self.progress_interval_s or 0.0)
                     yield "progress", key, entry.body
@@ -125,6 +128,11 @@ class Schedule:
             if expires is not None and wall >= expires and now >= entry.next_expire:
                 entry.next_expire = now + 5.0
                 yield "expire", key, entry.body
+        # The most overdue first: with resyncs capped (Background), walking in insertion order let the oldest jobs
+        # take every free slot each tick once resyncs fell due faster than they finished, and the newest starved.
+        for was_due, key, entry in sorted(resyncs, key=lambda item: item[0]):
+            entry.resync_was_due, entry.next_resync = was_due, now + self.resync_interval_s
+            yield "resync", key, entry.body
 
 
 def _without_managed_fields(body: Obj) -> Obj:

@@ -84,3 +84,21 @@ def test_resyncs_in_flight_are_capped_and_the_postponed_ones_run_next() -> None:
 
     asyncio.run(run())
     assert sorted(started) == [f"j{index}" for index in range(6)] and most[0] == 2
+
+
+def test_a_postponed_resync_goes_before_those_that_fell_due_after_it() -> None:
+    """Resyncs falling due faster than the cap lets them run: each tick one starts and the rest are postponed, as
+    Background does. Handed out in insertion order, the two older jobs took turns and the newest never ran."""
+    schedule = Schedule(1.0, None)
+    schedule.observe("ml", "old-a", pending("old-a"), now=0.0)  # due at 1.0
+    schedule.observe("ml", "old-b", pending("old-b"), now=0.0)  # due at 1.0
+    schedule.observe("ml", "new", pending("new"), now=0.5)  # due at 1.5
+    started = []
+    for tick in range(2, 12):  # every 0.5 s from 1.0; one slot, and a resync is over by the next tick
+        due = [key for kind, key, _ in schedule.due(tick / 2, WALL) if kind == "resync"]
+        if due:
+            started.append(due[0][1])
+        for key in due[1:]:
+            schedule.postpone_resync(key)
+    assert started[:3] == ["old-a", "old-b", "new"], started
+    assert {name: started.count(name) for name in ("old-a", "old-b", "new")} == {"old-a": 4, "old-b": 3, "new": 3}
