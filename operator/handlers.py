@@ -25,6 +25,7 @@ from kiln.api.status import ConditionType, Phase
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
+from kiln.operator.child_watch import CONFIGMAPS, JOBS, SERVICES, ChildWatches, Handler, Kind, Serial
 from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
@@ -63,6 +64,8 @@ class Context:
     """Which TrainingJob generations this process reconciled: what decides whether a TrainingJob event needs one."""
     executor: Executor | None = None
     """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
+    children: ChildWatches | None = None
+    """The watches of Jobs, ConfigMaps and Services, started with the first kopf handler's context."""
     _credentials: creds.Credentials | None = None
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -256,36 +259,24 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         ctx.metrics.ready.clear()
         if ctx.background is not None:
             await ctx.background.stop()
+        if ctx.children is not None:
+            await asyncio.to_thread(ctx.children.stop)
         if ctx.server is not None:
             await ctx.server.cleanup()
 
-    # The child and Job handlers are async and filter on the event loop: most of their events need no reconcile,
-    # and a sync handler would cost each of them a hop to a worker thread and back.
-    @on.event("batch", "v1", "jobs", labels={L.TRAINING_JOB: kopf.PRESENT}, id="job-event", registry=registry)
-    async def on_attempt_job_event(
-        body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> None:
-        if not ctx.job_states.changed(namespace, body, type):
-            return
-        job_body = None if type == "DELETED" else dict(body)
-        reconcile_now = functools.partial(
-            run_reconcile, ctx, "job", namespace or "", labels[L.TRAINING_JOB], job_body=job_body
-        )
-        try:
-            await in_worker_thread(ctx, reconcile_now)
-        except kopf.TemporaryError as exc:
-            logging.getLogger(__name__).warning("reconcile after a Job event failed, will resync: %s", exc)
-
-    @on.event("", "v1", "configmaps", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-configmap", registry=registry)
-    @on.event("", "v1", "services", labels={L.TRAINING_JOB: kopf.PRESENT}, id="repair-service", registry=registry)
-    async def on_child_event(type: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-        if type == "DELETED":  # drift: recreate it now, not with the next attempt
-            await in_worker_thread(ctx, functools.partial(run_repair, ctx, namespace or "", labels[L.TRAINING_JOB]))
+    def adopt_context(context: contextvars.Context) -> None:
+        """Hand a kopf handler's context, where kopf.event works, to the work started outside kopf's handlers; the
+        first one also starts the child watches. None of that work exists before a TrainingJob or ExportJob does."""
+        if ctx.background is not None:
+            ctx.background.adopt_context(context)
+        if ctx.children is None and ctx.kube is not None and ctx.executor is not None:
+            handlers = _child_handlers(ctx, Serial(ctx.executor, context))
+            ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, handlers)
+            ctx.children.start()
 
     def track_phase(type: str, body: kopf.Body, namespace: str, name: str) -> None:
         """Record the TrainingJob for the periodic work; on the event loop, so the schedule needs no lock."""
-        if ctx.background is not None:
-            ctx.background.adopt_context(contextvars.copy_context())
+        adopt_context(contextvars.copy_context())
         deleted, uid = type == "DELETED", body["metadata"].get("uid")
         status = body.get("status") or {}
         phase = None if deleted else status.get("phase", Phase.PENDING.value)
@@ -324,29 +315,41 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if outcome is not None and outcome.decision.invalid:
             raise kopf.PermanentError("invalid spec; see the Failed condition")
 
-    @on.event("batch", "v1", "jobs", labels={L.EXPORT_JOB: kopf.PRESENT}, id="export-job-event", registry=registry)
-    async def on_export_job_event(
-        body: kopf.Body, type: str, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> None:
-        if not ctx.job_states.changed(namespace, body, type):
-            return
-        try:
-            await in_worker_thread(
-                ctx, functools.partial(run_export_reconcile, ctx, "export-job", namespace or "", labels[L.EXPORT_JOB])
-            )
-        except kopf.TemporaryError as exc:
-            logging.getLogger(__name__).warning("reconcile after an export Job event failed, will resync: %s", exc)
-
     @on.event(*EJ, id="track-export", registry=registry)
     async def track_export(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-        if ctx.background is not None:
-            ctx.background.adopt_context(contextvars.copy_context())
+        adopt_context(contextvars.copy_context())
         deleted = type == "DELETED"
         ctx.export_schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:
             ctx.locks.pop(lock_key(namespace or "", name, L.EJ_PLURAL), None)
 
     return registry, ctx
+
+
+def _child_handlers(ctx: Context, serial: Serial) -> dict[Kind, Handler]:
+    """What the child watches do with an event, on their threads: filter it, then hand the reconcile or repair it
+    calls for to ``serial``. Most Job events change nothing a status reflects (``JobStates``) and go no further."""
+
+    def on_job(type: str, job: Obj) -> None:
+        namespace, labels = job["metadata"].get("namespace") or "", job["metadata"].get("labels") or {}
+        owner = labels.get(L.TRAINING_JOB) or labels.get(L.EXPORT_JOB)
+        if owner is None or not ctx.job_states.changed(namespace, job, type):
+            return
+        if L.TRAINING_JOB in labels:
+            job_body = None if type == "DELETED" else job
+            work = functools.partial(run_reconcile, ctx, "job", namespace, owner, job_body=job_body)
+            serial.submit(("job", namespace, owner), work)
+        else:
+            serial.submit(("export-job", namespace, owner),
+                          functools.partial(run_export_reconcile, ctx, "export-job", namespace, owner))  # fmt: skip
+
+    def on_child(type: str, child: Obj) -> None:
+        namespace, labels = child["metadata"].get("namespace") or "", child["metadata"].get("labels") or {}
+        if type == "DELETED" and L.TRAINING_JOB in labels:  # drift: recreate it now, not with the next attempt
+            owner = labels[L.TRAINING_JOB]
+            serial.submit(("repair", namespace, owner), functools.partial(run_repair, ctx, namespace, owner))
+
+    return {JOBS: on_job, CONFIGMAPS: on_child, SERVICES: on_child}
 
 
 def _periodic_actions(ctx: Context) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from kiln.operator import labels as L
 from kiln.operator.settings import Settings
 
 CHANGE_HANDLED_KINDS = frozenset({L.EJ_KIND})
-"""Kinds with kopf create/update/resume handlers (ExportJobs). TrainingJobs, their Jobs and their children are
-handled from raw watch events (``on.event``), which never read kopf's diff."""
+"""Kinds with kopf create/update/resume handlers (ExportJobs). TrainingJobs are handled from raw watch events
+(``on.event``), which never read kopf's diff; their children are watched outside kopf (``child_watch``)."""
 
 
 class ChangeHandledDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -21,8 +21,8 @@ class ChangeHandledDiffBase(kopf.AnnotationsDiffBaseStorage):
 
     kopf builds an object's "essence" (a deep copy of its body) for every watch event of every watched kind, on
     the event loop, whether or not any handler will read the diff. In the 200-job benchmark that copy was a fifth
-    of the operator's CPU samples, mostly of Jobs, which only ``on.event`` handlers watch. Every other kind gets
-    an empty essence: there is no stored one to compare with, so the diff is empty too.
+    of the operator's CPU samples (mostly of Jobs, which kopf watched then). TrainingJobs, whose handlers read no
+    diff, get an empty essence: there is no stored one to compare with, so the diff is empty too.
     """
 
     def __init__(self, kinds: Iterable[str], **kwargs: Any) -> None:
@@ -35,16 +35,7 @@ class ChangeHandledDiffBase(kopf.AnnotationsDiffBaseStorage):
         return super().build(body=body, extra_fields=extra_fields)
 
 
-CHILD_RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "configmaps"), ("", "v1", "services"))
-"""Kinds the operator creates and watches: besides Kiln's, a cluster holds many of them (every namespace's
-kube-root-ca.crt ConfigMap, other workloads' Jobs) that would otherwise all be sent, decoded and remembered."""
-OWN_CHILDREN = f"{L.MANAGED_BY}={L.MANAGER}"
-"""The label selector the apiserver applies to those watches: every TrainingJob's and ExportJob's child has it."""
-
-
 def apply_kopf_settings(settings: kopf.OperatorSettings, ours: Settings) -> None:
-    for resource in CHILD_RESOURCES:  # server-side; the handlers' own label filters still apply
-        settings.watching.label_selectors[resource] = OWN_CHILDREN
     # Keep kopf's bookkeeping in annotations: status has a strict schema that would prune status.kopf.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
     settings.persistence.diffbase_storage = ChangeHandledDiffBase(

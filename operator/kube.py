@@ -114,36 +114,65 @@ class Kube:
         method: str,
         path: str,
         body: Any = None,
+        *,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Obj:
-        url = self.api.credentials.endpoint.server + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
         payload = None if body is None else json.dumps(body).encode()
-        auth = self.api.credentials.auth()
-        response = self._send(method, url, payload, content_type, auth)
-        if response.status == 401:  # a rotated or revoked token: fetch anew, and try once more if it changed
-            self.api.credentials.invalidate()
-            if (fresh := self.api.credentials.auth()) != auth:
-                response = self._send(method, url, payload, content_type, fresh)
+        headers = {"Accept": accept} | ({"Content-Type": content_type} if payload is not None else {})
+        response = self._call(method, path, query, payload=payload, headers=headers,
+                              timeout=urllib3.Timeout(total=self.timeout_s))  # fmt: skip
         data = response.data
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason or "", body=data)
         return json.loads(data) if data else {}
 
-    def _send(
-        self, method: str, url: str, payload: bytes | None, content_type: str, auth: creds.Auth
+    def stream(
+        self, path: str, query: list[tuple[str, str]], accept: str, read_timeout_s: float
     ) -> urllib3.BaseHTTPResponse:
-        headers = {"Accept": "application/json"}
-        if payload is not None:
-            headers["Content-Type"] = content_type
-        if auth.token:
-            headers["Authorization"] = f"Bearer {auth.token}"
-        # urllib3's errors (MaxRetryError, ProtocolError, ...) propagate as they are, as they did through the
-        # kubernetes package: the lease loop counts them as a missed round, kopf retries the handler.
-        timeout = urllib3.Timeout(total=self.timeout_s)
-        return self.api.pool(auth).request(method, url, body=payload, headers=headers, timeout=timeout)
+        """A GET whose body is read as it arrives (a watch): iterate its lines, then ``release_conn()`` it. Silence
+        for ``read_timeout_s`` ends it with a ReadTimeoutError."""
+        timeout = urllib3.Timeout(connect=self.timeout_s, read=read_timeout_s)
+        response = self._call("GET", path, query, payload=None, headers={"Accept": accept}, timeout=timeout,
+                              preload=False)  # fmt: skip
+        if not 200 <= response.status < 300:
+            data = response.read()
+            response.release_conn()
+            raise ApiException(status=response.status, reason=response.reason or "", body=data)
+        return response
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None,
+        *,
+        payload: bytes | None,
+        headers: dict[str, str],
+        timeout: urllib3.Timeout,
+        preload: bool = True,
+    ) -> urllib3.BaseHTTPResponse:
+        url = self.api.credentials.endpoint.server + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+
+        def send(auth: creds.Auth) -> urllib3.BaseHTTPResponse:
+            authorization = {"Authorization": f"Bearer {auth.token}"} if auth.token else {}
+            # urllib3's errors (MaxRetryError, ProtocolError, ...) propagate as they are, as they did through the
+            # kubernetes package: the lease loop counts them as a missed round, kopf retries the handler.
+            return self.api.pool(auth).request(method, url, body=payload, headers=headers | authorization,
+                                               timeout=timeout, preload_content=preload)  # fmt: skip
+
+        auth = self.api.credentials.auth()
+        response = send(auth)
+        if response.status == 401:  # a rotated or revoked token: fetch anew, and try once more if it changed
+            self.api.credentials.invalidate()
+            if (fresh := self.api.credentials.auth()) != auth:
+                response.drain_conn()
+                response.release_conn()
+                response = send(fresh)
+        return response
 
     def _path(self, api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
         base = _PATHS[(api_version, kind)].format(ns=namespace)

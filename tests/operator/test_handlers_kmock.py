@@ -82,6 +82,8 @@ async def operator(
             await asyncio.wait_for(task, timeout=10)
         if ctx.background is not None:
             await ctx.background.stop()
+        if ctx.children is not None:
+            await asyncio.to_thread(ctx.children.stop)
         if ctx.server is not None:
             await ctx.server.cleanup()
 

@@ -1,13 +1,10 @@
-"""The kopf settings: the diff base only for kinds with change handlers, child watches only of Kiln's children."""
+"""The kopf settings: the diff base only for kinds with change handlers."""
 
 from __future__ import annotations
 
 import kopf
-from tj_builders import body as trainingjob
-from tj_builders import resolved_from
 
 from kiln.operator.kopf_settings import CHANGE_HANDLED_KINDS, ChangeHandledDiffBase, apply_kopf_settings
-from kiln.operator.render import render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
 
 
@@ -41,16 +38,9 @@ def test_the_operator_installs_it_for_exportjobs() -> None:
     assert settings.execution.max_workers == Settings().workers
 
 
-def test_child_watches_ask_the_apiserver_for_kilns_children_only() -> None:
+def test_kopf_watches_no_child_kind() -> None:
+    """The children are watched outside kopf (child_watch): no kopf label selector is left for them."""
     settings = kopf.OperatorSettings()
     apply_kopf_settings(settings, Settings())
-    selectors = settings.watching.label_selectors
     for group, version, plural in (("batch", "v1", "jobs"), ("", "v1", "configmaps"), ("", "v1", "services")):
-        assert list(selectors.collect(kopf.Resource(group, version, plural))) == [
-            "app.kubernetes.io/managed-by=kiln-operator"
-        ]
-    assert list(selectors.collect(kopf.Resource("kiln.dev", "v1alpha1", "trainingjobs"))) == []
-    # Every child the operator renders carries the label the selector asks for.
-    resolved = resolved_from(trainingjob())
-    for child in (render_configmap(resolved), render_service(resolved), render_job(resolved, 1, Settings())):
-        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kiln-operator"
+        assert list(settings.watching.label_selectors.collect(kopf.Resource(group, version, plural))) == []

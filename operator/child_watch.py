@@ -1,0 +1,264 @@
+"""The operator's watches of its own children (Jobs, ConfigMaps, Services), outside kopf.
+
+kopf runs every watch event through its per-object pipeline on the event loop: decoding, a worker task and
+memory per object, handler selection, a logger, a patch. In the 200-job benchmark the children's events were
+about four in five of all the operator's events, and the TrainingJobs' own events (the only ones that start
+a job) waited behind them. A child event needs none of that pipeline: most Job events change nothing the
+operator reads (``triggers.JobStates`` drops them) and a ConfigMap or Service matters only once it is gone. So
+each child kind is one LIST then WATCH per scope in a thread of its own, as client-go's reflector does it:
+the apiserver filters on the label every child carries (``OWN_CHILDREN``) and sends ConfigMaps and Services as
+metadata only; a watch resumes from the last resourceVersion seen (bookmarks keep it current) and a 410 Gone
+lists again, telling the children that vanished meanwhile as DELETED events.
+
+The watches run only where kopf does (the Lease holder) and stop with it; ``Serial`` runs the work they
+trigger in the handlers' threads, one at a time per key.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from kopf._cogs.structs.references import match_namespace  # kopf's own pattern rules, so both watch the same
+
+from kiln.operator import labels as L
+from kiln.operator.kube import ApiException, Kube
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+Handler = Callable[[str, Obj], None]
+"""(event type, object): called on the watch's thread, so it must not block."""
+log = logging.getLogger(__name__)
+
+OWN_CHILDREN = f"{L.MANAGED_BY}={L.MANAGER}"
+"""The label selector of every child watch: every TrainingJob's and ExportJob's child has it, and a cluster holds
+many more Jobs, ConfigMaps (every namespace's kube-root-ca.crt) and Services that would all be sent and decoded."""
+WATCH_TIMEOUT_S = 300
+"""The apiserver ends each watch after this long (the watch then resumes): watches stall silently behind some
+load balancers (nolar/kopf#585, #847)."""
+READ_TIMEOUT_S = WATCH_TIMEOUT_S + 30
+"""Silence for this long means a dead connection: bookmarks and the server's own end come well before it."""
+LIST_PAGE = 500
+"""Objects per LIST page: bounds the size of one response at 1,000s of children."""
+MAX_BACKOFF_S = 30.0
+"""The longest wait between failed attempts to list or watch; the first waits 1 s and each next one twice as long."""
+METADATA = "application/json;as={};g=meta.k8s.io;v=v1,application/json"
+"""Accept header of a metadata-only LIST or WATCH, falling back to whole objects where a server offers none."""
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Kind:
+    plural: str
+    api: str
+    """The path prefix of its API group and version."""
+    metadata_only: bool
+    """Whether the handler reads only metadata: the apiserver then sends PartialObjectMetadata."""
+
+
+JOBS = Kind("jobs", "/apis/batch/v1", metadata_only=False)
+CONFIGMAPS = Kind("configmaps", "/api/v1", metadata_only=True)
+SERVICES = Kind("services", "/api/v1", metadata_only=True)
+
+
+def scopes(namespaces: Iterable[str]) -> tuple[tuple[str | None, ...], Callable[[str], bool]]:
+    """Where to watch for kopf's namespace patterns (Settings.namespaces), and which namespaces to keep: each
+    namespace named literally gets its own watch; any glob or negation means one cluster-wide watch, filtered by
+    kopf's rules; none means the whole cluster (None)."""
+    patterns = tuple(namespaces)
+    if patterns and all(_DNS_LABEL.fullmatch(p) for p in patterns):
+        return patterns, lambda _: True
+    if not patterns:
+        return (None,), lambda _: True
+    return (None,), lambda namespace: any(match_namespace(namespace, p) for p in patterns)
+
+
+def relisted(known: dict[Key, Obj], listed: Iterable[Obj]) -> list[tuple[str, Obj]]:
+    """The events a fresh LIST stands for, given the objects known from before it: each listed one as ADDED or
+    MODIFIED, and each known one that is gone, or was replaced by a namesake (another uid), as DELETED."""
+    events: list[tuple[str, Obj]] = []
+    seen: set[Key] = set()
+    for obj in listed:
+        key, before = _key(obj), known.get(_key(obj))
+        seen.add(key)
+        if before is not None and before["metadata"].get("uid") != obj["metadata"].get("uid"):
+            events.append(("DELETED", before))
+            before = None
+        events.append(("ADDED" if before is None else "MODIFIED", obj))
+    return [("DELETED", obj) for key, obj in known.items() if key not in seen] + events
+
+
+class Gone(Exception):
+    """The resourceVersion a watch resumes from is too old (410): list again."""
+
+
+class ListWatch:
+    """One kind's children in one namespace (None: the whole cluster), delivered to ``handler`` in order."""
+
+    def __init__(
+        self, kube: Kube, kind: Kind, namespace: str | None, handler: Handler, keep: Callable[[str], bool]
+    ) -> None:
+        self.kube, self.kind, self.handler, self.keep = kube, kind, handler, keep
+        self.path = f"{kind.api}/namespaces/{namespace}/{kind.plural}" if namespace else f"{kind.api}/{kind.plural}"
+        self.known: dict[Key, Obj] = {}
+        """The metadata of every child delivered and not deleted: what a relist compares with."""
+        self.version: str | None = None
+        self.stopping = threading.Event()
+        self._response: urllib3.BaseHTTPResponse | None = None
+
+    def run(self) -> None:
+        """List, then watch from there until stopped; list again after a 410 or whenever no version is known."""
+        backoff, listed = 0.0, False
+        while not self.stopping.is_set():
+            try:
+                if not listed or self.version is None:
+                    self._list()
+                listed = True
+                self._watch()
+                backoff = 0.0
+            except Gone:
+                listed = False
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self.stopping.is_set():
+                    return
+                backoff = min(max(1.0, backoff * 2), MAX_BACKOFF_S)
+                log.warning("watching %s failed, again in %.0f s: %s", self.path, backoff, exc)
+                self.stopping.wait(backoff)
+
+    def stop(self) -> None:
+        """Ends ``run`` soon: at once if it waits on the apiserver's stream, else after the call in progress."""
+        self.stopping.set()
+        response = self._response
+        if response is not None:
+            response.shutdown()
+
+    def _list(self) -> None:
+        items: list[Obj] = []
+        query = [("labelSelector", OWN_CHILDREN), ("limit", str(LIST_PAGE))]
+        accept = METADATA.format("PartialObjectMetadataList") if self.kind.metadata_only else "application/json"
+        page: Obj = {}
+        while True:
+            more = [("continue", page["metadata"]["continue"])] if page.get("metadata", {}).get("continue") else []
+            page = self.kube.request("GET", self.path, query=query + more, accept=accept)
+            items.extend(page.get("items") or [])
+            if not (page.get("metadata") or {}).get("continue"):
+                break
+        self.version = (page.get("metadata") or {}).get("resourceVersion") or None
+        for type, obj in relisted(self.known, (i for i in items if self._wanted(i))):
+            self._deliver(type, obj)
+
+    def _watch(self) -> None:
+        query = [("watch", "true"), ("labelSelector", OWN_CHILDREN), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(WATCH_TIMEOUT_S))]  # fmt: skip
+        if self.version is not None:
+            query.append(("resourceVersion", self.version))
+        accept = METADATA.format("PartialObjectMetadata") if self.kind.metadata_only else "application/json"
+        self._response = response = self.kube.stream(self.path, query, accept, READ_TIMEOUT_S)
+        try:
+            if self.stopping.is_set():  # stop() came before there was a response to shut down
+                return
+            for line in response:
+                if self.stopping.is_set():
+                    return
+                if line.strip():
+                    self._event(json.loads(line))
+        finally:
+            self._response = None
+            response.release_conn()
+
+    def _event(self, event: Obj) -> None:
+        type, obj = event.get("type"), event.get("object") or {}
+        if type == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone
+            raise ApiException(int(obj.get("code") or 500), str(obj.get("reason") or ""), json.dumps(obj).encode())
+        self.version = (obj.get("metadata") or {}).get("resourceVersion") or self.version
+        if type != "BOOKMARK" and self._wanted(obj):
+            self._deliver(str(type), obj)
+
+    def _wanted(self, obj: Obj) -> bool:
+        """Filtered again here: cheap, and right even where a server ignores the selector (kmock)."""
+        meta = obj.get("metadata") or {}
+        return (meta.get("labels") or {}).get(L.MANAGED_BY) == L.MANAGER and self.keep(meta.get("namespace") or "")
+
+    def _deliver(self, type: str, obj: Obj) -> None:
+        meta = obj["metadata"]
+        if type == "DELETED":
+            self.known.pop(_key(obj), None)
+        else:
+            self.known[_key(obj)] = {"metadata": {k: meta.get(k) for k in ("namespace", "name", "uid", "labels")}}
+        try:
+            self.handler(type, obj)
+        except Exception:  # a handler's bug must not end the watch: the next event or resync tries again
+            log.exception("handling %s %s %s/%s failed", type, self.kind.plural, meta.get("namespace"), meta["name"])
+
+
+def _key(obj: Obj) -> Key:
+    return obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
+
+
+class ChildWatches:
+    """A ListWatch per kind and scope, each in a daemon thread."""
+
+    def __init__(self, kube: Kube, namespaces: Iterable[str], handlers: dict[Kind, Handler]) -> None:
+        where, keep = scopes(namespaces)
+        self.watches = [ListWatch(kube, kind, ns, handler, keep) for kind, handler in handlers.items() for ns in where]
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for watch in self.watches:
+            name = f"kiln-watch-{watch.kind.plural}"
+            self.threads.append(threading.Thread(target=watch.run, name=name, daemon=True))
+            self.threads[-1].start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        for watch in self.watches:
+            watch.stop()
+        for thread in self.threads:
+            thread.join(timeout_s)
+
+
+class Serial:
+    """Runs work by key in an executor: one at a time per key, and of the work that comes for a key while its
+    previous work runs, only the last, which supersedes the rest (each reads the TrainingJob afresh and carries the
+    newest Job). Each runs in a copy of ``context``, a kopf handler's, whose variables kopf.event reads."""
+
+    def __init__(self, executor: Executor, context: contextvars.Context) -> None:
+        self.executor, self.context = executor, context
+        self._lock = threading.Lock()
+        self._running: set[Hashable] = set()
+        self._next: dict[Hashable, Callable[[], object]] = {}
+
+    def submit(self, key: Hashable, work: Callable[[], object]) -> None:
+        with self._lock:
+            if key in self._running:
+                self._next[key] = work
+                return
+            self._running.add(key)
+        self._start(key, work)
+
+    def _start(self, key: Hashable, work: Callable[[], object]) -> None:
+        try:
+            future = self.executor.submit(self.context.copy().run, work)
+        except RuntimeError:  # the executor shut down: the operator is stopping
+            return
+        future.add_done_callback(functools.partial(self._done, key))
+
+    def _done(self, key: Hashable, future: Future[object]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("%s failed, will resync: %s", key, future.exception())
+        with self._lock:
+            work = self._next.pop(key, None)
+            if work is None:
+                self._running.discard(key)
+                return
+        self._start(key, work)
