@@ -49,8 +49,9 @@ READ_TIMEOUT_S = WATCH_TIMEOUT_S + 30
 """Silence for this long means a dead connection: bookmarks and the server's own end come well before it."""
 LIST_PAGE = 500
 """Objects per LIST page: bounds the size of one response at 1,000s of children."""
-MAX_BACKOFF_S = 30.0
-"""The longest wait between failed attempts to list or watch; the first waits 1 s and each next one twice as long."""
+MAX_BACKOFF_S = 5.0
+"""The longest wait between failed attempts to list or watch (the first waits 1 s, each next one twice as long): a
+restarted apiserver is watched again within 5 s of its return, at one request per 5 s while it is away."""
 METADATA = "application/json;as={};g=meta.k8s.io;v=v1,application/json"
 """Accept header of a metadata-only LIST or WATCH, falling back to whole objects where a server offers none."""
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

@@ -143,7 +143,7 @@ def run_reconcile(
 def run_repair(ctx: Context, namespace: str, name: str) -> None:
     """Recreate a deleted child of TrainingJob ``name``, serialized with its reconciles; an Event says so.
 
-    kopf never retries event handlers, so a failure is only logged: the attempt's next restart recreates it."""
+    An event is not retried, so a failure is only logged: the attempt's next restart recreates it."""
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
     try:

@@ -1,7 +1,8 @@
 """Which watch events need a reconcile: most do not, and each reconcile costs apiserver round trips.
 
-Both tables are touched only on the event loop (the async event handlers filter before handing work to a
-thread), except ``Generations.reconciled``, one dict store from a handler thread.
+``Generations`` is touched on the event loop (the TrainingJob event handler filters before handing work to a
+thread), except ``reconciled``, one dict store from a handler thread. ``JobStates`` is touched by the Jobs' child
+watches only (``child_watch``), each of its own namespaces' Jobs.
 """
 
 from __future__ import annotations
