@@ -128,11 +128,12 @@ class ListWatch:
                 backoff = 0.0
             except Gone:
                 listed = False
-            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            except Exception as exc:  # whatever it was, this thread must go on: nothing else watches these children
                 if self.stopping.is_set():
                     return
                 backoff = min(max(1.0, backoff * 2), MAX_BACKOFF_S)
-                log.warning("watching %s failed, again in %.0f s: %s", self.path, backoff, exc)
+                expected = isinstance(exc, (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError))
+                log.warning("watching %s failed, again in %.0f s: %s", self.path, backoff, exc, exc_info=not expected)
                 self.stopping.wait(backoff)
 
     def stop(self) -> None:
