@@ -1,9 +1,10 @@
 """The operator's watches of its own children (Jobs, ConfigMaps, Services), outside kopf.
 
 kopf runs every watch event through its per-object pipeline on the event loop: decoding, a worker task and
-memory per object, handler selection, a logger, a patch. In the 200-job benchmark the children's events were
-about four in five of all the operator's events, and the TrainingJobs' own events (the only ones that start
-a job) waited behind them. A child event needs none of that pipeline: most Job events change nothing the
+memory per object, handler selection, a logger, a patch. In a burst of new TrainingJobs, their children's
+events (a ConfigMap created, a Job created and its status updated as its pods start) share that loop with the
+TrainingJobs' own, and the TrainingJobs' events, the only ones that start a job, waited behind them
+(docs/benchmarks.md, "Operator scale"). A child event needs none of that pipeline: most Job events change nothing the
 operator reads (``triggers.JobStates`` drops them) and a ConfigMap or Service matters only once it is gone. So
 each child kind is one LIST then WATCH per scope in a thread of its own, as client-go's reflector does it:
 the apiserver filters on the label every child carries (``OWN_CHILDREN``) and sends ConfigMaps and Services as
