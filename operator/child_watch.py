@@ -11,20 +11,17 @@ the apiserver filters on the label every child carries (``OWN_CHILDREN``) and se
 metadata only; a watch resumes from the last resourceVersion seen (bookmarks keep it current) and a 410 Gone
 lists again, telling the children that vanished meanwhile as DELETED events.
 
-The watches run only where kopf does (the Lease holder) and stop with it; ``Serial`` runs the work they
-trigger in the handlers' threads, one at a time per key.
+The watches run only where kopf does (the Lease holder) and stop with it; the work they trigger goes through a
+``workqueue.WorkQueue`` to the handlers' threads.
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Hashable, Iterable
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,40 +225,3 @@ class ChildWatches:
             watch.stop()
         for thread in self.threads:
             thread.join(timeout_s)
-
-
-class Serial:
-    """Runs work by key in an executor: one at a time per key, and of the work that comes for a key while its
-    previous work runs, only the last, which supersedes the rest (each reads the TrainingJob afresh and carries the
-    newest Job). Each runs in a copy of ``context``, a kopf handler's, whose variables kopf.event reads."""
-
-    def __init__(self, executor: Executor, context: contextvars.Context) -> None:
-        self.executor, self.context = executor, context
-        self._lock = threading.Lock()
-        self._running: set[Hashable] = set()
-        self._next: dict[Hashable, Callable[[], object]] = {}
-
-    def submit(self, key: Hashable, work: Callable[[], object]) -> None:
-        with self._lock:
-            if key in self._running:
-                self._next[key] = work
-                return
-            self._running.add(key)
-        self._start(key, work)
-
-    def _start(self, key: Hashable, work: Callable[[], object]) -> None:
-        try:
-            future = self.executor.submit(self.context.copy().run, work)
-        except RuntimeError:  # the executor shut down: the operator is stopping
-            return
-        future.add_done_callback(functools.partial(self._done, key))
-
-    def _done(self, key: Hashable, future: Future[object]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("%s failed, will resync: %s", key, future.exception())
-        with self._lock:
-            work = self._next.pop(key, None)
-            if work is None:
-                self._running.discard(key)
-                return
-        self._start(key, work)

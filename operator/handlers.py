@@ -25,7 +25,7 @@ from kiln.api.status import ConditionType, Phase
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
 from kiln.operator.background import TERMINAL, Background, Schedule
-from kiln.operator.child_watch import CONFIGMAPS, JOBS, SERVICES, ChildWatches, Handler, Kind, Serial
+from kiln.operator.child_watch import CONFIGMAPS, JOBS, SERVICES, ChildWatches, Handler, Kind
 from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
@@ -35,13 +35,21 @@ from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
 from kiln.operator.reconcile import Outcome, reconcile
 from kiln.operator.settings import Settings
+from kiln.operator.status import job_view
 from kiln.operator.triggers import Generations, JobStates
+from kiln.operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
 TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
+JOB_PROGRESS_BATCH_S = 1.5
+"""Seconds a Job update that does not end the Job waits before its reconcile, so that the updates after it join
+it: the Job controller writes a Job's status at most once a second (its sync batch period), so a starting
+attempt's "pods active" and "pods ready" come about a second apart, each a read and a status write. In a burst of
+new TrainingJobs the wait also leaves the threads and the apiserver to the creations first. A Job that ends
+(Complete, Failed) or goes is reconciled at once; status lags the pods' progress by at most this."""
 
 
 @dataclass
@@ -66,6 +74,8 @@ class Context:
     """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
     children: ChildWatches | None = None
     """The watches of Jobs, ConfigMaps and Services, started with the first kopf handler's context."""
+    work: WorkQueue | None = None
+    """Where the child watches' events queue their reconciles and repairs."""
     _credentials: creds.Credentials | None = None
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -261,6 +271,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             await ctx.background.stop()
         if ctx.children is not None:
             await asyncio.to_thread(ctx.children.stop)
+        if ctx.work is not None:
+            ctx.work.close()
         if ctx.server is not None:
             await ctx.server.cleanup()
 
@@ -270,8 +282,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if ctx.background is not None:
             ctx.background.adopt_context(context)
         if ctx.children is None and ctx.kube is not None and ctx.executor is not None:
-            handlers = _child_handlers(ctx, Serial(ctx.executor, context))
-            ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, handlers)
+            ctx.work = WorkQueue(ctx.executor, context)
+            ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, _child_handlers(ctx, ctx.work))
             ctx.children.start()
 
     def track_phase(type: str, body: kopf.Body, namespace: str, name: str) -> None:
@@ -326,28 +338,29 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     return registry, ctx
 
 
-def _child_handlers(ctx: Context, serial: Serial) -> dict[Kind, Handler]:
-    """What the child watches do with an event, on their threads: filter it, then hand the reconcile or repair it
-    calls for to ``serial``. Most Job events change nothing a status reflects (``JobStates``) and go no further."""
+def _child_handlers(ctx: Context, queue: WorkQueue) -> dict[Kind, Handler]:
+    """What the child watches do with an event, on their threads: filter it, then queue the reconcile or repair it
+    calls for. Most Job events change nothing a status reflects (``JobStates``) and go no further."""
 
     def on_job(type: str, job: Obj) -> None:
         namespace, labels = job["metadata"].get("namespace") or "", job["metadata"].get("labels") or {}
         owner = labels.get(L.TRAINING_JOB) or labels.get(L.EXPORT_JOB)
         if owner is None or not ctx.job_states.changed(namespace, job, type):
             return
+        after_s = 0.0 if type == "DELETED" or job_view(job).finished else JOB_PROGRESS_BATCH_S
         if L.TRAINING_JOB in labels:
             job_body = None if type == "DELETED" else job
             work = functools.partial(run_reconcile, ctx, "job", namespace, owner, job_body=job_body)
-            serial.submit(("job", namespace, owner), work)
+            queue.submit(("job", namespace, owner), work, after_s)
         else:
-            serial.submit(("export-job", namespace, owner),
-                          functools.partial(run_export_reconcile, ctx, "export-job", namespace, owner))  # fmt: skip
+            export = functools.partial(run_export_reconcile, ctx, "export-job", namespace, owner)
+            queue.submit(("export-job", namespace, owner), export, after_s)
 
     def on_child(type: str, child: Obj) -> None:
         namespace, labels = child["metadata"].get("namespace") or "", child["metadata"].get("labels") or {}
         if type == "DELETED" and L.TRAINING_JOB in labels:  # drift: recreate it now, not with the next attempt
             owner = labels[L.TRAINING_JOB]
-            serial.submit(("repair", namespace, owner), functools.partial(run_repair, ctx, namespace, owner))
+            queue.submit(("repair", namespace, owner), functools.partial(run_repair, ctx, namespace, owner))
 
     return {JOBS: on_job, CONFIGMAPS: on_child, SERVICES: on_child}
 

@@ -1,13 +1,11 @@
-"""The child watches outside kopf: where they watch, what a relist tells, how their work is serialized, and the
-watch itself on the real apiserver with the operator's own credentials (label selector, metadata only, a relist
-after a gap, a prompt stop)."""
+"""The child watches outside kopf: where they watch, what a relist tells, and the watch itself on the real
+apiserver with the operator's own credentials (label selector, metadata only, a relist after a gap, a prompt
+stop)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextvars import copy_context
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from kiln.operator.child_watch import (
     ChildWatches,
     Gone,
     ListWatch,
-    Serial,
     relisted,
     scopes,
 )
@@ -77,46 +74,6 @@ def test_a_410_in_the_stream_means_list_again_and_other_errors_are_api_errors() 
     assert error.value.status == 500
     watch._event({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "42"}}})
     assert watch.version == "42" and watch.known == {}
-
-
-def test_serial_runs_one_at_a_time_per_key_and_only_the_latest_of_what_waited() -> None:
-    release, ran, lock = threading.Event(), [], threading.Lock()
-    running: dict[str, int] = {}
-    overlap: list[str] = []
-
-    def work(key: str, label: str) -> None:
-        with lock:
-            running[key] = running.get(key, 0) + 1
-            if running[key] > 1:
-                overlap.append(key)
-        if label == "first":
-            release.wait(5)
-        with lock:
-            ran.append((key, label))
-            running[key] -= 1
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        serial = Serial(pool, copy_context())
-        serial.submit("a", lambda: work("a", "first"))
-        time.sleep(0.1)
-        for label in ("second", "third", "latest"):
-            serial.submit("a", lambda label=label: work("a", label))  # type: ignore[misc]
-        serial.submit("b", lambda: work("b", "other key"))
-        wait_until(lambda: ("b", "other key") in ran, timeout=5, what="another key runs meanwhile")
-        release.set()
-        wait_until(lambda: len(ran) == 3, timeout=5, what="the latest")
-        time.sleep(0.2)
-    assert ran == [("b", "other key"), ("a", "first"), ("a", "latest")] and overlap == []
-
-
-def test_serial_survives_failing_work() -> None:
-    done = threading.Event()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        serial = Serial(pool, copy_context())
-        serial.submit("a", lambda: 1 / 0)
-        wait_until(lambda: not serial._running, timeout=5, what="the failure to finish")
-        serial.submit("a", done.set)
-        assert done.wait(5)
 
 
 @pytest.mark.controlplane
