@@ -14,7 +14,6 @@ table (``track-export``) with resyncs only; a TrainingJob's phase change wakes t
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
@@ -169,15 +168,6 @@ class Background:
         self.busy: set[tuple[int, str, tuple[str, str]]] = set()
         self.resyncs_in_flight = [0] * len(lanes)
         self.task: asyncio.Task[None] | None = None
-        self.context: contextvars.Context | None = None
-        """Where actions run (a copy each time); None: this task's own context."""
-
-    def adopt_context(self, context: contextvars.Context) -> None:
-        """Run actions in copies of ``context``, a kopf handler's: kopf sets the variables kopf.event reads (its
-        event queue and loop) for each object's handlers, not for the startup handler that starts this task, so
-        Events posted by a resync were lost to a LookupError. The first context offered is kept."""
-        if self.context is None:
-            self.context = context
 
     def start(self, executor: Executor | None) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(executor), name="kiln-background")
@@ -200,10 +190,7 @@ class Background:
                             continue
                         self.resyncs_in_flight[lane] += 1
                     self.busy.add((lane, kind, key))
-                    # In kopf's handler context (adopt_context): kopf.event reads kopf's context variables,
-                    # which run_in_executor (unlike asyncio.to_thread) does not carry into the thread anyway.
-                    run = (self.context.copy() if self.context is not None else contextvars.copy_context()).run
-                    future = loop.run_in_executor(executor, run, actions[kind], key[0], key[1], body)
+                    future = loop.run_in_executor(executor, actions[kind], key[0], key[1], body)
                     future.add_done_callback(functools.partial(self._done, (lane, kind, key)))
             await asyncio.sleep(self.tick_s)
 

@@ -8,7 +8,6 @@ lives in module globals.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import threading
@@ -16,9 +15,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import kopf
+import urllib3
 from aiohttp import web
 
 from kiln.api.status import ConditionType, Phase
@@ -73,7 +73,7 @@ class Context:
     executor: Executor | None = None
     """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
     children: ChildWatches | None = None
-    """The watches of Jobs, ConfigMaps and Services, started with the first kopf handler's context."""
+    """The watches of Jobs, ConfigMaps and Services (``child_watch``), started and stopped with kopf."""
     work: WorkQueue | None = None
     """Where the child watches' events queue their reconciles and repairs."""
     _credentials: creds.Credentials | None = None
@@ -168,8 +168,7 @@ def run_repair(ctx: Context, namespace: str, name: str) -> None:
         ctx.metrics.reconciles.labels("repair", result).inc()
         ctx.metrics.duration.labels("repair").observe(time.perf_counter() - started)
     if body is not None and created:
-        kopf.event(cast(kopf.Body, body), type="Normal", reason="ChildRecreated",
-                   message=f"recreated the deleted {' and '.join(created)}")  # fmt: skip
+        _post_event(ctx, body, "Normal", "ChildRecreated", f"recreated the deleted {' and '.join(created)}")
 
 
 def run_export_reconcile(
@@ -191,7 +190,7 @@ def run_export_reconcile(
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
-    _post_events(body, outcome.decision.transitions)
+    _post_events(ctx, body, outcome.decision.transitions)
     return outcome
 
 
@@ -208,14 +207,22 @@ def told(transitions: tuple[Transition, ...]) -> tuple[Transition, ...]:
     return tuple(t for t in transitions if t.status == "True" or t.type not in IMPLIED_ENDS)
 
 
-def _post_events(body: Obj, transitions: tuple[Transition, ...]) -> None:
+def _post_events(ctx: Context, body: Obj, transitions: tuple[Transition, ...]) -> None:
     for t in told(transitions):
-        kopf.event(
-            cast(kopf.Body, body),
-            type="Warning" if t.warning else "Normal",
-            reason=t.reason,
-            message=f"{t.type.value}={t.status}: {t.message}"[:1024],
+        _post_event(
+            ctx, body, "Warning" if t.warning else "Normal", t.reason, f"{t.type.value}={t.status}: {t.message}"
         )
+
+
+def _post_event(ctx: Context, body: Obj, type: str, reason: str, message: str) -> None:
+    """An Event lost to an API error is only logged: the status it tells is written already."""
+    assert ctx.kube is not None
+    try:
+        ctx.kube.post_event(body, type, reason, message)
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        meta = body["metadata"]
+        logging.getLogger(__name__).warning("posting the %s Event of %s/%s failed: %s", reason, meta["namespace"],
+                                            meta["name"], exc)  # fmt: skip
 
 
 def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
@@ -224,7 +231,7 @@ def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
         ConditionType.SUCCEEDED: ctx.metrics.succeeded,
         ConditionType.FAILED: ctx.metrics.failed,
     }
-    _post_events(body, outcome.decision.transitions)
+    _post_events(ctx, body, outcome.decision.transitions)
     for t in outcome.decision.transitions:
         if t.status == "True" and t.type in counters:
             counters[t.type].inc()
@@ -234,9 +241,8 @@ def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
 
 
 async def in_worker_thread(ctx: Context, call: Callable[[], object]) -> None:
-    """Run a blocking call in kopf's threads and context (kopf.event reads its context variables), as kopf runs
-    sync handlers."""
-    await asyncio.get_running_loop().run_in_executor(ctx.executor, contextvars.copy_context().run, call)
+    """Run a blocking call in kopf's threads, as kopf runs sync handlers."""
+    await asyncio.get_running_loop().run_in_executor(ctx.executor, call)
 
 
 def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf.OperatorRegistry, Context]:
@@ -261,6 +267,9 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
         ctx.executor = settings.execution.executor
         ctx.background.start(ctx.executor)
+        ctx.work = WorkQueue(ctx.executor)
+        ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, _child_handlers(ctx, ctx.work))
+        ctx.children.start()
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
 
@@ -276,19 +285,8 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         if ctx.server is not None:
             await ctx.server.cleanup()
 
-    def adopt_context(context: contextvars.Context) -> None:
-        """Hand a kopf handler's context, where kopf.event works, to the work started outside kopf's handlers; the
-        first one also starts the child watches. None of that work exists before a TrainingJob or ExportJob does."""
-        if ctx.background is not None:
-            ctx.background.adopt_context(context)
-        if ctx.children is None and ctx.kube is not None and ctx.executor is not None:
-            ctx.work = WorkQueue(ctx.executor, context)
-            ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, _child_handlers(ctx, ctx.work))
-            ctx.children.start()
-
     def track_phase(type: str, body: kopf.Body, namespace: str, name: str) -> None:
         """Record the TrainingJob for the periodic work; on the event loop, so the schedule needs no lock."""
-        adopt_context(contextvars.copy_context())
         deleted, uid = type == "DELETED", body["metadata"].get("uid")
         status = body.get("status") or {}
         phase = None if deleted else status.get("phase", Phase.PENDING.value)
@@ -329,7 +327,6 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
 
     @on.event(*EJ, id="track-export", registry=registry)
     async def track_export(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-        adopt_context(contextvars.copy_context())
         deleted = type == "DELETED"
         ctx.export_schedule.observe(namespace or "", name, None if deleted else dict(body), time.monotonic())
         if deleted:

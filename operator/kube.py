@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
+from kiln.operator.conditions import rfc3339
 
 Obj = dict[str, Any]
 
@@ -28,11 +31,16 @@ _PATHS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
+    ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
     (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.TJ_PLURAL}",
     (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND): f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}/namespaces/{{ns}}/{L.EJ_PLURAL}",
     (L.KUEUE_API_VERSION, "Workload"): f"/apis/{L.KUEUE_API_VERSION}/namespaces/{{ns}}/workloads",
 }
+
+
+_HOST = socket.gethostname()
+"""This replica (its pod's name in a cluster), as its Events name their reporter."""
 
 
 class ApiException(Exception):
@@ -291,6 +299,28 @@ class Kube:
                 return None
             raise
         return found[0] if found else None
+
+    def post_event(self, about: Obj, type: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``about`` (a TrainingJob or ExportJob), as ``kubectl describe`` lists them. Posted
+        from the thread that decided it, not through kopf's poster on the event loop, which needs kopf's context
+        variables and spends the loop's time on every Event."""
+        meta, now = about["metadata"], rfc3339(datetime.now(UTC))
+        involved = {"apiVersion": about.get("apiVersion"), "kind": about.get("kind"), "name": meta["name"],
+                    "namespace": meta["namespace"], "uid": meta.get("uid")}  # fmt: skip
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": involved,
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": L.MANAGER, "host": _HOST},  # kubectl describe's "From"
+            "reportingComponent": L.MANAGER,
+            "reportingInstance": _HOST,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", self._path("v1", "Event", meta["namespace"]), event)
 
     def get_exportjob(self, namespace: str, name: str) -> Obj | None:
         return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)

@@ -301,6 +301,9 @@ def _finish(observed: Observed, b: ConditionBuilder, phase: Phase, now: datetime
     b.set(C.RESTARTING, False, reason, f"the job {phase.value.lower()}")
     b.set(C.QUEUED, False, reason, f"the job {phase.value.lower()}")
     update: dict[str, Any] = {"phase": phase, "completion_time": rfc3339(now), "workers": _workers(observed.job)}
+    # A run that ended before any reconcile saw it running (a short one, its Job updates batched) started when
+    # its Job did.
+    update["start_time"] = status.start_time or observed.job.start_time
     if report.progress is not None:
         update["progress"] = merge_model(status.progress, Progress, report.progress.to_dict())
     if report.checkpoints is not None:

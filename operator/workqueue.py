@@ -6,7 +6,6 @@ events while its pods start, and each would otherwise cost a reconcile, i.e. a r
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import heapq
 import itertools
@@ -24,11 +23,10 @@ class WorkQueue:
     """Runs work by key in an executor, one at a time per key. Work that comes for a key while earlier work for it
     waits (its delay, or the key's previous run) replaces that work, which it supersedes: each reads the TrainingJob
     afresh and carries the newest Job. ``submit(after_s=...)`` waits that long before the run, so the events that
-    come meanwhile cost nothing more. Each run is in a copy of ``context``, a kopf handler's, whose variables
-    kopf.event reads."""
+    come meanwhile cost nothing more."""
 
-    def __init__(self, executor: Executor, context: contextvars.Context) -> None:
-        self.executor, self.context = executor, context
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running: set[Hashable] = set()
@@ -86,7 +84,7 @@ class WorkQueue:
 
     def _start(self, key: Hashable, work: Work) -> None:
         try:
-            future = self.executor.submit(self.context.copy().run, work)
+            future = self.executor.submit(work)
         except RuntimeError:  # the executor shut down: the operator is stopping
             return
         future.add_done_callback(functools.partial(self._done, key))

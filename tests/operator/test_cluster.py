@@ -118,7 +118,7 @@ def test_happy_path_on_kwok_gpu_nodes(cluster: ControlPlane, kiln_operator: Oper
     for type_ in ("Created", "Succeeded"):
         assert condition(tj, type_)["lastTransitionTime"], type_
     assert ("Normal", "ChildrenCreated") in events(cluster, namespace)
-    # kopf posts Events from a queue after the status PATCH, so the Succeeded status can be read before it lands.
+    # The Event is posted after the status PATCH, so the Succeeded status can be read before it lands.
     wait_until(lambda: ("Normal", "JobCompleted") in events(cluster, namespace), timeout=30, what="JobCompleted")
 
     job = cluster.kube.get(namespaced("jobs", namespace, "demo-1", group_version="batch/v1"))

@@ -214,12 +214,11 @@ async def test_a_creation_redelivered_on_a_stale_event_changes_nothing(
     await until(lambda: any(e["reason"] == "JobCompleted" for e in events(kmock)), "the JobCompleted Event")
     status = stored(kmock, "trainingjobs", "demo")["status"]  # type: ignore[index]
 
-    # The same handlers over the running operator's ctx, called as kopf calls them; outside kopf's own task an
-    # Event cannot be posted, so the spy records what would have been.
+    # The same handlers over the running operator's ctx, called as kopf calls them; the spy records the Events.
     registry, _ = build_registry(operator.settings, operator)
     handler = next(h for h in registry._watching.get_all_handlers() if h.id == "reconcile")
     reasons: list[str] = []
-    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: reasons.append(reason))
+    monkeypatch.setattr(operator.kube, "post_event", lambda _body, _type, reason, _message: reasons.append(reason))
     await handler.fn(type="ADDED", body=created, namespace=NS, name="demo")
 
     assert reasons == []

@@ -88,6 +88,19 @@ def test_complete_job_succeeds_with_final_progress() -> None:
     assert done.status.completion_time == "2026-01-01T12:00:00Z"
 
 
+def test_a_job_that_ends_before_it_was_seen_running_started_when_its_job_did() -> None:
+    created = step(TrainingJobStatus()).status
+    done = step(created, JobView(exists=True, succeeded=2, complete=True, start_time="2026-01-01T11:59:30Z"))
+    assert done.status.phase == Phase.SUCCEEDED
+    assert done.status.start_time == "2026-01-01T11:59:30Z"
+    assert (
+        step(
+            running(), JobView(exists=True, succeeded=2, complete=True, start_time="2026-01-01T11:59:59Z")
+        ).status.start_time
+        == "2026-01-01T11:59:00Z"
+    )  # the first start stands
+
+
 def test_events_tell_what_turned_true_and_leave_the_false_it_implies_to_the_condition() -> None:
     done = step(running(), JobView(exists=True, succeeded=2, complete=True))
     assert {(t.type, t.status) for t in done.transitions} == {(C.SUCCEEDED, "True"), (C.RUNNING, "False")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 from test_cluster import MERGE, NOWHERE, condition, create_tj, get_tj, jobs, tj_path
 
@@ -44,8 +43,8 @@ def test_a_status_computed_from_a_stale_event_body_is_refused_then_reconciled_fr
     reads: list[str] = []
     read = kube.get_trainingjob
     monkeypatch.setattr(kube, "get_trainingjob", lambda ns, name: reads.append(name) or read(ns, name))
-    transitions: list[Any] = []  # outside kopf's handler context an Event cannot be posted: record it instead
-    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: transitions.append(reason))
+    transitions: list[Any] = []  # the Events, recorded instead of posted
+    monkeypatch.setattr(kube, "post_event", lambda _body, _type, reason, _message: transitions.append(reason))
 
     outcome = run_reconcile(ctx, "trainingjob", namespace, "demo", unread=stale)
 

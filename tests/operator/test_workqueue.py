@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import copy_context
 
 import pytest
 
@@ -18,7 +17,7 @@ from kiln.testing.processes import wait_until
 @pytest.fixture
 def queue() -> Iterator[WorkQueue]:
     with ThreadPoolExecutor(max_workers=4) as pool:
-        work = WorkQueue(pool, copy_context())
+        work = WorkQueue(pool)
         yield work
         work.close()
 
