@@ -45,11 +45,11 @@ EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
 JOB_PROGRESS_BATCH_S = 1.5
-"""Seconds a Job update that does not end the Job waits before its reconcile, so that the updates after it join
-it: the Job controller writes a Job's status at most once a second (its sync batch period), so a starting
-attempt's "pods active" and "pods ready" come about a second apart, each a read and a status write. In a burst of
-new TrainingJobs the wait also leaves the threads and the apiserver to the creations first. A Job that ends
-(Complete, Failed) or goes is reconciled at once; status lags the pods' progress by at most this."""
+"""Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
+the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
+sync batch period), and each reconcile is a read and a status write. In a burst of new TrainingJobs the wait also
+leaves the threads and the apiserver to the creations first. An update that turns a condition (every worker
+ready: Running; Complete, Failed; suspended) or a deleted Job is reconciled at once (``settles``)."""
 
 
 @dataclass
@@ -335,6 +335,14 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     return registry, ctx
 
 
+def settles(job: Obj) -> bool:
+    """Whether a Job update turns a condition of its owner's status (so it is reconciled without waiting): the Job
+    ended, is suspended, or has all its workers ready (or done)."""
+    view = job_view(job)
+    parallelism = int((job.get("spec") or {}).get("parallelism") or 1)
+    return view.finished or view.suspended or view.ready + view.succeeded >= parallelism
+
+
 def _child_handlers(ctx: Context, queue: WorkQueue) -> dict[Kind, Handler]:
     """What the child watches do with an event, on their threads: filter it, then queue the reconcile or repair it
     calls for. Most Job events change nothing a status reflects (``JobStates``) and go no further."""
@@ -344,7 +352,7 @@ def _child_handlers(ctx: Context, queue: WorkQueue) -> dict[Kind, Handler]:
         owner = labels.get(L.TRAINING_JOB) or labels.get(L.EXPORT_JOB)
         if owner is None or not ctx.job_states.changed(namespace, job, type):
             return
-        after_s = 0.0 if type == "DELETED" or job_view(job).finished else JOB_PROGRESS_BATCH_S
+        after_s = 0.0 if type == "DELETED" or settles(job) else JOB_PROGRESS_BATCH_S
         if L.TRAINING_JOB in labels:
             job_body = None if type == "DELETED" else job
             work = functools.partial(run_reconcile, ctx, "job", namespace, owner, job_body=job_body)

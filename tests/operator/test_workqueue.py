@@ -1,5 +1,5 @@
 """The child watches' work queue: one run at a time per key, newer work replacing what waits, and delays that
-batch a key's events into one run."""
+batch a key's events into one run; which Job updates wait."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kiln.operator.handlers import settles
 from kiln.operator.workqueue import WorkQueue
 from kiln.testing.processes import wait_until
 
@@ -87,3 +88,17 @@ def test_closed_nothing_delayed_starts(queue: WorkQueue) -> None:
     queue.close()
     time.sleep(0.6)
     assert ran == []
+
+
+def job(parallelism: int, suspend: bool = False, **status: object) -> dict[str, object]:
+    return {"metadata": {"name": "demo-1"}, "spec": {"parallelism": parallelism, "suspend": suspend}, "status": status}
+
+
+def test_job_updates_on_the_way_to_a_condition_wait_and_those_that_turn_one_do_not() -> None:
+    complete = [{"type": "Complete", "status": "True"}]
+    failed = [{"type": "FailureTarget", "status": "True"}]
+    waits = [job(2, active=2), job(2, active=2, ready=1), job(1, active=1, ready=0), job(2, succeeded=1)]
+    ends = [job(2, succeeded=2, conditions=complete), job(2, failed=1, conditions=failed), job(2, suspend=True)]
+    turns = [job(2, active=2, ready=2), job(1, active=1, ready=1), job(2, ready=1, succeeded=1), *ends]
+    assert [settles(j) for j in waits] == [False] * len(waits)
+    assert [settles(j) for j in turns] == [True] * len(turns)
