@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ WATCH_TIMEOUT_S = 300
 load balancers (nolar/kopf#585, #847)."""
 READ_TIMEOUT_S = WATCH_TIMEOUT_S + 30
 """Silence for this long means a dead connection: bookmarks and the server's own end come well before it."""
+MIN_WATCH_S = 1.0
+"""A watch that the server ended sooner than this is followed by this long a pause before the next."""
 LIST_PAGE = 500
 """Objects per LIST page: bounds the size of one response at 1,000s of children."""
 MAX_BACKOFF_S = 5.0
@@ -122,8 +125,11 @@ class ListWatch:
                 if not listed or self.version is None:
                     self._list()
                 listed = True
+                started = time.monotonic()
                 self._watch()
                 backoff = 0.0
+                if time.monotonic() - started < MIN_WATCH_S:  # a server that ends watches at once: no hot loop
+                    self.stopping.wait(MIN_WATCH_S)
             except Gone:
                 listed = False
             except Exception as exc:  # whatever it was, this thread must go on: nothing else watches these children
@@ -163,6 +169,7 @@ class ListWatch:
             query.append(("resourceVersion", self.version))
         accept = METADATA.format("PartialObjectMetadata") if self.kind.metadata_only else "application/json"
         self._response = response = self.kube.stream(self.path, query, accept, READ_TIMEOUT_S)
+        read_to_the_end = False
         try:
             if self.stopping.is_set():  # stop() came before there was a response to shut down
                 return
@@ -171,9 +178,13 @@ class ListWatch:
                     return
                 if line.strip():
                     self._event(json.loads(line))
+            read_to_the_end = True
         finally:
             self._response = None
-            response.release_conn()
+            if read_to_the_end:
+                response.release_conn()
+            else:  # a connection left mid-stream must not serve the next request
+                response.close()
 
     def _event(self, event: Obj) -> None:
         type, obj = event.get("type"), event.get("object") or {}

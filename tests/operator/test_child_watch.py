@@ -76,6 +76,39 @@ def test_a_410_in_the_stream_means_list_again_and_other_errors_are_api_errors() 
     assert watch.version == "42" and watch.known == {}
 
 
+class EmptyWatches:
+    """A server whose every watch ends at once, empty (and whose lists are empty)."""
+
+    def __init__(self) -> None:
+        self.watches = 0
+
+    def request(self, *_: object, **__: object) -> Obj:
+        return {"metadata": {"resourceVersion": "1"}, "items": []}
+
+    def stream(self, *_: object) -> Any:
+        self.watches += 1
+        return EmptyStream()
+
+
+class EmptyStream:
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_a_server_that_ends_every_watch_at_once_is_not_asked_in_a_hot_loop() -> None:
+    server = EmptyWatches()
+    watch = ListWatch(server, JOBS, "ns", lambda *_: None, lambda _: True)  # type: ignore[arg-type]
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    time.sleep(2.5)
+    watch.stop()
+    thread.join(3)
+    assert 2 <= server.watches <= 4 and not thread.is_alive()  # about one a second
+
+
 @pytest.mark.controlplane
 @pytest.mark.timeout(90)
 def test_the_watch_on_the_real_apiserver(cluster: ControlPlane, operator_kubeconfig: Path, namespace: str) -> None:

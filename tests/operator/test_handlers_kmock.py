@@ -84,6 +84,8 @@ async def operator(
             await ctx.background.stop()
         if ctx.children is not None:
             await asyncio.to_thread(ctx.children.stop)
+        if ctx.work is not None:
+            ctx.work.close()
         if ctx.server is not None:
             await ctx.server.cleanup()
 
