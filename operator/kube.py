@@ -139,8 +139,8 @@ class Kube:
     def stream(
         self, path: str, query: list[tuple[str, str]], accept: str, read_timeout_s: float
     ) -> urllib3.BaseHTTPResponse:
-        """A GET whose body is read as it arrives (a watch): iterate its lines, then ``release_conn()`` it. Silence
-        for ``read_timeout_s`` ends it with a ReadTimeoutError."""
+        """A GET whose body is read as it arrives (a watch): iterate its lines, then ``release_conn()`` it if read to
+        the end, else ``close()`` it. Silence for ``read_timeout_s`` ends it with a ReadTimeoutError."""
         timeout = urllib3.Timeout(connect=self.timeout_s, read=read_timeout_s)
         response = self._call("GET", path, query, payload=None, headers={"Accept": accept}, timeout=timeout,
                               preload=False)  # fmt: skip
