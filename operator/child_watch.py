@@ -118,20 +118,20 @@ class ListWatch:
         self._response: urllib3.BaseHTTPResponse | None = None
 
     def run(self) -> None:
-        """List, then watch from there until stopped; list again after a 410 or whenever no version is known."""
-        backoff, listed = 0.0, False
+        """List, then watch from there until stopped; list again whenever no version is known (at the start, after a
+        410, from a server that gives none)."""
+        backoff = 0.0
         while not self.stopping.is_set():
             try:
-                if not listed or self.version is None:
+                if self.version is None:
                     self._list()
-                listed = True
                 started = time.monotonic()
                 self._watch()
                 backoff = 0.0
                 if time.monotonic() - started < MIN_WATCH_S:  # a server that ends watches at once: no hot loop
                     self.stopping.wait(MIN_WATCH_S)
             except Gone:
-                listed = False
+                self.version = None
             except Exception as exc:  # whatever it was, this thread must go on: nothing else watches these children
                 if self.stopping.is_set():
                     return
@@ -151,12 +151,13 @@ class ListWatch:
         items: list[Obj] = []
         query = [("labelSelector", OWN_CHILDREN), ("limit", str(LIST_PAGE))]
         accept = METADATA.format("PartialObjectMetadataList") if self.kind.metadata_only else "application/json"
-        page: Obj = {}
+        token: str | None = None
         while True:
-            more = [("continue", page["metadata"]["continue"])] if page.get("metadata", {}).get("continue") else []
+            more = [("continue", token)] if token else []
             page = self.kube.request("GET", self.path, query=query + more, accept=accept)
             items.extend(page.get("items") or [])
-            if not (page.get("metadata") or {}).get("continue"):
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
                 break
         self.version = (page.get("metadata") or {}).get("resourceVersion") or None
         for type, obj in relisted(self.known, (i for i in items if self._wanted(i))):
