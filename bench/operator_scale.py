@@ -143,7 +143,7 @@ def create_namespace(cluster: ControlPlane, namespace: str) -> None:
 def create_unrelated(cluster: ControlPlane, count: int) -> None:
     """Another workload's objects, of the kinds the operator watches: ``count`` ConfigMaps of 4 KB and a tenth as
     many suspended Jobs (nothing runs), in their own namespace. A real cluster holds many; the operator asks the
-    apiserver for its own children only (child_watch.OWN_CHILDREN)."""
+    apiserver for its own children only (watches.OWN_CHILDREN)."""
     create_namespace(cluster, "unrelated")
     client = KubeClient(cluster.kubeconfig, pool_size=8)
     pod = {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "command": ["true"]}]}

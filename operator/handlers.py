@@ -1,8 +1,10 @@
-"""kopf handlers: thin wrappers that fetch, reconcile under a per-job lock, and report.
+"""The handlers: thin wrappers that fetch, reconcile under a per-job lock, and report.
 
-``build_registry(settings)`` registers everything on a fresh registry and returns it with the shared
-``Context`` (API client, metrics, locks), so several operators can run in one process (tests) and nothing
-lives in module globals.
+kopf runs the process's activities (login, start-up, clean-up) and the ExportJobs' handlers; the start-up
+handler starts the watches of TrainingJobs and of the children (``watches``), whose events queue their work
+for the same threads (``_watch_handlers``). ``build_registry(settings)`` registers everything on a fresh registry
+and returns it with the shared ``Context`` (API client, metrics, locks), so several operators can run in one
+process (tests) and nothing lives in module globals.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +25,7 @@ from aiohttp import web
 from kiln.api.status import ConditionType, Phase
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
-from kiln.operator.background import TERMINAL, Background, Schedule
-from kiln.operator.child_watch import CONFIGMAPS, JOBS, SERVICES, ChildWatches, Handler, Kind
+from kiln.operator.background import TERMINAL, Background, Schedule, without_managed_fields
 from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
@@ -33,10 +33,11 @@ from kiln.operator.kopf_settings import apply_kopf_settings
 from kiln.operator.kube import ApiException, Kube, is_status, load_api_client
 from kiln.operator.metrics import Metrics, start_server
 from kiln.operator.progress import Rank0Addresses, poll_progress
-from kiln.operator.reconcile import Outcome, reconcile
+from kiln.operator.reconcile import Outcome, Stale, reconcile
 from kiln.operator.settings import Settings
 from kiln.operator.status import job_view
 from kiln.operator.triggers import Generations, JobStates
+from kiln.operator.watches import CONFIGMAPS, JOBS, SERVICES, TRAININGJOBS, Handler, Kind, Watches
 from kiln.operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
@@ -68,14 +69,17 @@ class Context:
     export_schedule: Schedule = field(init=False)
     """Every ExportJob seen, for resyncs (a source that never appears) and to wake those waiting on a source."""
     background: Background | None = None
+    watched: dict[tuple[str, str], Obj] = field(default_factory=dict)
+    """The latest body of every TrainingJob from its watch (without managedFields), by (namespace, name)."""
     generations: Generations = field(default_factory=Generations)
     """Which TrainingJob generations this process reconciled: what decides whether a TrainingJob event needs one."""
     executor: Executor | None = None
     """kopf's thread pool for blocking handlers (Settings.workers threads), set at start-up."""
-    children: ChildWatches | None = None
-    """The watches of Jobs, ConfigMaps and Services (``child_watch``), started and stopped with kopf."""
+    watches: Watches | None = None
+    """The watches of TrainingJobs and their Jobs, ConfigMaps and Services (``watches``), started and stopped with
+    kopf."""
     work: WorkQueue | None = None
-    """Where the child watches' events queue their reconciles and repairs."""
+    """Where the watches' events queue their reconciles and repairs."""
     _credentials: creds.Credentials | None = None
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -108,30 +112,36 @@ def run_reconcile(
     job_body: Obj | None = None,
     unread: Obj | None = None,
     check_pods: bool = False,
+    read_fresh: bool = False,
 ) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
-    The TrainingJob is read fresh: another trigger may have moved its status on since any watch event's body,
-    and reconciling a stale body would post every transition Event again and write the older status back over
-    the newer one. The one exception is ``unread``, the body of a TrainingJob's first event that has no status
-    yet (``Generations.unreconciled``): it saves a round trip on the way from a new TrainingJob to its Job, and
-    its status is written only over that very version, so a TrainingJob written meanwhile is read and
-    reconciled again (the first pass's creates are adopted).
+    The TrainingJob is the watch's latest body (``Context.watched``), as an informer's cache serves a client-go
+    controller: a read less per reconcile, at most of them one per Job update. That body may trail the apiserver
+    (a status written a moment ago, not yet back through the watch), and reconciling a stale body would post every
+    transition Event again and write the older status back over the newer one. So its status is written only over
+    that very version, and a decision from it that would act on a Job is not carried out (``reconcile.Stale``):
+    either way the TrainingJob is read and reconciled again. ``unread`` is the body of a TrainingJob's first event
+    that has no status yet (``Generations.unreconciled``): nothing can be newer in what a reconcile reads, so its
+    decision is carried out, and its status too is written only over that version (the first pass's creates are
+    adopted when it goes again). ``read_fresh``: read it, whatever the watch has (a resync, the net for what a
+    watch missed).
     """
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
     try:
         with ctx.lock(namespace, name):
-            body = unread or ctx.kube.get_trainingjob(namespace, name)
+            watched = None if unread is not None or read_fresh else ctx.watched.get((namespace, name))
+            was_read = unread is None and watched is None
+            body = unread or watched or ctx.kube.get_trainingjob(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 result = "gone"
                 return None
             try:
-                outcome = reconcile(
-                    ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None, check_pods=check_pods
-                )
-            except ApiException as exc:
-                if unread is None or not is_status(exc, 409):
+                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None,
+                                    watched=watched is not None, check_pods=check_pods)  # fmt: skip
+            except (ApiException, Stale) as exc:
+                if was_read or not (isinstance(exc, Stale) or is_status(exc, 409)):
                     raise
                 body = ctx.kube.get_trainingjob(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
@@ -240,11 +250,6 @@ def _report(ctx: Context, body: Obj, outcome: Outcome) -> None:
         ctx.metrics.restarted.inc(restarts)
 
 
-async def in_worker_thread(ctx: Context, call: Callable[[], object]) -> None:
-    """Run a blocking call in kopf's threads, as kopf runs sync handlers."""
-    await asyncio.get_running_loop().run_in_executor(ctx.executor, call)
-
-
 def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf.OperatorRegistry, Context]:
     ctx = ctx or Context(settings=settings)
     registry = kopf.OperatorRegistry()
@@ -268,8 +273,9 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         ctx.executor = settings.execution.executor
         ctx.background.start(ctx.executor)
         ctx.work = WorkQueue(ctx.executor)
-        ctx.children = ChildWatches(ctx.kube, ctx.settings.namespaces, _child_handlers(ctx, ctx.work))
-        ctx.children.start()
+        handlers = _watch_handlers(ctx, ctx.work, asyncio.get_running_loop())
+        ctx.watches = Watches(ctx.kube, ctx.settings.namespaces, handlers)
+        ctx.watches.start()
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
 
@@ -278,45 +284,12 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         ctx.metrics.ready.clear()
         if ctx.background is not None:
             await ctx.background.stop()
-        if ctx.children is not None:
-            await asyncio.to_thread(ctx.children.stop)
+        if ctx.watches is not None:
+            await asyncio.to_thread(ctx.watches.stop)
         if ctx.work is not None:
             ctx.work.close()
         if ctx.server is not None:
             await ctx.server.cleanup()
-
-    def track_phase(type: str, body: kopf.Body, namespace: str, name: str) -> None:
-        """Record the TrainingJob for the periodic work; on the event loop, so the schedule needs no lock."""
-        deleted, uid = type == "DELETED", body["metadata"].get("uid")
-        status = body.get("status") or {}
-        phase = None if deleted else status.get("phase", Phase.PENDING.value)
-        seen = ctx.schedule.entries.get((namespace, name))
-        if seen is None or seen.phase != phase:  # created, deleted or moved on: re-check the exports waiting on it
-            ctx.export_schedule.wake(namespace, lambda export: waits_for(export, name))
-        ctx.metrics.observe_trainingjob(uid, namespace, name, None if deleted else body)
-        ctx.schedule.observe(namespace, name, None if deleted else dict(body), time.monotonic())
-        if deleted or phase in TERMINAL:
-            ctx.rank0.forget(namespace, name)
-        if deleted:
-            ctx.locks.pop(lock_key(namespace, name), None)
-            ctx.generations.forget(uid)
-
-    # One handler per TrainingJob event that tracks, then decides whether to reconcile: the order is the code's,
-    # not kopf's order of registration. Most TrainingJob events (the operator's own status writes) only track.
-    @on.event(*TJ, id="reconcile", registry=registry)
-    async def on_trainingjob_event(type: str, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-        track_phase(type, body, namespace or "", name)  # first, so a retry below finds the job scheduled
-        if type == "DELETED" or not ctx.generations.wanted(body):
-            return
-        reconcile_now = functools.partial(
-            run_reconcile, ctx, "trainingjob", namespace or "", name, unread=ctx.generations.unreconciled(body)
-        )
-        try:
-            await in_worker_thread(ctx, reconcile_now)
-        except kopf.TemporaryError as exc:  # an API error: event handlers are not retried, so the schedule does
-            logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
-                                                namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
-            ctx.schedule.resync_soon(namespace or "", name, time.monotonic() + RETRY_DELAY_S)
 
     @on.resume(*EJ, id="reconcile-export", registry=registry)
     @on.create(*EJ, id="reconcile-export", registry=registry)
@@ -343,9 +316,55 @@ def settles(job: Obj) -> bool:
     return view.finished or view.suspended or view.ready + view.succeeded >= parallelism
 
 
-def _child_handlers(ctx: Context, queue: WorkQueue) -> dict[Kind, Handler]:
-    """What the child watches do with an event, on their threads: filter it, then queue the reconcile or repair it
-    calls for. Most Job events change nothing a status reflects (``JobStates``) and go no further."""
+def _track(ctx: Context, type: str, body: Obj) -> None:
+    """Record a TrainingJob's event for the periodic work; on the event loop, where Background reads the schedules,
+    so they need no lock."""
+    meta = body["metadata"]
+    namespace, name, uid, deleted = meta.get("namespace") or "", meta["name"], meta.get("uid"), type == "DELETED"
+    phase = None if deleted else (body.get("status") or {}).get("phase", Phase.PENDING.value)
+    seen = ctx.schedule.entries.get((namespace, name))
+    if seen is None or seen.phase != phase:  # created, deleted or moved on: re-check the exports waiting on it
+        ctx.export_schedule.wake(namespace, lambda export: waits_for(export, name))
+    ctx.metrics.observe_trainingjob(uid, namespace, name, None if deleted else body)
+    ctx.schedule.observe(namespace, name, None if deleted else body, time.monotonic())
+    if deleted or phase in TERMINAL:
+        ctx.rank0.forget(namespace, name)
+    if deleted:
+        ctx.locks.pop(lock_key(namespace, name), None)
+        ctx.generations.forget(uid)
+
+
+def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventLoop) -> dict[Kind, Handler]:
+    """What the watches do with an event, on their threads: filter it, then queue the reconcile or repair it calls
+    for. Most TrainingJob events are the operator's own status writes (``Generations``) and most Job events change
+    nothing a status reflects (``JobStates``): those go no further."""
+
+    def on_trainingjob(type: str, body: Obj) -> None:
+        body = without_managed_fields(body)
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace") or "", meta["name"]
+        if type == "DELETED":
+            ctx.watched.pop((namespace, name), None)
+        else:
+            ctx.watched[(namespace, name)] = body
+        loop.call_soon_threadsafe(_track, ctx, type, body)  # first, so a retry below finds the job scheduled
+        if type == "DELETED" or not ctx.generations.wanted(body):
+            return
+        unread = ctx.generations.unreconciled(body)
+
+        def reconcile_if_still_wanted() -> None:
+            # Asked again when it starts: a run for this job in progress at submit time (its own status write
+            # came back as this event) may have reconciled this generation meanwhile.
+            if not ctx.generations.wanted(body):
+                return
+            try:
+                run_reconcile(ctx, "trainingjob", namespace, name, unread=unread)
+            except kopf.TemporaryError as exc:  # an API error: the schedule retries it
+                logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
+                                                    namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
+                loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+
+        queue.submit(("trainingjob", namespace, name), reconcile_if_still_wanted)
 
     def on_job(type: str, job: Obj) -> None:
         namespace, labels = job["metadata"].get("namespace") or "", job["metadata"].get("labels") or {}
@@ -367,7 +386,7 @@ def _child_handlers(ctx: Context, queue: WorkQueue) -> dict[Kind, Handler]:
             owner = labels[L.TRAINING_JOB]
             queue.submit(("repair", namespace, owner), functools.partial(run_repair, ctx, namespace, owner))
 
-    return {JOBS: on_job, CONFIGMAPS: on_child, SERVICES: on_child}
+    return {TRAININGJOBS: on_trainingjob, JOBS: on_job, CONFIGMAPS: on_child, SERVICES: on_child}
 
 
 def _periodic_actions(ctx: Context) -> dict[str, Any]:
@@ -375,7 +394,7 @@ def _periodic_actions(ctx: Context) -> dict[str, Any]:
 
     def resync(namespace: str, name: str, _: Obj) -> None:
         # The resync also asks why pods wait: a stuck pod sends no Job event to trigger a reconcile.
-        run_reconcile(ctx, "resync", namespace, name, check_pods=True)
+        run_reconcile(ctx, "resync", namespace, name, check_pods=True, read_fresh=True)
 
     def progress(namespace: str, name: str, body: Obj) -> None:
         assert ctx.kube is not None

@@ -29,6 +29,10 @@ Obj = dict[str, Any]
 _STATUS_KEYS = set(TrainingJobStatus.model_fields) | {f.alias for f in TrainingJobStatus.model_fields.values()}
 
 
+class Stale(Exception):
+    """A decision from a watched body (which may trail the apiserver) would act on a Job: read, then decide again."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     decision: Decision
@@ -151,22 +155,28 @@ def reconcile(
     job_body: Obj | None = None,
     now: datetime | None = None,
     unread: bool = False,
+    watched: bool = False,
     check_pods: bool = False,
 ) -> Outcome:
     """Observe -> decide -> act -> patch status. Safe to repeat at any point.
 
     ``unread``: ``body`` came from a watch event, not a fresh read, so the status is written only over that very
     version (an ApiException 409 when anything wrote the TrainingJob since; the caller reads it and goes again).
+    ``watched``: as ``unread``, and the body is the watch's latest, which may trail the apiserver (a status this
+    operator wrote a moment ago): a decision that would act on a Job raises ``Stale`` instead, so that only a
+    fresh read (or the very first event of a TrainingJob) ever creates or deletes a Job.
     ``check_pods``: see ``observe``.
     """
     now = now or datetime.now(UTC)
     resolved, invalid = resolve_body(body, settings)
     observed = observe(kube, body, resolved, invalid, job_body, check_pods=check_pods)
     decision = next_status(observed, now)
+    if watched and decision.acts:
+        raise Stale
     act(kube, settings, resolved, decision, now, applied=observed.wanted)
     patch = status_patch(body.get("status") or {}, decision.status)
     if patch:
         meta = body["metadata"]
-        version = meta.get("resourceVersion") if unread else None
+        version = meta.get("resourceVersion") if unread or watched else None
         kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch, resource_version=version)
     return Outcome(decision=decision, before=observed.status, patched=bool(patch))

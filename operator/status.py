@@ -118,6 +118,13 @@ class Decision:
     """Remove the current Job's activeDeadlineSeconds (runPolicy.activeDeadlineSeconds was removed)."""
     transitions: tuple[Transition, ...] = ()
 
+    @property
+    def acts(self) -> bool:
+        """Whether carrying it out touches a Job (creates, deletes or patches one), beyond the status write."""
+        deletes = self.delete_attempt is not None or bool(self.cleanup_attempts)
+        patches = self.job_deadline is not None or self.clear_job_deadline
+        return self.create_attempt is not None or deletes or patches
+
 
 def _awaiting(run_policy: RunPolicy) -> str:
     return f"waiting for Kueue to admit the Job (queue {run_policy.queue_name})"

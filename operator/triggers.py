@@ -1,8 +1,8 @@
 """Which watch events need a reconcile: most do not, and each reconcile costs apiserver round trips.
 
-``Generations`` is touched on the event loop (the TrainingJob event handler filters before handing work to a
-thread), except ``reconciled``, one dict store from a handler thread. ``JobStates`` is touched by the Jobs' child
-watches only (``child_watch``), each of its own namespaces' Jobs.
+``Generations`` is read by the TrainingJobs' watch threads (``watches``; they filter before handing work to a
+thread) and by that work when it starts, and written by ``reconciled``, one dict store from a handler thread, and
+``forget`` on the event loop. ``JobStates`` is touched by the Jobs' watches only, each of its own namespaces' Jobs.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ class Generations:
     A TrainingJob event needs a reconcile only when its uid was never reconciled here (a new TrainingJob, or one
     first seen after this operator started) or its generation moved on (a spec change). Every other event is the
     operator's own status write or a metadata change, which the reconcile does not read. Each TrainingJob is
-    triggered by its watch events directly (kopf ``on.event``), not through kopf's create/update/resume handlers:
-    those cost a PATCH per job (kopf's annotation) and a re-run of the creation on a stale body whenever kopf's
-    wait for its own PATCH timed out on a busy apiserver.
+    triggered by its watch events directly (``watches``), not through kopf's create/update/resume handlers: those
+    cost a PATCH per job (kopf's annotation) and a re-run of the creation on a stale body whenever kopf's wait for
+    its own PATCH timed out on a busy apiserver.
     """
 
     def __init__(self) -> None:

@@ -26,6 +26,7 @@ from kiln.operator import labels as L
 from kiln.operator.handlers import Context, build_registry
 from kiln.operator.progress import poll_progress
 from kiln.operator.settings import Settings
+from kiln.operator.watches import TRAININGJOBS
 from kiln.testing.processes import free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -82,8 +83,8 @@ async def operator(
             await asyncio.wait_for(task, timeout=10)
         if ctx.background is not None:
             await ctx.background.stop()
-        if ctx.children is not None:
-            await asyncio.to_thread(ctx.children.stop)
+        if ctx.watches is not None:
+            await asyncio.to_thread(ctx.watches.stop)
         if ctx.work is not None:
             ctx.work.close()
         if ctx.server is not None:
@@ -216,13 +217,17 @@ async def test_a_creation_redelivered_on_a_stale_event_changes_nothing(
     await until(lambda: any(e["reason"] == "JobCompleted" for e in events(kmock)), "the JobCompleted Event")
     status = stored(kmock, "trainingjobs", "demo")["status"]  # type: ignore[index]
 
-    # The same handlers over the running operator's ctx, called as kopf calls them; the spy records the Events.
-    registry, _ = build_registry(operator.settings, operator)
-    handler = next(h for h in registry._watching.get_all_handlers() if h.id == "reconcile")
+    # The creation event again, into the running operator's TrainingJob watch handler; the spy records the Events.
+    assert operator.watches is not None
+    watch = next(w for w in operator.watches.watches if w.kind is TRAININGJOBS)
     reasons: list[str] = []
+    reconciles = operator.metrics.reconciles.labels("trainingjob", "ok")
+    before = reconciles._value.get()
     monkeypatch.setattr(operator.kube, "post_event", lambda _body, _type, reason, _message: reasons.append(reason))
-    await handler.fn(type="ADDED", body=created, namespace=NS, name="demo")
+    watch.handler("ADDED", created)
+    await asyncio.sleep(0.5)  # kmock answers in milliseconds: a reconcile wrongly started would be done
 
+    assert reconciles._value.get() == before
     assert reasons == []
     assert stored(kmock, "trainingjobs", "demo")["status"] == status  # type: ignore[index]
 

@@ -75,6 +75,16 @@ def test_repeating_a_decision_changes_nothing() -> None:
     assert status_patch(status.to_dict(), again.status) == {}
 
 
+def test_a_decision_acts_when_it_creates_deletes_or_patches_a_job_and_not_for_status_alone() -> None:
+    """``acts`` decides whether a decision from a watched (maybe stale) body must be made again from a read."""
+    assert step(TrainingJobStatus()).acts  # creates attempt 1
+    assert step(running(), RUNNING_JOB, run_policy=RunPolicy(suspend=True)).acts  # deletes it
+    assert step(running(), RUNNING_JOB, run_policy=RunPolicy(active_deadline_seconds=60)).acts  # its deadline
+    created = step(TrainingJobStatus()).status
+    assert not step(created, RUNNING_JOB).acts  # Running: a status write only
+    assert not step(running(), RUNNING_JOB).acts
+
+
 def test_complete_job_succeeds_with_final_progress() -> None:
     report = TrainerReport.model_validate(
         {"state": "completed", "progress": {"epoch": 3, "totalEpochs": 3}, "checkpoints": {"best": "s3://b"}}

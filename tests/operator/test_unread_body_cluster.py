@@ -56,3 +56,35 @@ def test_a_status_computed_from_a_stale_event_body_is_refused_then_reconciled_fr
     assert jobs(cluster, namespace) == ["demo-1"]
     # The session's operator, when a test before this one started it, may have reconciled the job first.
     assert transitions in ([], ["ChildrenCreated"])
+
+
+def test_a_watched_body_saves_the_read_and_a_stale_one_never_acts_on_a_job(
+    cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Later reconciles start from the watch's latest body, which may trail the apiserver: a stale one that would
+    create the Job again is not acted on but read afresh; a current one costs no read at all."""
+    before_status = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    kube = operator_kube(operator_kubeconfig)
+    ctx = Context(settings=Settings(image="kiln/trainer:test", storage_root="s3://runs"), kube=kube)
+    reads: list[str] = []
+    read = kube.get_trainingjob
+    monkeypatch.setattr(kube, "get_trainingjob", lambda ns, name: reads.append(name) or read(ns, name))
+    created: list[str] = []
+    create = kube.create_or_adopt
+    monkeypatch.setattr(kube, "create_or_adopt", lambda obj: created.append(obj["kind"]) or create(obj))
+    monkeypatch.setattr(kube, "post_event", lambda *_: None)
+
+    assert run_reconcile(ctx, "trainingjob", namespace, "demo") is not None  # nothing watched: read
+    assert reads == ["demo"] and sorted(created) == ["ConfigMap", "Job", "Service"]
+
+    # The body from before the first status write: its decision would create attempt 1 again.
+    ctx.watched[(namespace, "demo")] = before_status
+    outcome = run_reconcile(ctx, "job", namespace, "demo")
+    assert reads == ["demo", "demo"] and len(created) == 3  # read afresh instead, and nothing created
+    assert outcome is not None and outcome.decision.status.attempt == 1  # (pods counted since: a status write)
+
+    ctx.watched[(namespace, "demo")] = get_tj(cluster, namespace)  # the watch caught up
+    outcome = run_reconcile(ctx, "job", namespace, "demo")
+    assert reads == ["demo", "demo"] and len(created) == 3  # no read
+    assert outcome is not None and outcome.decision.status.attempt == 1
+    assert jobs(cluster, namespace) == ["demo-1"]

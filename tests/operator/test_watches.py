@@ -13,20 +13,20 @@ import pytest
 from tj_builders import body as trainingjob
 from tj_builders import resolved_from
 
-from kiln.operator.child_watch import (
-    CONFIGMAPS,
-    JOBS,
-    OWN_CHILDREN,
-    ChildWatches,
-    Gone,
-    ListWatch,
-    relisted,
-    scopes,
-)
 from kiln.operator.credentials import from_kubeconfig
 from kiln.operator.kube import ApiClient, ApiException, Kube
 from kiln.operator.render import render_configmap, render_job, render_service
 from kiln.operator.settings import Settings
+from kiln.operator.watches import (
+    CONFIGMAPS,
+    JOBS,
+    OWN_CHILDREN,
+    Gone,
+    ListWatch,
+    Watches,
+    relisted,
+    scopes,
+)
 from kiln.testing.controlplane import ControlPlane
 from kiln.testing.kube import namespaced
 from kiln.testing.processes import wait_until
@@ -123,7 +123,7 @@ def test_the_watch_on_the_real_apiserver(cluster: ControlPlane, operator_kubecon
     configmap("not-ours", {"kiln.dev/training-job": "demo"})
     seen: list[tuple[str, str, Obj]] = []
     handlers = {CONFIGMAPS: lambda type, obj: seen.append((type, obj["metadata"]["name"], obj))}
-    watches = ChildWatches(kube, (namespace,), handlers)
+    watches = Watches(kube, (namespace,), handlers)
     watches.start()
     names = lambda: [(type, name) for type, name, _ in seen]  # noqa: E731
     try:

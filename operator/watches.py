@@ -1,18 +1,21 @@
-"""The operator's watches of its own children (Jobs, ConfigMaps, Services), outside kopf.
+"""The operator's watches of its TrainingJobs and of their children (Jobs, ConfigMaps, Services), outside kopf.
 
 kopf runs every watch event through its per-object pipeline on the event loop: decoding, a worker task and
-memory per object, handler selection, a logger, a patch. In a burst of new TrainingJobs, their children's
-events (a ConfigMap created, a Job created and its status updated as its pods start) share that loop with the
-TrainingJobs' own, and the TrainingJobs' events, the only ones that start a job, waited behind them
-(docs/benchmarks.md, "Operator scale"). A child event needs none of that pipeline: most Job events change nothing the
-operator reads (``triggers.JobStates`` drops them) and a ConfigMap or Service matters only once it is gone. So
-each child kind is one LIST then WATCH per scope in a thread of its own, as client-go's reflector does it:
-the apiserver filters on the label every child carries (``OWN_CHILDREN``) and sends ConfigMaps and Services as
-metadata only; a watch resumes from the last resourceVersion seen (bookmarks keep it current) and a 410 Gone
-lists again, telling the children that vanished meanwhile as DELETED events.
+memory per object, a batch window (0.1 s) before the handler, handler selection, a logger. None of it serves
+these kinds. A TrainingJob event needs one question answered (``triggers.Generations``: is this a generation
+not yet reconciled here?), and most are the operator's own status writes, for which the answer is no; most
+child events change nothing the operator reads (``triggers.JobStates``), and a ConfigMap or Service matters
+only once it is gone. In a burst of new TrainingJobs that pipeline was most of the operator's CPU on the event
+loop, and it stood between each TrainingJob and its Job (docs/benchmarks.md, "Operator scale").
 
-The watches run only where kopf does (the Lease holder) and stop with it; the work they trigger goes through a
-``workqueue.WorkQueue`` to the handlers' threads.
+So each kind is one LIST then WATCH per scope in a thread of its own, as client-go's reflector does it. The
+apiserver filters the children on the label every child carries (``OWN_CHILDREN``) and sends ConfigMaps and
+Services as metadata only. A watch resumes from the last resourceVersion seen (bookmarks keep it current), and
+a 410 Gone lists again, telling the objects that vanished meanwhile as DELETED events.
+
+The watches run only where kopf does (the Lease holder), which keeps ExportJobs (their create and resume
+handlers), and stop with it; the work they trigger goes through a ``workqueue.WorkQueue`` to the handlers'
+threads.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ Handler = Callable[[str, Obj], None]
 log = logging.getLogger(__name__)
 
 OWN_CHILDREN = f"{L.MANAGED_BY}={L.MANAGER}"
-"""The label selector of every child watch: every TrainingJob's and ExportJob's child has it, and a cluster holds
-many more Jobs, ConfigMaps (every namespace's kube-root-ca.crt) and Services that would all be sent and decoded."""
+"""The label selector of each child kind's watch: every TrainingJob's and ExportJob's child has it, and a
+cluster holds many more Jobs, ConfigMaps (every namespace's kube-root-ca.crt) and Services that would all be sent
+and decoded."""
 WATCH_TIMEOUT_S = 300
 """The apiserver ends each watch after this long (the watch then resumes): watches stall silently behind some
 load balancers (nolar/kopf#585, #847)."""
@@ -65,8 +69,11 @@ class Kind:
     """The path prefix of its API group and version."""
     metadata_only: bool
     """Whether the handler reads only metadata: the apiserver then sends PartialObjectMetadata."""
+    children: bool = True
+    """Whether only the operator's own are watched (``OWN_CHILDREN``); a custom resource's are all watched."""
 
 
+TRAININGJOBS = Kind(L.TJ_PLURAL, f"/apis/{L.TJ_GROUP}/{L.TJ_VERSION}", metadata_only=False, children=False)
 JOBS = Kind("jobs", "/apis/batch/v1", metadata_only=False)
 CONFIGMAPS = Kind("configmaps", "/api/v1", metadata_only=True)
 SERVICES = Kind("services", "/api/v1", metadata_only=True)
@@ -104,7 +111,7 @@ class Gone(Exception):
 
 
 class ListWatch:
-    """One kind's children in one namespace (None: the whole cluster), delivered to ``handler`` in order."""
+    """One kind's objects in one namespace (None: the whole cluster), delivered to ``handler`` in order."""
 
     def __init__(
         self, kube: Kube, kind: Kind, namespace: str | None, handler: Handler, keep: Callable[[str], bool]
@@ -112,7 +119,7 @@ class ListWatch:
         self.kube, self.kind, self.handler, self.keep = kube, kind, handler, keep
         self.path = f"{kind.api}/namespaces/{namespace}/{kind.plural}" if namespace else f"{kind.api}/{kind.plural}"
         self.known: dict[Key, Obj] = {}
-        """The metadata of every child delivered and not deleted: what a relist compares with."""
+        """The metadata of every object delivered and not deleted: what a relist compares with."""
         self.version: str | None = None
         self.stopping = threading.Event()
         self._response: urllib3.BaseHTTPResponse | None = None
@@ -132,7 +139,7 @@ class ListWatch:
                     self.stopping.wait(MIN_WATCH_S)
             except Gone:
                 self.version = None
-            except Exception as exc:  # whatever it was, this thread must go on: nothing else watches these children
+            except Exception as exc:  # whatever it was, this thread must go on: nothing else watches these objects
                 if self.stopping.is_set():
                     return
                 backoff = min(max(1.0, backoff * 2), MAX_BACKOFF_S)
@@ -149,7 +156,7 @@ class ListWatch:
 
     def _list(self) -> None:
         items: list[Obj] = []
-        query = [("labelSelector", OWN_CHILDREN), ("limit", str(LIST_PAGE))]
+        query = [*self._selector(), ("limit", str(LIST_PAGE))]
         accept = METADATA.format("PartialObjectMetadataList") if self.kind.metadata_only else "application/json"
         token: str | None = None
         while True:
@@ -164,7 +171,7 @@ class ListWatch:
             self._deliver(type, obj)
 
     def _watch(self) -> None:
-        query = [("watch", "true"), ("labelSelector", OWN_CHILDREN), ("allowWatchBookmarks", "true"),
+        query = [("watch", "true"), *self._selector(), ("allowWatchBookmarks", "true"),
                  ("timeoutSeconds", str(WATCH_TIMEOUT_S))]  # fmt: skip
         if self.version is not None:
             query.append(("resourceVersion", self.version))
@@ -197,10 +204,14 @@ class ListWatch:
         if type != "BOOKMARK" and self._wanted(obj):
             self._deliver(str(type), obj)
 
+    def _selector(self) -> list[tuple[str, str]]:
+        return [("labelSelector", OWN_CHILDREN)] if self.kind.children else []
+
     def _wanted(self, obj: Obj) -> bool:
         """Filtered again here: cheap, and right even where a server ignores the selector (kmock)."""
         meta = obj.get("metadata") or {}
-        return (meta.get("labels") or {}).get(L.MANAGED_BY) == L.MANAGER and self.keep(meta.get("namespace") or "")
+        ours = not self.kind.children or (meta.get("labels") or {}).get(L.MANAGED_BY) == L.MANAGER
+        return ours and self.keep(meta.get("namespace") or "")
 
     def _deliver(self, type: str, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -218,7 +229,7 @@ def _key(obj: Obj) -> Key:
     return obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
 
 
-class ChildWatches:
+class Watches:
     """A ListWatch per kind and scope, each in a daemon thread."""
 
     def __init__(self, kube: Kube, namespaces: Iterable[str], handlers: dict[Kind, Handler]) -> None:
