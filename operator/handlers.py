@@ -41,7 +41,6 @@ from kiln.operator.watches import CONFIGMAPS, JOBS, SERVICES, TRAININGJOBS, Hand
 from kiln.operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
-TJ = (L.TJ_GROUP, L.TJ_VERSION, L.TJ_PLURAL)
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
