@@ -1,11 +1,12 @@
 """The operator's watches of its TrainingJobs and of their children (Jobs, ConfigMaps, Services), outside kopf.
 
 kopf runs every watch event through its per-object pipeline on the event loop: decoding, a worker task and
-memory per object, handler selection, a logger. None of it serves these kinds. A TrainingJob event needs one question answered (``triggers.Generations``: is this a generation
-not yet reconciled here?), and most are the operator's own status writes, for which the answer is no; most
-child events change nothing the operator reads (``triggers.JobStates``), and a ConfigMap or Service matters
-only once it is gone. In a burst of new TrainingJobs that pipeline was most of the operator's CPU on the event
-loop (docs/benchmarks.md, "CR → Job against a floor controller").
+memory per object, handler selection, a logger. None of it serves these kinds. A TrainingJob event needs one
+question answered (``triggers.Generations``: is this a generation not yet reconciled here?), and most are the
+operator's own status writes, for which the answer is no; most child events change nothing the operator reads
+(``triggers.JobStates``), and a ConfigMap or Service matters only once it is gone. In a burst of new
+TrainingJobs that pipeline was most of the operator's CPU on the event loop (docs/benchmarks.md, "CR → Job
+against a floor controller").
 
 So each kind is one LIST then WATCH per scope in a thread of its own, as client-go's reflector does it. The
 apiserver filters the children on the label every child carries (``OWN_CHILDREN``) and sends ConfigMaps and
