@@ -148,6 +148,7 @@ def measure(cluster: ControlPlane, side: Side, jobs: int) -> dict[str, Any]:
     to_child = [child_seen[n] - created[n] for n in created if n in child_seen]
     # Everyone's writes (operator, Job controller, scheduler, kwok, this client): the work the cluster did per job.
     writes = sum(n for (verb, _), n in requests.items() if verb in ("POST", "PATCH", "PUT", "DELETE"))
+    reads = sum(n for (verb, _), n in requests.items() if verb in ("GET", "LIST"))
     return {
         "loadavg_1m_before": round(load_before[0], 2),
         "loadavg_1m_after": round(load_after[0], 2),
@@ -172,6 +173,11 @@ def measure(cluster: ControlPlane, side: Side, jobs: int) -> dict[str, Any]:
             f"{verb} {res}": n
             for (verb, res), n in sorted(requests.items())
             if verb in ("POST", "PATCH", "PUT", "DELETE") and n
+        },
+        # Everyone's GETs and LISTs (watches are not counted): the operator's are most of them.
+        "apiserver_reads_per_job": round(reads / jobs, 1),
+        "apiserver_reads": {
+            f"{verb} {res}": n for (verb, res), n in sorted(requests.items()) if verb in ("GET", "LIST") and n
         },
     }
 
