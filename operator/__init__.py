@@ -4,7 +4,8 @@ and ExportJobs (once their source TrainingJob succeeded) into a ConfigMap and on
 Layers, outermost first (each imports only the ones below it):
 
 - ``runner``: ``kiln operator``'s entry point; wraps ``kopf.run``.
-- ``handlers``: thin kopf handlers (parse -> resolve -> render -> apply -> status).
+- ``handlers``: thin handlers of kopf's and of the operator's own watches (parse -> resolve -> render -> apply
+  -> status).
 - ``reconcile``, ``export_reconcile``: one reconcile pass, the glue between the pure parts and the API.
 - ``kube``, ``progress``, ``metrics``: the API client, the rank-0 progress poller, Prometheus.
 - ``render``, ``status``, ``failures``, ``export_render``, ``export_status``: pure functions, no client, clock or
