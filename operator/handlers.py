@@ -47,7 +47,7 @@ RETRY_DELAY_S = 2.0
 JOB_PROGRESS_BATCH_S = 1.5
 """Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
 the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
-sync batch period), and each reconcile is a read and a status write. In a burst of new TrainingJobs the wait also
+sync batch period), and each reconcile is a status write. In a burst of new TrainingJobs the wait also
 leaves the threads and the apiserver to the creations first. An update that turns a condition (every worker
 ready: Running; Complete, Failed; suspended) or a deleted Job is reconciled at once (``settles``)."""
 
@@ -69,7 +69,8 @@ class Context:
     """Every ExportJob seen, for resyncs (a source that never appears) and to wake those waiting on a source."""
     background: Background | None = None
     watched: dict[tuple[str, str], Obj] = field(default_factory=dict)
-    """The latest body of every TrainingJob from its watch (without managedFields), by (namespace, name)."""
+    """The latest body of every TrainingJob from its watch (without managedFields), by (namespace, name): filed on
+    the watch's thread before the reconcile it queues, where the schedule's copy waits for the event loop."""
     generations: Generations = field(default_factory=Generations)
     """Which TrainingJob generations this process reconciled: what decides whether a TrainingJob event needs one."""
     executor: Executor | None = None

@@ -1,7 +1,7 @@
 """Work by key, as client-go's workqueue does it: one run at a time per key, newer work replacing what waits.
 
-The child watches (``child_watch``) hand their reconciles and repairs to a ``WorkQueue``: a Job sends several
-events while its pods start, and each would otherwise cost a reconcile, i.e. a read and a status write.
+The watches (``watches``) hand their reconciles and repairs to a ``WorkQueue``: a Job sends several events while
+its pods start, and each would otherwise cost a reconcile, i.e. a status write.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 class WorkQueue:
     """Runs work by key in an executor, one at a time per key. Work that comes for a key while earlier work for it
-    waits (its delay, or the key's previous run) replaces that work, which it supersedes: each reads the TrainingJob
-    afresh and carries the newest Job. ``submit(after_s=...)`` waits that long before the run, so the events that
-    come meanwhile cost nothing more."""
+    waits (its delay, or the key's previous run) replaces that work, which it supersedes: each takes the latest
+    TrainingJob when it runs and carries the newest Job. ``submit(after_s=...)`` waits that long before the run, so
+    the events that come meanwhile cost nothing more."""
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor

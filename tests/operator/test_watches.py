@@ -1,4 +1,4 @@
-"""The child watches outside kopf: where they watch, what a relist tells, and the watch itself on the real
+"""The watches outside kopf: where they watch, what a relist tells, and the watch itself on the real
 apiserver with the operator's own credentials (label selector, metadata only, a relist after a gap, a prompt
 stop)."""
 

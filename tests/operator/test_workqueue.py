@@ -1,4 +1,4 @@
-"""The child watches' work queue: one run at a time per key, newer work replacing what waits, and delays that
+"""The watches' work queue: one run at a time per key, newer work replacing what waits, and delays that
 batch a key's events into one run; which Job updates wait."""
 
 from __future__ import annotations
