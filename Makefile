@@ -9,10 +9,12 @@ export UV_LINK_MODE ?= copy
 
 venv: $(VENV)/.synced
 
-# The lock pins every dependency; uv's cache (~/.cache/uv) makes a fresh clone's install cheap.
+# The lock pins every dependency; uv's cache (~/.cache/uv) makes a fresh clone's install cheap. uv writes no
+# bytecode unless asked, and where PYTHONDONTWRITEBYTECODE is set nothing ever does: every process the tests start
+# would compile what it imports again (`import torch`: 3.7 s instead of 1.5 s here).
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null || python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	uv sync --all-extras --frozen
+	uv sync --all-extras --frozen --compile-bytecode
 	@touch $@
 
 controlplane:

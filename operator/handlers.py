@@ -272,7 +272,7 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
         ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
         ctx.executor = settings.execution.executor
         ctx.background.start(ctx.executor)
-        ctx.work = WorkQueue(ctx.executor)
+        ctx.work = WorkQueue(ctx.executor, ctx.settings.workers)
         handlers = _watch_handlers(ctx, ctx.work, asyncio.get_running_loop())
         ctx.watches = Watches(ctx.kube, ctx.settings.namespaces, handlers)
         ctx.watches.start()
@@ -364,7 +364,8 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
                                                     namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
                 loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
 
-        queue.submit(("trainingjob", namespace, name), reconcile_if_still_wanted)
+        # A new TrainingJob (no status yet) goes first: its Job is what its user waits for (``WorkQueue``).
+        queue.submit(("trainingjob", namespace, name), reconcile_if_still_wanted, urgent=unread is not None)
 
     def on_job(type: str, job: Obj) -> None:
         namespace, labels = job["metadata"].get("namespace") or "", job["metadata"].get("labels") or {}

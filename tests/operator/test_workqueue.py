@@ -18,7 +18,7 @@ from kiln.testing.processes import wait_until
 @pytest.fixture
 def queue() -> Iterator[WorkQueue]:
     with ThreadPoolExecutor(max_workers=4) as pool:
-        work = WorkQueue(pool)
+        work = WorkQueue(pool, slots=4)
         yield work
         work.close()
 
@@ -88,6 +88,49 @@ def test_closed_nothing_delayed_starts(queue: WorkQueue) -> None:
     queue.close()
     time.sleep(0.6)
     assert ran == []
+
+
+def test_urgent_work_passes_what_waits_for_a_slot_and_the_rest_keeps_its_order() -> None:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        queue, release, ran = WorkQueue(pool, slots=1), threading.Event(), []
+        queue.submit("busy", lambda: release.wait(5))
+        queue.submit("a", lambda: ran.append("a"))
+        queue.submit("b", lambda: ran.append("b"))
+        queue.submit("new", lambda: ran.append("new"), urgent=True)
+        queue.submit("c", lambda: ran.append("c"))
+        queue.submit("b", lambda: ran.append("b, now urgent"), urgent=True)  # replaces b's work, and passes a
+        time.sleep(0.2)
+        assert ran == []  # the executor has threads to spare: the one slot holds them back
+        release.set()
+        wait_until(lambda: len(ran) == 4, timeout=5, what="every key")
+        time.sleep(0.2)
+        queue.close()
+    assert ran == ["new", "b, now urgent", "a", "c"]
+
+
+def test_no_more_than_slots_run_at_once_and_each_freed_slot_starts_the_next() -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        queue, lock, release = WorkQueue(pool, slots=2), threading.Lock(), threading.Event()
+        running, most, done = [0], [0], []
+
+        def work(key: int) -> None:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            release.wait(5)
+            with lock:
+                running[0] -= 1
+                done.append(key)
+
+        for key in range(6):
+            queue.submit(key, lambda key=key: work(key))  # type: ignore[misc]
+        wait_until(lambda: running[0] == 2, timeout=5, what="two runs")
+        time.sleep(0.2)
+        assert running[0] == 2
+        release.set()
+        wait_until(lambda: len(done) == 6, timeout=5, what="all six")
+        queue.close()
+    assert most[0] == 2 and sorted(done) == list(range(6))
 
 
 def job(parallelism: int, suspend: bool = False, **status: object) -> dict[str, object]:

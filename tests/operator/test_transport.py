@@ -1,0 +1,101 @@
+"""The operator's requests: kept-alive connections of the standard library, and urllib3's failure types."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+
+import pytest
+import urllib3
+
+from kiln.operator.transport import Connections
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[tuple[int, str]] = []
+        """(client port, path) of each request answered: the port tells the connection."""
+        self.hang_up_after = False
+        """Close each connection after its answer, without saying so (as a server's idle timeout does later)."""
+        self.hang_up_before = False
+        """Close each connection without an answer."""
+        self.unanswered = 0
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def do_GET(self) -> None:
+        if self.server.hang_up_before:
+            self.server.unanswered += 1
+            self.close_connection = True
+            return
+        self.server.requests.append((self.client_address[1], self.path))
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = self.server.hang_up_after
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    httpd = Server()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def connections(server: Server) -> Connections:
+    return Connections(f"http://127.0.0.1:{server.server_address[1]}", None, keep=4)
+
+
+def test_sequential_requests_reuse_one_connection(server: Server) -> None:
+    pool = connections(server)
+    answers = [pool.request("GET", f"/{n}?watch=false", None, {}, 5) for n in range(5)]
+    assert [(a.status, a.data) for a in answers] == [(200, b'{"ok": true}')] * 5
+    assert [path for _, path in server.requests] == [f"/{n}?watch=false" for n in range(5)]
+    assert len({port for port, _ in server.requests}) == 1
+
+
+def test_a_connection_the_server_closed_meanwhile_is_replaced_and_the_request_sent_once(server: Server) -> None:
+    pool = connections(server)
+    server.hang_up_after = True
+    pool.request("GET", "/first", None, {}, 5)
+    server.hang_up_after = False
+    assert pool.request("GET", "/second", None, {}, 5).status == 200
+    assert [path for _, path in server.requests] == ["/first", "/second"]
+    assert len({port for port, _ in server.requests}) == 2
+
+
+def test_a_new_connection_lost_before_the_answer_is_urllib3s_protocol_error_and_not_sent_again(server: Server) -> None:
+    pool = connections(server)
+    server.hang_up_before = True
+    with pytest.raises(urllib3.exceptions.ProtocolError, match="/lost"):
+        pool.request("GET", "/lost", None, {}, 5)
+    assert server.unanswered == 1
+
+
+def test_nothing_listening_is_urllib3s_max_retry_error() -> None:
+    pool = Connections("http://127.0.0.1:1", None, keep=4)  # nothing listens on port 1
+    with pytest.raises(urllib3.exceptions.MaxRetryError):
+        pool.request("GET", "/", None, {}, 5)
+
+
+def test_idle_connections_beyond_keep_are_closed(server: Server) -> None:
+    pool = Connections(f"http://127.0.0.1:{server.server_address[1]}", None, keep=1)
+    first, second = pool._open(5), pool._open(5)
+    pool._give(first)
+    pool._give(second)
+    assert pool._idle == [first] and second.sock is None
