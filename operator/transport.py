@@ -5,8 +5,7 @@ TrainingJob 293 against 199 us, a status PATCH 510 against 299 us: bench/apiserv
 request it parses the URL and looks its pool up, copies header dicts, builds a Retry and a Timeout, polls the socket
 for a dropped connection and wraps the response with its decoders. The operator sends about ten requests per
 TrainingJob, all on the one core the GIL lends it: this cut its CPU by a quarter to a third in
-bench/operator_vs_kubeflow.py (docs/benchmarks.md).
-Watches, which stream, stay on urllib3 (``Kube.stream``).
+bench/operator_vs_kubeflow.py (docs/benchmarks.md). Watches, which stream, stay on urllib3 (``Kube.stream``).
 
 Failures keep urllib3's types, which the callers catch (the lease loop, the Event poster, the watches): a connection
 that cannot be opened raises ``MaxRetryError``, one lost mid-request ``ProtocolError``. Unlike urllib3's default
@@ -33,7 +32,9 @@ class Response(NamedTuple):
 
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 """How a kept-alive connection that the server closed meanwhile fails: the request goes again on a new one, as
-urllib3, requests and Go's net/http do (nothing was answered, so nothing was done)."""
+urllib3, requests and Go's net/http do. Nothing was answered; and should the server have acted on it before it
+hung up, every write of the operator's is safe to send twice (a create adopts on 409, a patch merges or carries
+its resourceVersion, an Event is only told twice)."""
 
 
 class Connections:
@@ -53,16 +54,18 @@ class Connections:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout_s: float
     ) -> Response:
         """One request and its whole response; ``path`` includes the query."""
-        target = self.base + path
+        target, reuse = self.base + path, True
         while True:
-            connection, reused = self._take(timeout_s)
+            connection, reused = self._take(timeout_s, reuse)
             try:
                 connection.request(method, target, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
             except STALE as exc:
                 connection.close()
-                if reused:
+                if reused:  # the other idle ones are likely closed too (a restart): once more, on a new one
+                    self.clear()
+                    reuse = False
                     continue
                 raise urllib3.exceptions.ProtocolError(f"{method} {path}: {exc!r}") from exc
             except (OSError, http.client.HTTPException) as exc:  # a timeout, a broken response
@@ -83,9 +86,9 @@ class Connections:
         for connection in idle:
             connection.close()
 
-    def _take(self, timeout_s: float) -> tuple[http.client.HTTPConnection, bool]:
+    def _take(self, timeout_s: float, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            connection = self._idle.pop() if self._idle else None
+            connection = self._idle.pop() if self._idle and reuse else None
         if connection is None:
             return self._open(timeout_s), False
         if connection.sock is not None:

@@ -35,13 +35,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.unanswered += 1
             self.close_connection = True
             return
+        hang_up = self.server.hang_up_after  # read before answering: the test flips it once answered
         self.server.requests.append((self.client_address[1], self.path))
         body = b'{"ok": true}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.close_connection = self.server.hang_up_after
+        self.close_connection = hang_up
 
     def log_message(self, *_: object) -> None:
         pass
