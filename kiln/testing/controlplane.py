@@ -36,6 +36,10 @@ from kiln.testing.kubeconfig import write_kubeconfig
 from kiln.testing.nodes import EXECUTOR_NODE_NAME, fake_gpu_node
 from kiln.testing.processes import ManagedProcess, free_port, wait_until
 
+RECOVERY_TIMEOUT_S = 180.0
+"""Seconds the controllers get to act again after an apiserver restart: client-go's longest backoff (30 s) with its
+jitter (up to twice as long), with room for a loaded machine."""
+
 
 class KubectlError(subprocess.CalledProcessError):
     """A kubectl that failed, with what it said: CalledProcessError's own message leaves stderr out."""
@@ -165,7 +169,8 @@ class ControlPlane:
     @contextlib.contextmanager
     def apiserver_stopped(self) -> Iterator[None]:
         """kube-apiserver down for the duration of the block, then back on the same port, etcd and certs: a
-        crash or an upgrade of the control plane, as its clients see it. Returns once /readyz passes again."""
+        crash or an upgrade of the control plane, as its clients see it. Returns once /readyz passes again and
+        kube-controller-manager acts again (``_controllers_caught_up``)."""
         apiserver = self._processes["kube-apiserver"]
         apiserver.stop()
         try:
@@ -176,6 +181,22 @@ class ControlPlane:
             self._processes["kube-apiserver"] = restarted
             wait_until(self._apiserver_ready, timeout=self.config.startup_timeout, what="kube-apiserver /readyz again",
                        on_tick=restarted.check_alive)  # fmt: skip
+            self._controllers_caught_up()
+
+    def _controllers_caught_up(self) -> None:
+        """Wait until a new namespace gets its ``default`` ServiceAccount. After an outage the controllers' watches
+        come back with client-go's backoff (up to 30 s, doubled by its jitter): this waited 29 and 65 s after a
+        15 s outage, and without it the next test's namespace timed out waiting for its ServiceAccount in CI."""
+        probe = f"kiln-probe-{time.monotonic_ns()}"
+        self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": probe}})
+        try:
+            wait_until(
+                lambda: self.kube.exists(namespaced("serviceaccounts", probe, "default")),
+                timeout=RECOVERY_TIMEOUT_S,
+                what="kube-controller-manager to act after the restart",
+            )
+        finally:
+            self.kube.delete(f"/api/v1/namespaces/{probe}")
 
     def _write_pki(self) -> components.Pki:
         ca = CertificateAuthority(self.certs_dir)
