@@ -7,10 +7,12 @@ session's operator process, if another test started it, may reconcile the same j
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from operator_process import OperatorProcess
 from test_cluster import MERGE, NOWHERE, condition, create_tj, get_tj, jobs, tj_path
 
 from kiln.operator.credentials import from_kubeconfig
@@ -58,6 +60,19 @@ def test_a_status_computed_from_a_stale_event_body_is_refused_then_reconciled_fr
     assert transitions in ([], ["ChildrenCreated"])
 
 
+@pytest.fixture
+def alone(kiln_operator: OperatorProcess) -> Iterator[None]:
+    """The session's operator steps aside (a clean stop releases its Lease), so that nothing else reconciles or
+    writes the test's job: what is read and created is then this test's doing alone. CI saw the session's operator
+    create the children before the test's first reconcile did."""
+    kiln_operator.stop()
+    try:
+        yield
+    finally:
+        kiln_operator.start()
+
+
+@pytest.mark.usefixtures("alone")
 def test_a_watched_body_saves_the_read_and_a_stale_one_never_acts_on_a_job(
     cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
