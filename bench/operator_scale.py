@@ -134,10 +134,7 @@ def proc_stats(pid: int) -> tuple[float, float]:
 
 
 def create_namespace(cluster: ControlPlane, namespace: str) -> None:
-    cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                               "metadata": {"name": namespace}})  # fmt: skip
-    wait_until(lambda: cluster.kube.exists(namespaced("serviceaccounts", namespace, "default")), timeout=30,
-               what="namespace ready")  # fmt: skip
+    cluster.create_namespace(namespace)
 
 
 def create_unrelated(cluster: ControlPlane, count: int) -> None:

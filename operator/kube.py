@@ -114,6 +114,11 @@ def load_api_client(pool_size: int, credentials: creds.Credentials | None = None
     return ApiClient(credentials or creds.load(), max(pool_size, 4))
 
 
+def _bearer(auth: creds.Auth) -> dict[str, str]:
+    """The Authorization header of a token; none for a client certificate."""
+    return {"Authorization": f"Bearer {auth.token}"} if auth.token else {}
+
+
 def _drained(response: urllib3.BaseHTTPResponse) -> None:
     """Read to its end and back to its pool: a response not wanted after all."""
     response.drain_conn()
@@ -162,8 +167,7 @@ class Kube:
         target = path + ("?" + urllib.parse.urlencode(query) if query else "")
 
         def send(auth: creds.Auth) -> Response:
-            authorization = {"Authorization": f"Bearer {auth.token}"} if auth.token else {}
-            return self.api.connections(auth).request(method, target, payload, headers | authorization, self.timeout_s)
+            return self.api.connections(auth).request(method, target, payload, headers | _bearer(auth), self.timeout_s)
 
         response = self._authorized(send)
         if not 200 <= response.status < 300:
@@ -179,7 +183,7 @@ class Kube:
         timeout = urllib3.Timeout(connect=self.timeout_s, read=read_timeout_s)
 
         def send(auth: creds.Auth) -> urllib3.BaseHTTPResponse:
-            headers = {"Accept": accept} | ({"Authorization": f"Bearer {auth.token}"} if auth.token else {})
+            headers = {"Accept": accept} | _bearer(auth)
             # urllib3's errors (MaxRetryError, ProtocolError, ...) propagate as they are: the watch tries again.
             return self.api.pool(auth).request("GET", url, headers=headers, timeout=timeout, preload_content=False)
 

@@ -188,15 +188,21 @@ class ControlPlane:
         come back with client-go's backoff (up to 30 s, doubled by its jitter): this waited 29 and 65 s after a
         15 s outage, and without it the next test's namespace timed out waiting for its ServiceAccount in CI."""
         probe = f"kiln-probe-{time.monotonic_ns()}"
-        self.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": probe}})
         try:
-            wait_until(
-                lambda: self.kube.exists(namespaced("serviceaccounts", probe, "default")),
-                timeout=RECOVERY_TIMEOUT_S,
-                what="kube-controller-manager to act after the restart",
-            )
+            self.create_namespace(probe, timeout_s=RECOVERY_TIMEOUT_S)
         finally:
             self.kube.delete(f"/api/v1/namespaces/{probe}")
+
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None, *, timeout_s: float = 30.0) -> None:
+        """Create namespace ``name`` and wait until it is ready for pods: kube-controller-manager gave it its
+        ``default`` ServiceAccount."""
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+        self.kube.create("/api/v1/namespaces", body)
+        wait_until(
+            lambda: self.kube.exists(namespaced("serviceaccounts", name, "default")),
+            timeout=timeout_s,
+            what=f"ServiceAccount {name}/default",
+        )
 
     def _write_pki(self) -> components.Pki:
         ca = CertificateAuthority(self.certs_dir)

@@ -22,10 +22,9 @@ import pytest
 
 from kiln.testing.binaries import ControlPlaneUnavailable
 from kiln.testing.controlplane import ControlPlane, ControlPlaneConfig
-from kiln.testing.kube import JSON, ApiError, namespaced
+from kiln.testing.kube import JSON, ApiError
 from kiln.testing.kueue import Kueue, KueueUnavailable
 from kiln.testing.nodes import executor_node_selector, pod_tolerations_for_executor
-from kiln.testing.processes import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +57,7 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
     """A namespace named after the test, ready for pods (its ``default`` ServiceAccount exists)."""
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].rstrip("-")
     name = f"{slug}-{uuid.uuid4().hex[:5]}"
-    cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    wait_until(
-        lambda: cluster.kube.exists(namespaced("serviceaccounts", name, "default")),
-        timeout=30,
-        what=f"ServiceAccount {name}/default",
-    )
+    cluster.create_namespace(name)
     yield name
     try:
         cluster.kube.delete(f"/api/v1/namespaces/{name}")

@@ -88,10 +88,7 @@ class Release:
 
 
 def create_namespace(cluster: ControlPlane, name: str, labels: dict[str, str] | None = None) -> None:
-    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
-    cluster.kube.create("/api/v1/namespaces", body)
-    wait_until(lambda: cluster.kube.exists(namespaced("serviceaccounts", name, "default")), timeout=30,
-               what=f"ServiceAccount {name}/default")  # fmt: skip
+    cluster.create_namespace(name, labels)
 
 
 def delete_namespace(cluster: ControlPlane, name: str) -> None:

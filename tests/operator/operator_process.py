@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.operator.settings import ENV_PREFIX, Settings
@@ -85,6 +87,16 @@ class OperatorProcess:
             self.process.wait()
         self.process = None
         time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def stepped_aside(self) -> Iterator[None]:
+        """Stopped for the duration of the block, then started again: a clean stop releases the Lease, so another
+        operator acquires it at once, and nothing else reconciles meanwhile."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

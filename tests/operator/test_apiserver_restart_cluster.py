@@ -47,14 +47,13 @@ def shipped_operator(cluster: ControlPlane, operator_kubeconfig: Path, kiln_oper
 ]:  # fmt: skip
     """An operator with the shipped lease timings; the session's one steps aside meanwhile (a clean stop releases
     the Lease, so this one acquires it at once)."""
-    kiln_operator.stop()
     operator = OperatorProcess(operator_kubeconfig, cluster.root / "logs" / "kiln-operator-shipped-lease.log",
                                **shipped_lease_timings())  # fmt: skip
-    try:
-        yield operator.start()
-    finally:
-        operator.stop()
-        kiln_operator.start()
+    with kiln_operator.stepped_aside():
+        try:
+            yield operator.start()
+        finally:
+            operator.stop()
 
 
 def test_the_operator_rides_out_an_apiserver_restart(

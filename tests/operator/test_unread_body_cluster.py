@@ -65,11 +65,8 @@ def alone(kiln_operator: OperatorProcess) -> Iterator[None]:
     """The session's operator steps aside (a clean stop releases its Lease), so that nothing else reconciles or
     writes the test's job: what is read and created is then this test's doing alone. CI saw the session's operator
     create the children before the test's first reconcile did."""
-    kiln_operator.stop()
-    try:
+    with kiln_operator.stepped_aside():
         yield
-    finally:
-        kiln_operator.start()
 
 
 @pytest.mark.usefixtures("alone")
