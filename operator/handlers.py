@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,10 @@ Obj = dict[str, Any]
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
+FIRST_STATUS_DELAY_S = 2.0
+"""Seconds a new TrainingJob's first status write waits, once its children are created, for a reconcile that
+carries it: its Job's first update's, JOB_PROGRESS_BATCH_S after the pods appear. Written at once, it slowed the
+apiserver's delivery of the next TrainingJobs' events in a burst of creations twentyfold (docs/benchmarks.md)."""
 JOB_PROGRESS_BATCH_S = 1.5
 """Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
 the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
@@ -80,6 +85,9 @@ class Context:
     kopf."""
     work: WorkQueue | None = None
     """Where the watches' events queue their reconciles and repairs."""
+    held: dict[tuple[str, str], Held] = field(default_factory=dict)
+    """New TrainingJobs' first statuses, decided and not written yet (``FIRST_STATUS_DELAY_S``), by (namespace,
+    name)."""
     _credentials: creds.Credentials | None = None
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,8 +103,31 @@ class Context:
                 self._credentials = creds.load()
             return self._credentials
 
+    def as_decided(self, body: Obj) -> Obj:
+        """``body`` with its held first status when that was decided from this very version (``held``): what a
+        reader of its status (a drift repair) must see, as if it were written."""
+        meta = body["metadata"]
+        held = self.held.get((meta.get("namespace") or "", meta["name"]))
+        return {**body, "status": held.status} if held is not None and held.decided_from(body) else body
+
     def lock(self, namespace: str, name: str, kind: str = L.TJ_PLURAL) -> threading.Lock:
         return self.locks.setdefault(lock_key(namespace, name, kind), threading.Lock())
+
+
+@dataclass(frozen=True)
+class Held:
+    """A first status held back: the body it was decided from, and the outcome that carries its write."""
+
+    body: Obj
+    outcome: Outcome
+
+    @property
+    def status(self) -> Obj:
+        return self.outcome.decision.status.to_dict()
+
+    def decided_from(self, body: Obj) -> bool:
+        """Whether ``body`` is the very version it was decided from (nothing wrote the TrainingJob since)."""
+        return bool(body["metadata"].get("resourceVersion") == self.body["metadata"].get("resourceVersion"))
 
 
 def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
@@ -113,6 +144,7 @@ def run_reconcile(
     unread: Obj | None = None,
     check_pods: bool = False,
     read_fresh: bool = False,
+    hold_status: bool = False,
 ) -> Outcome | None:
     """Reconcile one TrainingJob, serialized per job; count it, emit transition Events.
 
@@ -126,6 +158,11 @@ def run_reconcile(
     decision is carried out, and its status too is written only over that version (the first pass's creates are
     adopted when it goes again). ``read_fresh``: read it, whatever the watch has (a resync, the net for what a
     watch missed).
+
+    ``hold_status``: with ``unread``, and a queue to write it later, the first status is held back
+    (``Context.held``, ``FIRST_STATUS_DELAY_S``) and so are its Events. A reconcile that starts from that same
+    version of the TrainingJob decides from the held status and writes both; one that starts from a later
+    version (something wrote it meanwhile) drops it and decides from what is stored, as after a 409.
     """
     assert ctx.kube is not None
     started, result = time.perf_counter(), "error"
@@ -134,12 +171,17 @@ def run_reconcile(
             watched = None if unread is not None or read_fresh else ctx.watched.get((namespace, name))
             was_read = unread is None and watched is None
             body = unread or watched or ctx.kube.get_trainingjob(namespace, name)
+            held = ctx.held.pop((namespace, name), None)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 result = "gone"
                 return None
+            held = held if held is not None and held.decided_from(body) else None
+            # A pass that carries a held status writes it: holding it again would tell its Events unwritten.
+            hold = hold_status and unread is not None and ctx.work is not None and held is None
             try:
                 outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, unread=unread is not None,
-                                    watched=watched is not None, check_pods=check_pods)  # fmt: skip
+                                    watched=watched is not None, check_pods=check_pods, defer_status=hold,
+                                    held=None if held is None else held.status)  # fmt: skip
             except (ApiException, Stale) as exc:
                 if was_read or not (isinstance(exc, Stale) or is_status(exc, 409)):
                     raise
@@ -147,7 +189,11 @@ def run_reconcile(
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     result = "gone"
                     return None
-                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, check_pods=check_pods)
+                held = held if held is not None and held.decided_from(body) else None
+                outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, check_pods=check_pods,
+                                    held=None if held is None else held.status)  # fmt: skip
+            if outcome.deferred is not None:
+                ctx.held[(namespace, name)] = Held(body, outcome)
         ctx.generations.reconciled(body)
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
@@ -156,8 +202,42 @@ def run_reconcile(
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
-    _report(ctx, body, outcome)
+    if held is not None:  # written with this pass's status
+        _report(ctx, held.body, held.outcome)
+    if outcome.deferred is None:
+        _report(ctx, body, outcome)
     return outcome
+
+
+def write_held_status(ctx: Context, namespace: str, name: str) -> None:
+    """Write a new TrainingJob's held first status (``run_reconcile(hold_status=True)``), then its Events, unless
+    a reconcile carried it meanwhile. A 409 (the TrainingJob was written since) sends it to a fresh reconcile."""
+    assert ctx.kube is not None
+    with ctx.lock(namespace, name):
+        held = ctx.held.pop((namespace, name), None)
+        if held is None or held.outcome.deferred is None:
+            return
+        try:
+            held.outcome.deferred(ctx.kube)
+        except ApiException as exc:
+            if is_status(exc, 404):
+                return
+            if not is_status(exc, 409):
+                raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
+            held = None
+    if held is None:
+        run_reconcile(ctx, "trainingjob", namespace, name, read_fresh=True)
+        return
+    _report(ctx, held.body, held.outcome)
+
+
+def write_all_held(ctx: Context) -> None:
+    """At a clean stop: write every held first status now, or the next operator would have to decide it again."""
+    for namespace, name in list(ctx.held):
+        try:
+            write_held_status(ctx, namespace, name)
+        except (kopf.TemporaryError, ApiException) as exc:
+            logging.getLogger(__name__).warning("writing the status of %s/%s failed: %s", namespace, name, exc)
 
 
 def run_repair(ctx: Context, namespace: str, name: str) -> None:
@@ -169,7 +249,7 @@ def run_repair(ctx: Context, namespace: str, name: str) -> None:
     try:
         with ctx.lock(namespace, name):
             body = ctx.kube.get_trainingjob(namespace, name)
-            created = [] if body is None else repair_children(ctx.kube, ctx.settings, body)
+            created = [] if body is None else repair_children(ctx.kube, ctx.settings, ctx.as_decided(body))
         result = "ok"
     except ApiException as exc:
         logging.getLogger(__name__).warning("repairing the children of %s/%s failed: %s", namespace, name, exc)
@@ -288,6 +368,7 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             await asyncio.to_thread(ctx.watches.stop)
         if ctx.work is not None:
             ctx.work.close()
+        pass  # TEMP await asyncio.to_thread(write_all_held, ctx)
         if ctx.server is not None:
             await ctx.server.cleanup()
 
@@ -352,17 +433,24 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
             return
         unread = ctx.generations.unreconciled(body)
 
+        def retrying(work: Callable[[], object]) -> None:
+            try:
+                work()
+            except kopf.TemporaryError as exc:  # an API error: the schedule retries it
+                logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
+                                                    namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
+                loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+
         def reconcile_if_still_wanted() -> None:
             # Asked again when it starts: a run for this job in progress at submit time (its own status write
             # came back as this event) may have reconciled this generation meanwhile.
             if not ctx.generations.wanted(body):
                 return
-            try:
-                run_reconcile(ctx, "trainingjob", namespace, name, unread=unread)
-            except kopf.TemporaryError as exc:  # an API error: the schedule retries it
-                logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
-                                                    namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
-                loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+            retrying(functools.partial(run_reconcile, ctx, "trainingjob", namespace, name, unread=unread,
+                                       hold_status=True))  # fmt: skip
+            if (namespace, name) in ctx.held:
+                write = functools.partial(retrying, functools.partial(write_held_status, ctx, namespace, name))
+                queue.submit(("held-status", namespace, name), write, FIRST_STATUS_DELAY_S)
 
         # A new TrainingJob (no status yet) goes first: its Job is what its user waits for (``WorkQueue``).
         queue.submit(("trainingjob", namespace, name), reconcile_if_still_wanted, urgent=unread is not None)

@@ -34,10 +34,25 @@ class Stale(Exception):
 
 
 @dataclass(frozen=True)
+class StatusWrite:
+    """A decided status patch, written over ``resource_version`` when that is set (409 if anything wrote since)."""
+
+    namespace: str
+    name: str
+    patch: Obj
+    resource_version: str | None
+
+    def __call__(self, kube: Kube) -> None:
+        kube.patch_trainingjob_status(self.namespace, self.name, self.patch, resource_version=self.resource_version)
+
+
+@dataclass(frozen=True)
 class Outcome:
     decision: Decision
     before: TrainingJobStatus
     patched: bool
+    deferred: StatusWrite | None = None
+    """The status write left to the caller (``reconcile(defer_status=True)``); None once written, or if none."""
 
 
 def load_status(raw: Obj | None) -> TrainingJobStatus:
@@ -157,6 +172,8 @@ def reconcile(
     unread: bool = False,
     watched: bool = False,
     check_pods: bool = False,
+    defer_status: bool = False,
+    held: Obj | None = None,
 ) -> Outcome:
     """Observe -> decide -> act -> patch status. Safe to repeat at any point.
 
@@ -166,17 +183,28 @@ def reconcile(
     operator wrote a moment ago): a decision that would act on a Job raises ``Stale`` instead, so that only a
     fresh read (or the very first event of a TrainingJob) ever creates or deletes a Job.
     ``check_pods``: see ``observe``.
+    ``defer_status``: return the status patch as ``Outcome.deferred`` instead of sending it.
+    ``held``: a status decided from this very version of ``body`` and not written yet (a deferred one): this pass
+    decides from it as if it were written, and its patch carries both.
     """
     now = now or datetime.now(UTC)
+    stored = body.get("status") or {}
+    if held is not None:
+        body = {**body, "status": held}
     resolved, invalid = resolve_body(body, settings)
     observed = observe(kube, body, resolved, invalid, job_body, check_pods=check_pods)
     decision = next_status(observed, now)
     if watched and decision.acts:
         raise Stale
     act(kube, settings, resolved, decision, now, applied=observed.wanted)
-    patch = status_patch(body.get("status") or {}, decision.status)
-    if patch:
-        meta = body["metadata"]
-        version = meta.get("resourceVersion") if unread or watched else None
-        kube.patch_trainingjob_status(meta["namespace"], meta["name"], patch, resource_version=version)
-    return Outcome(decision=decision, before=observed.status, patched=bool(patch))
+    patch = status_patch(stored, decision.status)
+    if not patch:
+        return Outcome(decision=decision, before=observed.status, patched=False)
+    meta = body["metadata"]
+    write = StatusWrite(
+        meta["namespace"], meta["name"], patch, meta.get("resourceVersion") if unread or watched else None
+    )
+    if defer_status:
+        return Outcome(decision=decision, before=observed.status, patched=False, deferred=write)
+    write(kube)
+    return Outcome(decision=decision, before=observed.status, patched=True)

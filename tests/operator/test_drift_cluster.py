@@ -35,7 +35,11 @@ def test_a_deleted_child_is_recreated_at_once_in_the_same_attempt(
     cluster.kube.delete(path)
     wait_until(lambda: uid(cluster, path) not in (None, original), timeout=REPAIR_DEADLINE_S,
                what=f"{plural}/{name} recreated")  # fmt: skip
-    assert jobs(cluster, namespace) == ["demo-1"] and get_tj(cluster, namespace)["status"]["attempt"] == 1
+    # The same attempt: no second Job, and attempt 1 in the status (a new TrainingJob's first status may follow
+    # its children by FIRST_STATUS_DELAY_S).
+    wait_until(lambda: (get_tj(cluster, namespace).get("status") or {}).get("attempt") == 1, timeout=10,
+               what="status.attempt 1")  # fmt: skip
+    assert jobs(cluster, namespace) == ["demo-1"]
     wait_until(lambda: ("Normal", "ChildRecreated") in events(cluster, namespace), timeout=10,
                what="a ChildRecreated Event")  # fmt: skip
 

@@ -8,6 +8,7 @@ session's operator process, if another test started it, may reconcile the same j
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from operator_process import OperatorProcess
 from test_cluster import MERGE, NOWHERE, condition, create_tj, get_tj, jobs, tj_path
 
 from kiln.operator.credentials import from_kubeconfig
-from kiln.operator.handlers import Context, run_reconcile
+from kiln.operator.handlers import Context, run_reconcile, write_held_status
 from kiln.operator.kube import ApiClient, ApiException, Kube
 from kiln.operator.settings import Settings
+from kiln.operator.workqueue import WorkQueue
 from kiln.testing.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(90)]
@@ -100,3 +102,65 @@ def test_a_watched_body_saves_the_read_and_a_stale_one_never_acts_on_a_job(
     assert reads == ["demo", "demo"] and len(created) == 3  # no read
     assert outcome is not None and outcome.decision.status.attempt == 1
     assert jobs(cluster, namespace) == ["demo-1"]
+
+
+def held_context(kube: Kube, monkeypatch: pytest.MonkeyPatch) -> tuple[Context, list[str], list[dict[str, Any]]]:
+    """A Context whose new TrainingJobs' first statuses are held (it has a queue, never used here); the Events
+    it posts, and the status PATCHes it sends, recorded."""
+    ctx = Context(settings=Settings(image="kiln/trainer:test", storage_root="s3://runs"), kube=kube)
+    ctx.work = WorkQueue(ThreadPoolExecutor(1), slots=1)
+    reasons: list[str] = []
+    monkeypatch.setattr(kube, "post_event", lambda _body, _type, reason, _message: reasons.append(reason))
+    patches: list[dict[str, Any]] = []
+    patch = kube.patch_trainingjob_status
+
+    def recorded(namespace: str, name: str, status: dict[str, Any], **options: Any) -> Any:
+        patches.append(status)
+        return patch(namespace, name, status, **options)
+
+    monkeypatch.setattr(kube, "patch_trainingjob_status", recorded)
+    return ctx, reasons, patches
+
+
+@pytest.mark.usefixtures("alone")
+def test_a_held_first_status_goes_with_the_next_reconcile_of_the_same_version(
+    cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
+
+    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    assert jobs(cluster, namespace) == ["demo-1"]
+    assert "status" not in get_tj(cluster, namespace) and patches == [] and reasons == []
+
+    ctx.watched[(namespace, "demo")] = new  # nothing wrote it since: the held status still holds
+    run_reconcile(ctx, "job", namespace, "demo")
+    assert len(patches) == 1 and patches[0]["attempt"] == 1
+    tj = get_tj(cluster, namespace)
+    assert tj["status"]["attempt"] == 1 and condition(tj, "Created")["status"] == "True"
+    assert reasons == ["ChildrenCreated"] and jobs(cluster, namespace) == ["demo-1"]
+
+    write_held_status(ctx, namespace, "demo")  # its delay ended: nothing is left to write
+    assert len(patches) == 1 and reasons == ["ChildrenCreated"]
+
+
+@pytest.mark.usefixtures("alone")
+def test_a_held_first_status_is_dropped_once_anything_wrote_the_trainingjob(
+    cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later version (here a label, as a user or GitOps tool might add) is decided afresh from what is stored:
+    the children are adopted, not created twice, and the Events are told once."""
+    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
+    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    labelled = cluster.kube.patch(tj_path(namespace, "demo"), {"metadata": {"labels": {"team": "vision"}}},
+                                  content_type=MERGE)  # fmt: skip
+
+    ctx.watched[(namespace, "demo")] = labelled
+    run_reconcile(ctx, "job", namespace, "demo")
+    tj = get_tj(cluster, namespace)
+    assert tj["status"]["attempt"] == 1 and tj["metadata"]["labels"]["team"] == "vision"
+    assert len(patches) == 1 and reasons == ["ChildrenCreated"] and jobs(cluster, namespace) == ["demo-1"]
+
+    write_held_status(ctx, namespace, "demo")
+    assert len(patches) == 1 and reasons == ["ChildrenCreated"]
