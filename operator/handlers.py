@@ -45,10 +45,13 @@ Obj = dict[str, Any]
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
-FIRST_STATUS_DELAY_S = 2.0
-"""Seconds a new TrainingJob's first status write waits, once its children are created, for a reconcile that
-carries it: its Job's first update's, JOB_PROGRESS_BATCH_S after the pods appear. Written at once, it slowed the
-apiserver's delivery of the next TrainingJobs' events in a burst of creations twentyfold (docs/benchmarks.md)."""
+FIRST_STATUS_QUIET_S = 1.0
+"""Seconds without a new TrainingJob after which the held first statuses are written (``held_due``). Written at
+once, a burst's first status writes slowed the apiserver's delivery of the next TrainingJobs' events twentyfold,
+and written 2 s later they still slowed the end of a longer burst (docs/benchmarks.md). Meanwhile a reconcile of
+the same TrainingJob carries it: typically its Job's first update's, JOB_PROGRESS_BATCH_S after the pods appear."""
+FIRST_STATUS_MAX_HOLD_S = 10.0
+"""Seconds a first status is held at most, for creations that never pause."""
 JOB_PROGRESS_BATCH_S = 1.5
 """Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
 the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
@@ -86,8 +89,9 @@ class Context:
     work: WorkQueue | None = None
     """Where the watches' events queue their reconciles and repairs."""
     held: dict[tuple[str, str], Held] = field(default_factory=dict)
-    """New TrainingJobs' first statuses, decided and not written yet (``FIRST_STATUS_DELAY_S``), by (namespace,
-    name)."""
+    """New TrainingJobs' first statuses, decided and not written yet (``held_due``), by (namespace, name)."""
+    last_creation: float = 0.0
+    """When the watch last saw a new TrainingJob (monotonic s)."""
     _credentials: creds.Credentials | None = None
     _credentials_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,6 +125,9 @@ class Held:
     body: Obj
     outcome: Outcome
 
+    since: float
+    """When it was held (monotonic s)."""
+
     @property
     def status(self) -> Obj:
         return self.outcome.decision.status.to_dict()
@@ -128,6 +135,13 @@ class Held:
     def decided_from(self, body: Obj) -> bool:
         """Whether ``body`` is the very version it was decided from (nothing wrote the TrainingJob since)."""
         return bool(body["metadata"].get("resourceVersion") == self.body["metadata"].get("resourceVersion"))
+
+
+def held_due(since: float, last_creation: float) -> float:
+    """When a first status held since ``since`` is written (monotonic s): once no TrainingJob was created for
+    FIRST_STATUS_QUIET_S, or once held FIRST_STATUS_MAX_HOLD_S. ``last_creation`` only moves later, so a time
+    this gives may move too: ask again then."""
+    return min(last_creation + FIRST_STATUS_QUIET_S, since + FIRST_STATUS_MAX_HOLD_S)
 
 
 def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
@@ -160,7 +174,7 @@ def run_reconcile(
     watch missed).
 
     ``hold_status``: with ``unread``, and a queue to write it later, the first status is held back
-    (``Context.held``, ``FIRST_STATUS_DELAY_S``) and so are its Events. A reconcile that starts from that same
+    (``Context.held``, ``held_due``) and so are its Events. A reconcile that starts from that same
     version of the TrainingJob decides from the held status and writes both; one that starts from a later
     version (something wrote it meanwhile) drops it and decides from what is stored, as after a 409.
     """
@@ -193,7 +207,7 @@ def run_reconcile(
                 outcome = reconcile(ctx.kube, ctx.settings, body, job_body=job_body, check_pods=check_pods,
                                     held=None if held is None else held.status)  # fmt: skip
             if outcome.deferred is not None:
-                ctx.held[(namespace, name)] = Held(body, outcome)
+                ctx.held[(namespace, name)] = Held(body, outcome, time.monotonic())
         ctx.generations.reconciled(body)
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
@@ -420,6 +434,27 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
     for. Most TrainingJob events are the operator's own status writes (``Generations``) and most Job events change
     nothing a status reflects (``JobStates``): those go no further."""
 
+    def retrying(namespace: str, name: str, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except kopf.TemporaryError as exc:  # an API error: the schedule retries it
+            logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
+                                                namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
+            loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+
+    def write_when_due(namespace: str, name: str) -> None:
+        """On the event loop: queue the write of a held first status once ``held_due``, unless a reconcile
+        carried it meanwhile."""
+        held = ctx.held.get((namespace, name))
+        if held is None:
+            return
+        wait = held_due(held.since, ctx.last_creation) - time.monotonic()
+        if wait > 0:
+            loop.call_later(wait, write_when_due, namespace, name)
+            return
+        write = functools.partial(write_held_status, ctx, namespace, name)
+        queue.submit(("held-status", namespace, name), functools.partial(retrying, namespace, name, write))
+
     def on_trainingjob(type: str, body: Obj) -> None:
         body = without_managed_fields(body)
         meta = body["metadata"]
@@ -432,25 +467,18 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
         if type == "DELETED" or not ctx.generations.wanted(body):
             return
         unread = ctx.generations.unreconciled(body)
-
-        def retrying(work: Callable[[], object]) -> None:
-            try:
-                work()
-            except kopf.TemporaryError as exc:  # an API error: the schedule retries it
-                logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
-                                                    namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
-                loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+        if unread is not None:
+            ctx.last_creation = time.monotonic()
 
         def reconcile_if_still_wanted() -> None:
             # Asked again when it starts: a run for this job in progress at submit time (its own status write
             # came back as this event) may have reconciled this generation meanwhile.
             if not ctx.generations.wanted(body):
                 return
-            retrying(functools.partial(run_reconcile, ctx, "trainingjob", namespace, name, unread=unread,
-                                       hold_status=True))  # fmt: skip
+            retrying(namespace, name, functools.partial(run_reconcile, ctx, "trainingjob", namespace, name,
+                                                        unread=unread, hold_status=True))  # fmt: skip
             if (namespace, name) in ctx.held:
-                write = functools.partial(retrying, functools.partial(write_held_status, ctx, namespace, name))
-                queue.submit(("held-status", namespace, name), write, FIRST_STATUS_DELAY_S)
+                loop.call_soon_threadsafe(write_when_due, namespace, name)
 
         # A new TrainingJob (no status yet) goes first: its Job is what its user waits for (``WorkQueue``).
         queue.submit(("trainingjob", namespace, name), reconcile_if_still_wanted, urgent=unread is not None)

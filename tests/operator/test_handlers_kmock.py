@@ -23,7 +23,7 @@ import pytest_asyncio
 from tj_builders import body
 
 from kiln.operator import labels as L
-from kiln.operator.handlers import FIRST_STATUS_DELAY_S, Context, build_registry
+from kiln.operator.handlers import FIRST_STATUS_MAX_HOLD_S, FIRST_STATUS_QUIET_S, Context, build_registry, held_due
 from kiln.operator.progress import poll_progress
 from kiln.operator.settings import Settings
 from kiln.operator.watches import TRAININGJOBS
@@ -346,7 +346,7 @@ async def test_a_new_trainingjobs_first_status_waits_and_goes_with_its_jobs_firs
 
     await send(kmock, "PATCH", f"{JOBS}/{first}/status", {"status": {"active": 2, "ready": 2}})
     await until(lambda: phase_of(kmock) == "Running", "phase Running")
-    await asyncio.sleep(FIRST_STATUS_DELAY_S + 0.5)  # the held write's turn comes, and finds nothing left
+    await asyncio.sleep(FIRST_STATUS_QUIET_S + 0.5)  # the held write's turn comes, and finds nothing left
     [patch] = status_patches(kmock)
     assert patch["attempt"] == 1 and patch["phase"] == "Running"
     assert {c["type"]: c["status"] for c in patch["conditions"]}["Created"] == "True"
@@ -359,6 +359,13 @@ async def test_a_held_first_status_is_written_once_its_delay_ends(
     await create_tj(kmock)
     await until(lambda: stored(kmock, "jobs", L.attempt_job_name("demo", 1)), "attempt 1")
     assert phase_of(kmock) is None
-    await until(lambda: phase_of(kmock) == "Pending", "phase Pending", timeout=FIRST_STATUS_DELAY_S + 3)
+    await until(lambda: phase_of(kmock) == "Pending", "phase Pending", timeout=FIRST_STATUS_QUIET_S + 3)
     assert len(status_patches(kmock)) == 1
     assert [e["reason"] for e in events(kmock)] == ["ChildrenCreated"]
+
+
+async def test_a_held_first_status_is_due_once_creations_pause_or_after_the_longest_hold() -> None:
+    quiet, longest = FIRST_STATUS_QUIET_S, FIRST_STATUS_MAX_HOLD_S
+    assert held_due(since=100.0, last_creation=100.0) == 100.0 + quiet  # a lone TrainingJob
+    assert held_due(since=100.0, last_creation=103.0) == 103.0 + quiet  # a burst still going on moves it
+    assert held_due(since=100.0, last_creation=100.0 + longest) == 100.0 + longest  # creations that never pause
