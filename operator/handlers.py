@@ -382,7 +382,7 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             await asyncio.to_thread(ctx.watches.stop)
         if ctx.work is not None:
             ctx.work.close()
-        pass  # TEMP await asyncio.to_thread(write_all_held, ctx)
+        await asyncio.to_thread(write_all_held, ctx)
         if ctx.server is not None:
             await ctx.server.cleanup()
 

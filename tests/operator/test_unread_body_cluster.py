@@ -17,7 +17,7 @@ from operator_process import OperatorProcess
 from test_cluster import MERGE, NOWHERE, condition, create_tj, get_tj, jobs, tj_path
 
 from kiln.operator.credentials import from_kubeconfig
-from kiln.operator.handlers import Context, run_reconcile, write_held_status
+from kiln.operator.handlers import Context, run_reconcile, write_all_held, write_held_status
 from kiln.operator.kube import ApiClient, ApiException, Kube
 from kiln.operator.settings import Settings
 from kiln.operator.workqueue import WorkQueue
@@ -163,4 +163,18 @@ def test_a_held_first_status_is_dropped_once_anything_wrote_the_trainingjob(
     assert len(patches) == 1 and reasons == ["ChildrenCreated"] and jobs(cluster, namespace) == ["demo-1"]
 
     write_held_status(ctx, namespace, "demo")
+    assert len(patches) == 1 and reasons == ["ChildrenCreated"]
+
+
+@pytest.mark.usefixtures("alone")
+def test_a_clean_stop_writes_the_held_first_statuses(
+    cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
+    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    assert "status" not in get_tj(cluster, namespace)
+
+    write_all_held(ctx)  # what the operator's clean-up does
+    assert get_tj(cluster, namespace)["status"]["attempt"] == 1 and ctx.held == {}
     assert len(patches) == 1 and reasons == ["ChildrenCreated"]
