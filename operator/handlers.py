@@ -30,6 +30,7 @@ from kiln.operator.background import TERMINAL, Background, Schedule, without_man
 from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
+from kiln.operator.held import Held, held_due
 from kiln.operator.kopf_settings import apply_kopf_settings
 from kiln.operator.kube import ApiException, Kube, is_status, load_api_client
 from kiln.operator.metrics import Metrics, start_server
@@ -45,13 +46,6 @@ Obj = dict[str, Any]
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
 RETRY_DELAY_S = 2.0
 """Seconds before a reconcile that an API error stopped is tried again."""
-FIRST_STATUS_QUIET_S = 1.0
-"""Seconds without a new TrainingJob after which the held first statuses are written (``held_due``). Written at
-once, a burst's first status writes slowed the apiserver's delivery of the next TrainingJobs' events twentyfold,
-and written 2 s later they still slowed the end of a longer burst (docs/benchmarks.md). Meanwhile a reconcile of
-the same TrainingJob carries it: typically its Job's first update's, JOB_PROGRESS_BATCH_S after the pods appear."""
-FIRST_STATUS_MAX_HOLD_S = 10.0
-"""Seconds a first status is held at most, for creations that never pause."""
 JOB_PROGRESS_BATCH_S = 1.5
 """Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
 the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
@@ -116,32 +110,6 @@ class Context:
 
     def lock(self, namespace: str, name: str, kind: str = L.TJ_PLURAL) -> threading.Lock:
         return self.locks.setdefault(lock_key(namespace, name, kind), threading.Lock())
-
-
-@dataclass(frozen=True)
-class Held:
-    """A first status held back: the body it was decided from, and the outcome that carries its write."""
-
-    body: Obj
-    outcome: Outcome
-
-    since: float
-    """When it was held (monotonic s)."""
-
-    @property
-    def status(self) -> Obj:
-        return self.outcome.decision.status.to_dict()
-
-    def decided_from(self, body: Obj) -> bool:
-        """Whether ``body`` is the very version it was decided from (nothing wrote the TrainingJob since)."""
-        return bool(body["metadata"].get("resourceVersion") == self.body["metadata"].get("resourceVersion"))
-
-
-def held_due(since: float, last_creation: float) -> float:
-    """When a first status held since ``since`` is written (monotonic s): once no TrainingJob was created for
-    FIRST_STATUS_QUIET_S, or once held FIRST_STATUS_MAX_HOLD_S. ``last_creation`` only moves later, so a time
-    this gives may move too: ask again then."""
-    return min(last_creation + FIRST_STATUS_QUIET_S, since + FIRST_STATUS_MAX_HOLD_S)
 
 
 def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:

@@ -433,7 +433,7 @@ def test_operator_restart_is_idempotent_and_repairs_children(
     for _ in range(20):  # a second restart changes nothing
         assert jobs(cluster, namespace) == ["demo-1", "second-1"]
         time.sleep(0.25)
-    # A status held back (handlers.held_due) when the operator stopped is decided and written again.
+    # A status held back (held.held_due) when the operator stopped is decided and written again.
     for name in ("demo", "second"):
         wait_until(lambda name=name: (get_tj(cluster, namespace, name).get("status") or {}).get("attempt") == 1,
                    timeout=10, what=f"{name}'s status.attempt 1")  # fmt: skip

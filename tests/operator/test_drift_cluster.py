@@ -36,7 +36,7 @@ def test_a_deleted_child_is_recreated_at_once_in_the_same_attempt(
     wait_until(lambda: uid(cluster, path) not in (None, original), timeout=REPAIR_DEADLINE_S,
                what=f"{plural}/{name} recreated")  # fmt: skip
     # The same attempt: no second Job, and attempt 1 in the status (a new TrainingJob's first status may follow
-    # its children until the creations pause, handlers.held_due).
+    # its children until the creations pause, held.held_due).
     wait_until(lambda: (get_tj(cluster, namespace).get("status") or {}).get("attempt") == 1, timeout=10,
                what="status.attempt 1")  # fmt: skip
     assert jobs(cluster, namespace) == ["demo-1"]

@@ -23,7 +23,8 @@ import pytest_asyncio
 from tj_builders import body
 
 from kiln.operator import labels as L
-from kiln.operator.handlers import FIRST_STATUS_MAX_HOLD_S, FIRST_STATUS_QUIET_S, Context, build_registry, held_due
+from kiln.operator.handlers import Context, build_registry
+from kiln.operator.held import FIRST_STATUS_MAX_HOLD_S, FIRST_STATUS_QUIET_S, held_due
 from kiln.operator.progress import poll_progress
 from kiln.operator.settings import Settings
 from kiln.operator.watches import TRAININGJOBS

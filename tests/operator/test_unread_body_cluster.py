@@ -104,9 +104,13 @@ def test_a_watched_body_saves_the_read_and_a_stale_one_never_acts_on_a_job(
     assert jobs(cluster, namespace) == ["demo-1"]
 
 
-def held_context(kube: Kube, monkeypatch: pytest.MonkeyPatch) -> tuple[Context, list[str], list[dict[str, Any]]]:
-    """A Context whose new TrainingJobs' first statuses are held (it has a queue, never used here); the Events
-    it posts, and the status PATCHes it sends, recorded."""
+def held_new_tj(
+    cluster: ControlPlane, kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Context, dict[str, Any], list[str], list[dict[str, Any]]]:
+    """A new TrainingJob's first reconcile with its first status held, by a Context that has a queue (never used
+    here). Returns it, the TrainingJob's first body, and the Events and status PATCHes it sends from then on."""
+    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
+    kube = operator_kube(kubeconfig)
     ctx = Context(settings=Settings(image="kiln/trainer:test", storage_root="s3://runs"), kube=kube)
     ctx.work = WorkQueue(ThreadPoolExecutor(1), slots=1)
     reasons: list[str] = []
@@ -119,17 +123,15 @@ def held_context(kube: Kube, monkeypatch: pytest.MonkeyPatch) -> tuple[Context, 
         return patch(namespace, name, status, **options)
 
     monkeypatch.setattr(kube, "patch_trainingjob_status", recorded)
-    return ctx, reasons, patches
+    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    return ctx, new, reasons, patches
 
 
 @pytest.mark.usefixtures("alone")
 def test_a_held_first_status_goes_with_the_next_reconcile_of_the_same_version(
     cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
-    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
-
-    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    ctx, new, reasons, patches = held_new_tj(cluster, operator_kubeconfig, namespace, monkeypatch)
     assert jobs(cluster, namespace) == ["demo-1"]
     assert "status" not in get_tj(cluster, namespace) and patches == [] and reasons == []
 
@@ -140,7 +142,7 @@ def test_a_held_first_status_goes_with_the_next_reconcile_of_the_same_version(
     assert tj["status"]["attempt"] == 1 and condition(tj, "Created")["status"] == "True"
     assert reasons == ["ChildrenCreated"] and jobs(cluster, namespace) == ["demo-1"]
 
-    write_held_status(ctx, namespace, "demo")  # its delay ended: nothing is left to write
+    write_held_status(ctx, namespace, "demo")  # its time came: nothing is left to write
     assert len(patches) == 1 and reasons == ["ChildrenCreated"]
 
 
@@ -150,9 +152,7 @@ def test_a_held_first_status_is_dropped_once_anything_wrote_the_trainingjob(
 ) -> None:
     """A later version (here a label, as a user or GitOps tool might add) is decided afresh from what is stored:
     the children are adopted, not created twice, and the Events are told once."""
-    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
-    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
-    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    ctx, _, reasons, patches = held_new_tj(cluster, operator_kubeconfig, namespace, monkeypatch)
     labelled = cluster.kube.patch(tj_path(namespace, "demo"), {"metadata": {"labels": {"team": "vision"}}},
                                   content_type=MERGE)  # fmt: skip
 
@@ -170,9 +170,7 @@ def test_a_held_first_status_is_dropped_once_anything_wrote_the_trainingjob(
 def test_a_clean_stop_writes_the_held_first_statuses(
     cluster: ControlPlane, operator_kubeconfig: Path, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    new = create_tj(cluster, namespace, resources={"nodeSelector": NOWHERE})
-    ctx, reasons, patches = held_context(operator_kube(operator_kubeconfig), monkeypatch)
-    run_reconcile(ctx, "trainingjob", namespace, "demo", unread=new, hold_status=True)
+    ctx, _, reasons, patches = held_new_tj(cluster, operator_kubeconfig, namespace, monkeypatch)
     assert "status" not in get_tj(cluster, namespace)
 
     write_all_held(ctx)  # what the operator's clean-up does
