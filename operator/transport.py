@@ -30,7 +30,7 @@ class Response(NamedTuple):
     data: bytes
 
 
-STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
 """How a kept-alive connection that the server closed meanwhile fails: the request goes again on a new one, as
 urllib3, requests and Go's net/http do. Nothing was answered; and should the server have acted on it before it
 hung up, every write of the operator's is safe to send twice (a create adopts on 409, a patch merges or carries
