@@ -361,6 +361,8 @@ async def test_a_held_first_status_is_written_once_its_delay_ends(
     await until(lambda: stored(kmock, "jobs", L.attempt_job_name("demo", 1)), "attempt 1")
     assert phase_of(kmock) is None
     await until(lambda: phase_of(kmock) == "Pending", "phase Pending", timeout=FIRST_STATUS_QUIET_S + 3)
+    await until(lambda: events(kmock) != [], "its Event")  # posted after the status PATCH, not with it
+    await asyncio.sleep(0.3)  # a second write or Event would be here by now
     assert len(status_patches(kmock)) == 1
     assert [e["reason"] for e in events(kmock)] == ["ChildrenCreated"]
 

@@ -1,22 +1,32 @@
-"""The operator's requests: kept-alive connections of the standard library, and urllib3's failure types."""
+"""The operator's requests: kept-alive connections of the standard library, and urllib3's failure types.
+
+Each test runs over plain HTTP and over TLS: a server that hangs up without TLS's close_notify (as
+``http.server`` does, and an apiserver closing an idle connection did in CI) fails the next request with
+``ssl.SSLEOFError``, not ``RemoteDisconnected``."""
 
 from __future__ import annotations
 
 import http.server
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import urllib3
 
 from kiln.operator.transport import Connections
+from kiln.testing.certs import CertificateAuthority
 
 
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
+        self.client_context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.requests: list[tuple[int, str]] = []
         """(client port, path) of each request answered: the port tells the connection."""
         self.hang_up_after = False
@@ -24,6 +34,12 @@ class Server(http.server.ThreadingHTTPServer):
         self.hang_up_before = False
         """Close each connection without an answer."""
         self.unanswered = 0
+        self.hung_up = threading.Event()
+        """Set once a connection was closed by the server."""
+
+    def shutdown_request(self, request: object) -> None:
+        super().shutdown_request(request)  # type: ignore[arg-type]
+        self.hung_up.set()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -44,13 +60,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.close_connection = hang_up
 
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.do_GET()
+
     def log_message(self, *_: object) -> None:
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
-    httpd = Server()
+@pytest.fixture(params=["http", "https"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    tls = client = None
+    if request.param == "https":
+        authority = CertificateAuthority(tmp_path)
+        pair = authority.issue("server", common_name="127.0.0.1", server=True)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pair.cert, pair.key)
+        client = ssl.create_default_context(cafile=authority.pair.cert)
+    httpd = Server(tls)
+    httpd.client_context = client
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -58,8 +86,9 @@ def server() -> Iterator[Server]:
     httpd.server_close()
 
 
-def connections(server: Server) -> Connections:
-    return Connections(f"http://127.0.0.1:{server.server_address[1]}", None, keep=4)
+def connections(server: Server, keep: int = 4) -> Connections:
+    scheme = "http" if server.client_context is None else "https"
+    return Connections(f"{scheme}://127.0.0.1:{server.server_address[1]}", server.client_context, keep=keep)
 
 
 def test_sequential_requests_reuse_one_connection(server: Server) -> None:
@@ -75,7 +104,9 @@ def test_a_connection_the_server_closed_meanwhile_is_replaced_and_the_request_se
     server.hang_up_after = True
     pool.request("GET", "/first", None, {}, 5)
     server.hang_up_after = False
-    assert pool.request("GET", "/second", None, {}, 5).status == 200
+    assert server.hung_up.wait(5)
+    # Sent on the closed connection, a body's write fails: over TLS, without close_notify, as an SSLEOFError.
+    assert pool.request("POST", "/second", b'{"kind": "Job"}', {"Content-Type": "application/json"}, 5).status == 200
     assert [path for _, path in server.requests] == ["/first", "/second"]
     assert len({port for port, _ in server.requests}) == 2
 
@@ -95,7 +126,7 @@ def test_nothing_listening_is_urllib3s_max_retry_error() -> None:
 
 
 def test_idle_connections_beyond_keep_are_closed(server: Server) -> None:
-    pool = Connections(f"http://127.0.0.1:{server.server_address[1]}", None, keep=1)
+    pool = connections(server, keep=1)
     first, second = pool._open(5), pool._open(5)
     pool._give(first)
     pool._give(second)
