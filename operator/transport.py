@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import NamedTuple
 
@@ -37,17 +38,24 @@ hung up, every write of the operator's is safe to send twice (a create adopts on
 its resourceVersion, an Event is only told twice)."""
 
 
+IDLE_S = 60.0
+"""Seconds a connection may wait idle before it is closed instead of reused: below the kube-apiserver's own
+IdleTimeout of 90 s (k8s.io/apiserver secure_serving.go), after which it hangs up. A request sent on a connection
+it closed fails, and is sent again on a new one (``STALE``); one closed here first needs no failure."""
+
+
 class Connections:
     """Kept-alive connections to one server, the most recently used first; at most ``keep`` idle ones are kept, and
     a request finding none idle opens one more (urllib3's non-blocking pool did the same)."""
 
-    def __init__(self, server: str, context: ssl.SSLContext | None, keep: int) -> None:
+    def __init__(self, server: str, context: ssl.SSLContext | None, keep: int, idle_s: float = IDLE_S) -> None:
         url = urllib.parse.urlsplit(server)
         self.https = url.scheme == "https"
         self.host, self.port = url.hostname or "localhost", url.port or (443 if self.https else 80)
         self.base = url.path.rstrip("/")
-        self.context, self.keep = context, keep
-        self._idle: list[http.client.HTTPConnection] = []
+        self.context, self.keep, self.idle_s = context, keep, idle_s
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        """(connection, when it was given back) on the monotonic clock, the most recently used last."""
         self._lock = threading.Lock()
 
     def request(
@@ -83,12 +91,19 @@ class Connections:
     def clear(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             connection.close()
 
     def _take(self, timeout_s: float, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            connection = self._idle.pop() if self._idle and reuse else None
+            oldest_kept = time.monotonic() - self.idle_s
+            expired = 0
+            while expired < len(self._idle) and self._idle[expired][1] < oldest_kept:
+                expired += 1
+            stale, self._idle[:expired] = self._idle[:expired], []
+            connection = self._idle.pop()[0] if self._idle and reuse else None
+        for old, _ in stale:
+            old.close()
         if connection is None:
             return self._open(timeout_s), False
         if connection.sock is not None:
@@ -112,6 +127,6 @@ class Connections:
     def _give(self, connection: http.client.HTTPConnection) -> None:
         with self._lock:
             if len(self._idle) < self.keep:
-                self._idle.append(connection)
+                self._idle.append((connection, time.monotonic()))
                 return
         connection.close()

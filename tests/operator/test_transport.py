@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,4 +131,16 @@ def test_idle_connections_beyond_keep_are_closed(server: Server) -> None:
     first, second = pool._open(5), pool._open(5)
     pool._give(first)
     pool._give(second)
-    assert pool._idle == [first] and second.sock is None
+    assert [connection for connection, _ in pool._idle] == [first] and second.sock is None
+
+
+def test_a_connection_idle_too_long_is_closed_not_reused(server: Server) -> None:
+    """The apiserver hangs up after 90 s idle: the pool closes such a connection first, on its side."""
+    pool = connections(server)
+    pool.idle_s = 0.2
+    pool.request("GET", "/first", None, {}, 5)
+    [(kept, _)] = pool._idle
+    time.sleep(0.3)
+    assert pool.request("GET", "/second", None, {}, 5).status == 200
+    assert [path for _, path in server.requests] == ["/first", "/second"]
+    assert len({port for port, _ in server.requests}) == 2 and kept.sock is None
