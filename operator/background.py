@@ -150,6 +150,11 @@ def _annotations(body: Obj) -> dict[str, str] | None:
 Action = Callable[[str, str, Obj], object]
 
 
+RETRY_DELAY_S = 2.0
+"""Seconds before a reconcile or resync that an API or connection error stopped is tried again, as a resync: not
+the next 60 s resync (``Settings.resync_interval_s``), by which time a short attempt can have started and ended
+unseen, or a node-loss restart waited a minute."""
+
 MAX_RESYNCS_IN_FLIGHT = 4
 """Resyncs running at once, per Schedule. They share the handlers' threads, and each waits on the apiserver:
 at 1,000 unfinished jobs on a saturated control plane the 60 s resyncs held a third of the 48 threads, so
@@ -199,4 +204,7 @@ class Background:
         if key[1] == "resync":
             self.resyncs_in_flight[key[0]] -= 1
         if not future.cancelled() and future.exception() is not None:
-            log.warning("%s of %s/%s failed, will retry: %s", key[1], *key[2], future.exception())
+            lane, kind, (namespace, name) = key
+            if kind == "resync":
+                self.lanes[lane][0].resync_soon(namespace, name, time.monotonic() + RETRY_DELAY_S)
+            log.warning("%s of %s/%s failed, will retry: %s", kind, namespace, name, future.exception())

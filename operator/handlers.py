@@ -26,7 +26,7 @@ from aiohttp import web
 from kiln.api.status import ConditionType, Phase
 from kiln.operator import credentials as creds
 from kiln.operator import labels as L
-from kiln.operator.background import TERMINAL, Background, Schedule, without_managed_fields
+from kiln.operator.background import RETRY_DELAY_S, TERMINAL, Background, Schedule, without_managed_fields
 from kiln.operator.conditions import Transition
 from kiln.operator.drift import repair_children
 from kiln.operator.export_reconcile import ExportOutcome, reconcile_export, waits_for
@@ -44,8 +44,6 @@ from kiln.operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
 EJ = (L.TJ_GROUP, L.TJ_VERSION, L.EJ_PLURAL)
-RETRY_DELAY_S = 2.0
-"""Seconds before a reconcile that an API error stopped is tried again."""
 JOB_PROGRESS_BATCH_S = 1.5
 """Seconds a Job update on the way to a condition waits before its reconcile (pods created, some ready), so that
 the update that turns the condition joins it: the Job controller writes a Job's status at most once a second (its
@@ -180,7 +178,9 @@ def run_reconcile(
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
     except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
+        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
+    except urllib3.exceptions.HTTPError as exc:  # no answer: the apiserver restarting, or a connection lost twice
+        raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
@@ -207,6 +207,8 @@ def write_held_status(ctx: Context, namespace: str, name: str) -> None:
             if not is_status(exc, 409):
                 raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
             held = None
+        except urllib3.exceptions.HTTPError as exc:  # the retry's resync decides it again from what is stored
+            raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
     if held is None:
         run_reconcile(ctx, "trainingjob", namespace, name, read_fresh=True)
         return
@@ -258,7 +260,9 @@ def run_export_reconcile(
             outcome = reconcile_export(ctx.kube, ctx.settings, body, check_pods=check_pods)
         result = "ok"
     except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=2) from exc
+        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
@@ -402,13 +406,13 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
     for. Most TrainingJob events are the operator's own status writes (``Generations``) and most Job events change
     nothing a status reflects (``JobStates``): those go no further."""
 
-    def retrying(namespace: str, name: str, work: Callable[[], object]) -> None:
+    def retrying(namespace: str, name: str, work: Callable[[], object], schedule: Schedule = ctx.schedule) -> None:
         try:
             work()
-        except kopf.TemporaryError as exc:  # an API error: the schedule retries it
+        except kopf.TemporaryError as exc:  # an API or connection error: the schedule retries it
             logging.getLogger(__name__).warning("reconciling %s/%s failed, retrying in %.0f s: %s",
                                                 namespace, name, RETRY_DELAY_S, exc)  # fmt: skip
-            loop.call_soon_threadsafe(ctx.schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
+            loop.call_soon_threadsafe(schedule.resync_soon, namespace, name, time.monotonic() + RETRY_DELAY_S)
 
     def write_when_due(namespace: str, name: str) -> None:
         """On the event loop: queue the write of a held first status once ``held_due``, unless a reconcile
@@ -460,10 +464,11 @@ def _watch_handlers(ctx: Context, queue: WorkQueue, loop: asyncio.AbstractEventL
         if L.TRAINING_JOB in labels:
             job_body = None if type == "DELETED" else job
             work = functools.partial(run_reconcile, ctx, "job", namespace, owner, job_body=job_body)
-            queue.submit(("job", namespace, owner), work, after_s)
+            queue.submit(("job", namespace, owner), functools.partial(retrying, namespace, owner, work), after_s)
         else:
             export = functools.partial(run_export_reconcile, ctx, "export-job", namespace, owner)
-            queue.submit(("export-job", namespace, owner), export, after_s)
+            retried = functools.partial(retrying, namespace, owner, export, ctx.export_schedule)
+            queue.submit(("export-job", namespace, owner), retried, after_s)
 
     def on_child(type: str, child: Obj) -> None:
         namespace, labels = child["metadata"].get("namespace") or "", child["metadata"].get("labels") or {}

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from kiln.operator.background import Background, Schedule
+from kiln.operator.background import RETRY_DELAY_S, Background, Schedule
 
 WALL = datetime(2026, 1, 1, tzinfo=UTC)  # only TTL deletes read the wall clock
 
@@ -102,3 +102,27 @@ def test_a_postponed_resync_goes_before_those_that_fell_due_after_it() -> None:
             schedule.postpone_resync(key)
     assert started[:3] == ["old-a", "old-b", "new"], started
     assert {name: started.count(name) for name in ("old-a", "old-b", "new")} == {"old-a": 4, "old-b": 3, "new": 3}
+
+
+def test_a_failed_resync_is_tried_again_after_the_retry_delay_not_a_full_interval() -> None:
+    """An API or connection error in a resync (a node-loss restart's create, in CI) retries RETRY_DELAY_S later."""
+    schedule = Schedule(60.0, None)
+    schedule.observe("ml", "a", pending("a"), now=time.monotonic() - 60.0)  # due now
+    tries: list[float] = []
+
+    def resync(_: str, __: str, ___: object) -> None:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise ConnectionError("the apiserver hung up")
+
+    async def run() -> None:
+        background = Background((schedule, {"resync": resync}), tick_s=0.01)
+        background.start(ThreadPoolExecutor(2))
+        deadline = time.monotonic() + RETRY_DELAY_S + 5
+        while len(tries) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await background.stop()
+
+    asyncio.run(run())
+    assert len(tries) == 2, tries
+    assert RETRY_DELAY_S <= tries[1] - tries[0] < RETRY_DELAY_S + 1, tries

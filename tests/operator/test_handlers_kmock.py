@@ -23,6 +23,7 @@ import pytest_asyncio
 from tj_builders import body
 
 from kiln.operator import labels as L
+from kiln.operator.background import RETRY_DELAY_S
 from kiln.operator.handlers import Context, build_registry
 from kiln.operator.held import FIRST_STATUS_MAX_HOLD_S, FIRST_STATUS_QUIET_S, held_due
 from kiln.operator.progress import poll_progress
@@ -365,6 +366,28 @@ async def test_a_held_first_status_is_written_once_its_delay_ends(
     await asyncio.sleep(0.3)  # a second write or Event would be here by now
     assert len(status_patches(kmock)) == 1
     assert [e["reason"] for e in events(kmock)] == ["ChildrenCreated"]
+
+
+async def test_a_job_updates_reconcile_that_fails_is_retried_in_seconds_not_at_the_next_resync(
+    kmock: kmock.KubernetesEmulator, operator: Context
+) -> None:
+    """An API error (here a 500 on the status PATCH) in the reconcile of a Job update is retried, as a resync that
+    reads the TrainingJob, RETRY_DELAY_S later; left to the 60 s resync, a short attempt could start and end unseen.
+    (kmock stores a change it answers with an error, so the retry is seen by its read, not by the phase.)"""
+    assert operator.settings.resync_interval_s >= 60
+    await create_tj(kmock)
+    first = L.attempt_job_name("demo", 1)
+    await until(lambda: phase_of(kmock) == "Pending", "phase Pending", timeout=FIRST_STATUS_QUIET_S + 3)
+    # kmock's slices count every request the criterion sees: the first status PATCH (Pending) was the 0th.
+    failing = kmock[f"patch {TJ}/demo/status"][1:2] << 500
+    await send(kmock, "PATCH", f"{JOBS}/{first}/status", {"status": {"active": 2, "ready": 2}})
+    await until(lambda: list(failing), "the failed status PATCH")
+    reads_before = len(list(kmock["get"]))
+
+    def reads_since() -> list[Any]:
+        return [r for r in list(kmock["get"])[reads_before:] if str(r.url).endswith(f"{TJ}/demo")]
+
+    await until(reads_since, "the retry's read of the TrainingJob", timeout=RETRY_DELAY_S + 5)
 
 
 async def test_a_held_first_status_is_due_once_creations_pause_or_after_the_longest_hold() -> None:
