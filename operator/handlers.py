@@ -114,6 +114,13 @@ def lock_key(namespace: str, name: str, kind: str = L.TJ_PLURAL) -> str:
     return f"{namespace}/{name}" if kind == L.TJ_PLURAL else f"{namespace}/{kind}/{name}"
 
 
+def retry_later(exc: ApiException | urllib3.exceptions.HTTPError) -> kopf.TemporaryError:
+    """An API error, or a request that got no answer (the apiserver restarting, a connection lost twice), as a
+    retry RETRY_DELAY_S later: kopf's for its own handlers, ``retrying``'s resync for the watches'."""
+    what = f"API error {exc.status}: {exc.reason}" if isinstance(exc, ApiException) else f"connection error: {exc}"
+    return kopf.TemporaryError(what, delay=RETRY_DELAY_S)
+
+
 def run_reconcile(
     ctx: Context,
     kind: str,
@@ -177,10 +184,8 @@ def run_reconcile(
         ctx.generations.reconciled(body)
         ctx.schedule.reconciled(namespace, name, time.monotonic())
         result = "ok"
-    except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
-    except urllib3.exceptions.HTTPError as exc:  # no answer: the apiserver restarting, or a connection lost twice
-        raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        raise retry_later(exc) from exc
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
@@ -205,10 +210,10 @@ def write_held_status(ctx: Context, namespace: str, name: str) -> None:
             if is_status(exc, 404):
                 return
             if not is_status(exc, 409):
-                raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
+                raise retry_later(exc) from exc
             held = None
         except urllib3.exceptions.HTTPError as exc:  # the retry's resync decides it again from what is stored
-            raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
+            raise retry_later(exc) from exc
     if held is None:
         run_reconcile(ctx, "trainingjob", namespace, name, read_fresh=True)
         return
@@ -259,10 +264,8 @@ def run_export_reconcile(
                 return None
             outcome = reconcile_export(ctx.kube, ctx.settings, body, check_pods=check_pods)
         result = "ok"
-    except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=RETRY_DELAY_S) from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise kopf.TemporaryError(f"connection error: {exc}", delay=RETRY_DELAY_S) from exc
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        raise retry_later(exc) from exc
     finally:
         ctx.metrics.reconciles.labels(kind, result).inc()
         ctx.metrics.duration.labels(kind).observe(time.perf_counter() - started)
