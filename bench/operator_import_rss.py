@@ -4,7 +4,8 @@ Issue 13 asks for the operator's peak RSS at or below Kubeflow's training-operat
 bench/operator_vs_kubeflow.py). This measures how much of Kiln's is spent before the operator does anything: each
 layer is imported in turn in a new interpreter (so nothing is shared with this process) and VmRSS is read after
 it. The layers follow the operator's own import order: the standard library's ssl (the apiserver is TLS), pydantic,
-the API models (kiln.api), then the operator with kopf and aiohttp (kiln.operator.handlers).
+the API models (kiln.api), the operator with kopf and aiohttp (kiln.operator.handlers), then the command line
+that starts it (kiln.cli: the image's entry point is `kiln operator`).
 
     .venv/bin/python bench/operator_import_rss.py
 """
@@ -15,7 +16,7 @@ import json
 import subprocess
 import sys
 
-LAYERS = ("ssl", "pydantic", "kiln.api", "kiln.operator.handlers")
+LAYERS = ("ssl", "pydantic", "kiln.api", "kiln.operator.handlers", "kiln.cli")
 
 _CHILD = """
 import importlib, json, sys

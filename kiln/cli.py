@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from kiln.api import InvalidManifest, ManifestError, load_manifests
 from kiln.api.contract import ExitCode
+from kiln.console import LazyConsole
 from kiln.kubectl_plugin import add_commands_to
 
 # The CLI's own codes are the trainer's (kiln.api.contract.ExitCode): `kiln run` passes the trainer's through.
@@ -35,8 +35,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+out = LazyConsole()
+err = LazyConsole(stderr=True, soft_wrap=True)
 
 
 def _print_version(wanted: bool) -> None:
@@ -129,7 +129,7 @@ def run(file: Annotated[Path, typer.Argument(help="A TrainingJob manifest.")]) -
     except InvalidManifest as exc:
         report_invalid(exc.errors)
         raise typer.Exit(EXIT_INVALID) from None
-    raise typer.Exit(launch(local_run, out, Path.cwd()))
+    raise typer.Exit(launch(local_run, out.console, Path.cwd()))
 
 
 @app.command()
@@ -144,7 +144,7 @@ def export(
     failed (docs/operations.md, `kiln export`)."""
     from kiln.local_export import export_manifest
 
-    raise typer.Exit(export_manifest(file, checkpoint, out, err, Path.cwd()))
+    raise typer.Exit(export_manifest(file, checkpoint, out.console, err.console, Path.cwd()))
 
 
 @app.command()
@@ -168,7 +168,9 @@ def evaluate(  # noqa: PLR0917 (one parameter per flag)
     from kiln.local_evaluate import Request, evaluate_checkpoints
 
     request = Request(data=data, split=split, data_format=data_format, endpoint_url=endpoint_url)
-    raise typer.Exit(evaluate_checkpoints(checkpoint, request, output=output, console=out, err=err, cwd=Path.cwd()))
+    raise typer.Exit(
+        evaluate_checkpoints(checkpoint, request, output=output, console=out.console, err=err.console, cwd=Path.cwd())
+    )
 
 
 @app.command("list")

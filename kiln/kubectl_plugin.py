@@ -28,11 +28,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from kiln.api import contract
 from kiln.api.contract import Annotation, ExitCode, Label, TrainerReport
 from kiln.api.status import MAX_CONTROL_TOKEN, TERMINAL_PHASES, Phase
+from kiln.console import LazyConsole
 from kiln.kubectl import Kubectl, KubectlError, lines_of
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = ExitCode.OK, ExitCode.FAILED, ExitCode.INVALID
@@ -46,8 +46,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = LazyConsole(highlight=False)
+err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 Name = Annotated[str, typer.Argument(help="The TrainingJob's name.")]
 
 
@@ -205,7 +205,7 @@ def watch(
     succeeds, 1 when it fails."""
     from kiln.local import ProgressView  # here, not at the top: every `kiln` command loads this module
 
-    view = ProgressView(out)
+    view = ProgressView(out.console)
     seen: tuple[str, int] | None = None
     with view.bars:
         while True:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from rich.console import Console
 from sklearn.metrics import accuracy_score, f1_score
 from trainer_testkit import assert_per_class_matches_scikit_learn, make_job, trainer_env, write_spec
 from typer.testing import CliRunner
 
 from kiln.api.contract import ExitCode
 from kiln.cli import app
+from kiln.console import LazyConsole
 from kiln.local_evaluate import guess_format
 from kiln.testing.s3 import S3Server
 from kiln.trainer import evaluate
@@ -115,7 +115,7 @@ def test_kiln_evaluate_compares_two_checkpoints_on_s3_data(
         key = f"test/{image.relative_to(tiny_data / 'test')}"
         s3_server.client().upload_file(str(image), s3_bucket, key)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("kiln.cli.out", Console(width=160))  # one line per row, whatever the terminal
+    monkeypatch.setattr("kiln.cli.out", LazyConsole(width=160))  # one line per row, whatever the terminal
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     checkpoints = [str(trained.checkpoints / step) for step in trained.steps]
     argv = ["evaluate", "--data", f"s3://{s3_bucket}/test", "--output", "out", "--endpoint-url", s3_server.endpoint_url]
