@@ -6,8 +6,9 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from kiln.api.contract import Annotation
 from kiln.operator.background import RETRY_DELAY_S, Background, Schedule
 
 WALL = datetime(2026, 1, 1, tzinfo=UTC)  # only TTL deletes read the wall clock
@@ -50,6 +51,37 @@ def test_the_schedule_keeps_each_body_without_its_managed_fields() -> None:
     [(_, _, kept)] = list(schedule.due(60.0, WALL))
     assert kept == {**pending("a"), "metadata": {"name": "a", "namespace": "ml"}}
     assert body["metadata"]["managedFields"] == managed  # the watch event's own body is left as it was
+
+
+def running(annotations: dict[str, str] | None = None) -> dict[str, object]:
+    metadata = {"name": "a", "namespace": "ml", "annotations": annotations or {}}
+    return {"metadata": metadata, "status": {"phase": "Running"}}
+
+
+def polled(schedule: Schedule, now: float) -> list[str]:
+    return [key[1] for kind, key, _ in schedule.due(now, WALL) if kind == "progress"]
+
+
+def test_a_stop_or_checkpoint_request_is_polled_at_the_next_tick_not_the_next_interval() -> None:
+    schedule = Schedule(60.0, 30.0)
+    schedule.observe("ml", "a", running(), now=0.0)
+    assert polled(schedule, 0.0) == ["a"]
+    assert polled(schedule, 10.0) == []  # the next poll is due at 30
+    schedule.observe("ml", "a", running(), now=10.0)  # a status write: nothing asked
+    assert polled(schedule, 10.5) == []
+    schedule.observe("ml", "a", running({Annotation.STOP: Annotation.STOP_VALUE}), now=11.0)
+    assert polled(schedule, 11.5) == ["a"]
+
+
+def test_a_finished_job_is_deleted_its_ttl_after_its_completion_time() -> None:
+    schedule = Schedule(60.0, None)
+    finished = {"metadata": {"name": "a", "namespace": "ml"}, "spec": {"runPolicy": {"ttlSecondsAfterFinished": 90}},
+                "status": {"phase": "Succeeded", "completionTime": "2026-01-01T00:00:00Z"}}  # fmt: skip
+    schedule.observe("ml", "a", finished, now=0.0)
+    expired = [key[1] for kind, key, _ in schedule.due(1.0, WALL + timedelta(seconds=89)) if kind == "expire"]
+    assert expired == []
+    expired = [key[1] for kind, key, _ in schedule.due(2.0, WALL + timedelta(seconds=90)) if kind == "expire"]
+    assert expired == ["a"]
 
 
 def test_resyncs_in_flight_are_capped_and_the_postponed_ones_run_next() -> None:
