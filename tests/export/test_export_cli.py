@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
-from rich.console import Console
 from typer.testing import CliRunner
 
 import kiln.cli
 from kiln.api.contract import ExitCode
 from kiln.api.resolve import ResolvedTrainingJob
 from kiln.cli import app
+from kiln.console import LazyConsole
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_kiln_export_prints_the_artifacts_with_their_figures(
     monkeypatch.chdir(tmp_path)
     # One table row per artifact: the CLI's console took its width when kiln.cli was first imported (under
     # pytest-xdist that is a worker's 80 columns), so this test gives it a wide one.
-    monkeypatch.setattr(kiln.cli, "out", Console(width=160))
+    monkeypatch.setattr(kiln.cli, "out", LazyConsole(width=160))
     checkpoints = str(Path(classifier[1]).parents[1])  # the checkpoint root: best.json picks the checkpoint
     spec = {"formats": ["pt2"], "output": {"uri": str(tmp_path / "out")}}
     spec["benchmark"] = {"batchSizes": [1, 4], "iterations": 5}
