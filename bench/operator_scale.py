@@ -14,7 +14,7 @@ whatever else runs there): the load average and the machine's busy CPU share dur
 
 Usage:
 
-    .venv/bin/python bench/operator_scale.py --jobs 200 [--jobs 1000] [--unrelated 5000]
+    .venv/bin/python bench/operator_scale.py --jobs 200 [--jobs 1000] [--unrelated 5000] [--without-kopf]
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 NAMESPACE = "bench"
 PREFIXES = ("kiln_operator_reconcile_total", "kiln_operator_reconcile_duration_seconds_sum")
+KILN_OPERATOR = ("-m", "kiln.cli", "operator")
+"""How a user starts the operator: `kiln operator`."""
+WITHOUT_KOPF = (str(REPO / "bench" / "operator_without_kopf.py"),)
+"""The same reconciling machinery without kopf, aiohttp and typer, to measure what they weigh (that file)."""
 
 
 def trainingjob(name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
@@ -170,7 +174,9 @@ def create_unrelated(cluster: ControlPlane, count: int) -> None:
         list(pool.map(create, range(count)))
 
 
-def start_kiln_operator(cluster: ControlPlane, metrics_port: int) -> subprocess.Popen[bytes]:
+def start_kiln_operator(
+    cluster: ControlPlane, metrics_port: int, command: tuple[str, ...] = KILN_OPERATOR
+) -> subprocess.Popen[bytes]:
     """Kiln's operator as a user runs it (`kiln operator`), its log in the temp dir (one file per run: benchmarks
     on a shared VM overlap). The leader Lease is lengthened: a burst that saturates the shared cores delayed a
     renewal past the default 8 s deadline, and the operator stopped itself mid-run as a leader that lost its Lease
@@ -179,8 +185,7 @@ def start_kiln_operator(cluster: ControlPlane, metrics_port: int) -> subprocess.
            "KILN_OPERATOR_LEASE_DURATION_S": "120", "KILN_OPERATOR_RENEW_DEADLINE_S": "100"}  # fmt: skip
     log = tempfile.NamedTemporaryFile(prefix="kiln-bench-operator-", suffix=".log", delete=False)  # noqa: SIM115
     print(f"operator log: {log.name}", file=sys.stderr)
-    return subprocess.Popen([sys.executable, "-m", "kiln.cli", "operator"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+    return subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def create_burst(
@@ -202,7 +207,7 @@ def create_burst(
     return sent, created
 
 
-def run(jobs: int, nodes: int, unrelated: int = 0) -> dict[str, Any]:
+def run(jobs: int, nodes: int, unrelated: int = 0, command: tuple[str, ...] = KILN_OPERATOR) -> dict[str, Any]:
     cluster = ControlPlane(ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False)).start()
     try:
         cluster.install_crds(sorted((REPO / "crds").glob("*.yaml")))
@@ -210,7 +215,7 @@ def run(jobs: int, nodes: int, unrelated: int = 0) -> dict[str, Any]:
         if unrelated:
             create_unrelated(cluster, unrelated)
         port = free_port()
-        operator = start_kiln_operator(cluster, port)
+        operator = start_kiln_operator(cluster, port, command)
         time.sleep(3 if not unrelated else 15)  # its start-up: the Lease, then the first LIST of each watch
         rss_idle, cpu_idle = proc_stats(operator.pid)
 
@@ -317,9 +322,12 @@ def main() -> None:
     parser.add_argument(
         "--unrelated", type=int, default=0, help="another workload's ConfigMaps (and a tenth as many Jobs) first"
     )
+    parser.add_argument("--without-kopf", action="store_true",
+                        help="run bench/operator_without_kopf.py instead of `kiln operator`")  # fmt: skip
     args = parser.parse_args()
     nodes = args.nodes or max(2, -(-args.jobs // 100))
-    print(json.dumps(run(args.jobs, nodes, args.unrelated), indent=2))
+    command = WITHOUT_KOPF if args.without_kopf else KILN_OPERATOR
+    print(json.dumps({"operator": " ".join(command), **run(args.jobs, nodes, args.unrelated, command)}, indent=2))
 
 
 if __name__ == "__main__":

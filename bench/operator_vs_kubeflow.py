@@ -13,12 +13,13 @@ by tools/install-training-operator.sh and run by kiln.testing.training_operator 
 
 Usage:
 
-    .venv/bin/python bench/operator_vs_kubeflow.py --jobs 200 [--order kubeflow,kiln]
+    .venv/bin/python bench/operator_vs_kubeflow.py --jobs 200 [--order kubeflow,kiln] [--kiln-without-kopf]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from operator_scale import (
+    KILN_OPERATOR,
     REPO,
+    WITHOUT_KOPF,
     Watcher,
     apiserver_requests,
     create_burst,
@@ -69,8 +72,8 @@ class Side:
     """Where the operator's own child that makes the pod is listed (Kiln: batch/v1 Jobs), to split CR -> pod."""
 
 
-def _start_kiln(cluster: ControlPlane) -> tuple[int, Callable[[], None]]:
-    process = start_kiln_operator(cluster, free_port())
+def _start_kiln(command: tuple[str, ...], cluster: ControlPlane) -> tuple[int, Callable[[], None]]:
+    process = start_kiln_operator(cluster, free_port(), command)
 
     def stop() -> None:
         process.terminate()
@@ -84,10 +87,10 @@ def _start_peer(cluster: ControlPlane) -> tuple[int, Callable[[], None]]:
     return peer.pid, peer.stop
 
 
-def kiln_side() -> Side:
+def kiln_side(command: tuple[str, ...] = KILN_OPERATOR) -> Side:
     namespace = "bench-kiln"
     return Side("kiln", namespace, f"/apis/kiln.dev/v1alpha1/namespaces/{namespace}/trainingjobs",
-                lambda name: trainingjob(name, namespace), Label.TRAINING_JOB, _start_kiln,
+                lambda name: trainingjob(name, namespace), Label.TRAINING_JOB, functools.partial(_start_kiln, command),
                 f"/apis/batch/v1/namespaces/{namespace}/jobs")  # fmt: skip
 
 
@@ -199,8 +202,10 @@ RATIOS = (
 )
 
 
-def run(jobs: int, nodes: int, order: list[str], job_syncs: int | None = None) -> dict[str, Any]:
-    sides = {side.name: side for side in (kiln_side(), peer_side())}
+def run(
+    jobs: int, nodes: int, order: list[str], job_syncs: int | None = None, command: tuple[str, ...] = KILN_OPERATOR
+) -> dict[str, Any]:
+    sides = {side.name: side for side in (kiln_side(command), peer_side())}
     flags = () if job_syncs is None else (f"--concurrent-job-syncs={job_syncs}",)
     config = ControlPlaneConfig(fake_gpu_nodes=nodes, executor=False, kwok_completed_owner_kinds=PEER_POD_OWNER_KINDS,
                                 controller_manager_flags=flags)  # fmt: skip
@@ -219,6 +224,7 @@ def run(jobs: int, nodes: int, order: list[str], job_syncs: int | None = None) -
         "jobs": jobs,
         "kwok_nodes": nodes,
         "order": order,
+        "kiln_operator": " ".join(command),
         "concurrent_job_syncs": job_syncs or "default (5)",
         "cpus": os.cpu_count(),
         **results,
@@ -234,12 +240,15 @@ def main() -> None:
     parser.add_argument("--concurrent-job-syncs", type=int, default=None, dest="job_syncs",
                         help="kube-controller-manager's Job sync workers (default: its own, 5); only Kiln's pods "
                         "go through the Job controller")  # fmt: skip
+    parser.add_argument("--kiln-without-kopf", action="store_true",
+                        help="Kiln's side runs bench/operator_without_kopf.py instead of `kiln operator`")  # fmt: skip
     args = parser.parse_args()
     order = args.order.split(",")
     if sorted(order) != ["kiln", "kubeflow"]:
         parser.error(f"--order: {args.order!r} must name kiln and kubeflow once each")
     nodes = args.nodes or max(2, -(-args.jobs // 100))
-    print(json.dumps(run(args.jobs, nodes, order, args.job_syncs), indent=2))
+    command = WITHOUT_KOPF if args.kiln_without_kopf else KILN_OPERATOR
+    print(json.dumps(run(args.jobs, nodes, order, args.job_syncs, command), indent=2))
 
 
 if __name__ == "__main__":

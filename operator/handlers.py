@@ -335,16 +335,9 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
     @on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
         apply_kopf_settings(settings, ctx.settings)
-        ctx.kube = Kube(load_api_client(ctx.settings.workers * 3, ctx.credentials()), fanout=ctx.settings.workers * 2)
         if ctx.server is None:  # the runner starts it before the leader election, so a standby answers probes
             ctx.server = await start_server(ctx.metrics, ctx.settings.metrics_port)
-        ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
-        ctx.executor = settings.execution.executor
-        ctx.background.start(ctx.executor)
-        ctx.work = WorkQueue(ctx.executor, ctx.settings.workers)
-        handlers = _watch_handlers(ctx, ctx.work, asyncio.get_running_loop())
-        ctx.watches = Watches(ctx.kube, ctx.settings.namespaces, handlers)
-        ctx.watches.start()
+        start_reconciling(ctx, settings.execution.executor)
         ctx.metrics.ready.set()
         logger.info("kiln operator ready; metrics on :%d", ctx.settings.metrics_port)
 
@@ -376,6 +369,18 @@ def build_registry(settings: Settings, ctx: Context | None = None) -> tuple[kopf
             ctx.locks.pop(lock_key(namespace or "", name, L.EJ_PLURAL), None)
 
     return registry, ctx
+
+
+def start_reconciling(ctx: Context, executor: Executor) -> None:
+    """On the event loop: the API client, the periodic work, the work queue on ``executor`` and the watches that
+    feed it; everything of the operator but kopf's own part (ExportJobs' handlers, login, the loop's lifetime)."""
+    ctx.kube = Kube(load_api_client(ctx.settings.workers * 3, ctx.credentials()), fanout=ctx.settings.workers * 2)
+    ctx.background = Background((ctx.schedule, _periodic_actions(ctx)), (ctx.export_schedule, _export_actions(ctx)))
+    ctx.executor = executor
+    ctx.background.start(executor)
+    ctx.work = WorkQueue(executor, ctx.settings.workers)
+    ctx.watches = Watches(ctx.kube, ctx.settings.namespaces, _watch_handlers(ctx, ctx.work, asyncio.get_running_loop()))
+    ctx.watches.start()
 
 
 def settles(job: Obj) -> bool:
