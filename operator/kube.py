@@ -136,12 +136,12 @@ class Kube:
         self.api, self.timeout_s = api, timeout_s
         self._fanout = ThreadPoolExecutor(max_workers=fanout, thread_name_prefix="kiln-kube")
 
-    def concurrently(self, first: Callable[[], Obj], *rest: Callable[[], Obj]) -> list[Obj]:
+    def concurrently(self, first: Callable[[], object], *rest: Callable[[], object]) -> list[object]:
         """Run independent calls at once (one round trip of wall time, not one per call), the first on this very
         thread; re-raise the first error after all have finished, so a retry never races a call still in flight."""
         futures = [self._fanout.submit(call) for call in rest]
         try:
-            results: list[Obj] = [first()]
+            results: list[object] = [first()]
         except Exception:
             for future in futures:
                 future.exception()  # wait for it; its own error, if any, is the lesser news
@@ -161,7 +161,11 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
         accept: str = "application/json",
+        read: bool = True,
     ) -> Obj:
+        """One call; its response decoded, or ``{}`` when the caller does not ``read`` it. Most writes answer with
+        the whole object written (a TrainingJob's status PATCH with the TrainingJob, a Job's POST with the Job),
+        which the operator learns from its watches anyway: decoding that is CPU and transient memory for nothing."""
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Accept": accept} | ({"Content-Type": content_type} if payload is not None else {})
         target = path + ("?" + urllib.parse.urlencode(query) if query else "")
@@ -172,7 +176,7 @@ class Kube:
         response = self._authorized(send)
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason or "", body=response.data)
-        return json.loads(response.data) if response.data else {}
+        return json.loads(response.data) if read and response.data else {}
 
     def stream(
         self, path: str, query: list[tuple[str, str]], accept: str, read_timeout_s: float
@@ -219,26 +223,28 @@ class Kube:
                 return None
             raise
 
-    def create_or_adopt(self, obj: Obj) -> Obj:
-        """Create; if it already exists, return the existing one (same deterministic name = same child)."""
+    def create_or_adopt(self, obj: Obj) -> Obj | None:
+        """Create; if it already exists, return the existing one (same deterministic name = same child). None when
+        this call created it: what the apiserver answers is ``obj`` as stored, not read (``request``)."""
         meta = obj["metadata"]
         path = self._path(obj["apiVersion"], obj["kind"], meta["namespace"])
         try:
-            return self.request("POST", path, obj)
+            self.request("POST", path, obj, read=False)
+            return None
         except ApiException as exc:
             if exc.status != 409:
                 raise
         existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         if existing is None:  # deleted in between: try once more
-            return self.request("POST", path, obj)
+            self.request("POST", path, obj, read=False)
         return existing
 
-    def apply_configmap(self, obj: Obj) -> Obj:
+    def apply_configmap(self, obj: Obj) -> None:
+        """Create the ConfigMap, or bring an existing one's data to ``obj``'s."""
         existing = self.create_or_adopt(obj)
-        if existing.get("data") != obj["data"]:
+        if existing is not None and existing.get("data") != obj["data"]:
             meta = obj["metadata"]
-            return self.patch("v1", "ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]})
-        return existing
+            self.patch("v1", "ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]}, read=False)
 
     def patch(
         self,
@@ -250,17 +256,18 @@ class Kube:
         *,
         subresource: str = "",
         retry_conflicts: bool = True,
+        read: bool = True,
     ) -> Obj:
         """A merge patch. ``retry_conflicts`` False: a 409 (a resourceVersion precondition in ``patch`` that no
-        longer holds) is raised at once, for the caller to read the object again."""
+        longer holds) is raised at once, for the caller to read the object again. ``read``: see ``request``."""
         path = self._path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource else "")
-        send = functools.partial(self.request, "PATCH", path, patch, content_type=MERGE_PATCH)
+        send = functools.partial(self.request, "PATCH", path, patch, content_type=MERGE_PATCH, read=read)
         return self._retry_conflicts(send) if retry_conflicts else send()
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
         try:
-            self.request("DELETE", self._path(api_version, kind, namespace, name), body)
+            self.request("DELETE", self._path(api_version, kind, namespace, name), body, read=False)
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -290,14 +297,14 @@ class Kube:
 
     def patch_trainingjob_status(
         self, namespace: str, name: str, patch: Obj, *, resource_version: str | None = None
-    ) -> Obj:
+    ) -> None:
         """``resource_version``: write only over that version of the TrainingJob (409 otherwise, not retried), for
         a status computed from a watch event's body instead of a fresh read."""
         body: Obj = {"status": patch}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self.patch(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, body, subresource="status",
-                          retry_conflicts=resource_version is None)  # fmt: skip
+        self.patch(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, body, subresource="status",
+                   retry_conflicts=resource_version is None, read=False)  # fmt: skip
 
     def delete_trainingjob(self, namespace: str, name: str) -> bool:
         return self.delete(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)
@@ -308,8 +315,8 @@ class Kube:
     def delete_job(self, namespace: str, name: str) -> bool:
         return self.delete("batch/v1", "Job", namespace, name)
 
-    def patch_job(self, namespace: str, name: str, patch: Obj) -> Obj:
-        return self.patch("batch/v1", "Job", namespace, name, patch)
+    def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
+        self.patch("batch/v1", "Job", namespace, name, patch, read=False)
 
     def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.TRAINING_JOB: job_name, L.ATTEMPT: str(attempt)})
@@ -345,15 +352,14 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.request("POST", self._path("v1", "Event", meta["namespace"]), event)
+        self.request("POST", self._path("v1", "Event", meta["namespace"]), event, read=False)
 
     def get_exportjob(self, namespace: str, name: str) -> Obj | None:
         return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)
 
-    def patch_exportjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
-        return self.patch(
-            f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name, {"status": patch}, subresource="status"
-        )
+    def patch_exportjob_status(self, namespace: str, name: str, patch: Obj) -> None:
+        path = (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)
+        self.patch(*path, {"status": patch}, subresource="status", read=False)
 
     def export_pods(self, namespace: str, export_name: str) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.EXPORT_JOB: export_name})

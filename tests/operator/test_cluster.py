@@ -19,6 +19,7 @@ import pytest
 from operator_process import OperatorProcess
 from tj_builders import body
 
+from kiln.api.contract import SPEC_FILE
 from kiln.testing.controlplane import ControlPlane
 from kiln.testing.kube import MERGE, ApiError, namespaced
 from kiln.testing.processes import wait_until
@@ -387,6 +388,9 @@ def test_an_optimizer_edit_mid_run_waits_for_the_next_attempt(
     assert condition(tj, "SpecChangePending")["status"] == "False"
     assert condition(tj, "SpecChangePending")["reason"] == "SpecApplied"
     assert job_annotations(cluster, namespace, "demo-2")["kiln.dev/spec-generation"] == str(generation + 1)
+    # Its pods read the edit from the job's one ConfigMap: the new attempt's create found it there, and patched it.
+    configmap = cluster.kube.get(namespaced("configmaps", namespace, "demo-spec"))
+    assert json.loads(configmap["data"][SPEC_FILE])["spec"]["optimizer"]["lr"] == 0.01
 
 
 def test_raising_epochs_on_a_succeeded_job_runs_another_attempt(
