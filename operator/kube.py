@@ -244,7 +244,7 @@ class Kube:
         existing = self.create_or_adopt(obj)
         if existing is not None and existing.get("data") != obj["data"]:
             meta = obj["metadata"]
-            self.patch("v1", "ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]}, read=False)
+            self.patch("v1", "ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]})
 
     def patch(
         self,
@@ -256,13 +256,15 @@ class Kube:
         *,
         subresource: str = "",
         retry_conflicts: bool = True,
-        read: bool = True,
-    ) -> Obj:
-        """A merge patch. ``retry_conflicts`` False: a 409 (a resourceVersion precondition in ``patch`` that no
-        longer holds) is raised at once, for the caller to read the object again. ``read``: see ``request``."""
+    ) -> None:
+        """A merge patch, its answer not read (``request``). ``retry_conflicts`` False: a 409 (a resourceVersion
+        precondition in ``patch`` that no longer holds) is raised at once, for the caller to read the object again."""
         path = self._path(api_version, kind, namespace, name) + (f"/{subresource}" if subresource else "")
-        send = functools.partial(self.request, "PATCH", path, patch, content_type=MERGE_PATCH, read=read)
-        return self._retry_conflicts(send) if retry_conflicts else send()
+        send = functools.partial(self.request, "PATCH", path, patch, content_type=MERGE_PATCH, read=False)
+        if retry_conflicts:
+            self._retry_conflicts(send)
+        else:
+            send()
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> bool:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
@@ -281,10 +283,11 @@ class Kube:
         return [i for i in items if all((i["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
 
     @staticmethod
-    def _retry_conflicts(call: Any, attempts: int = 5) -> Obj:
+    def _retry_conflicts(call: Callable[[], object], attempts: int = 5) -> None:
         for attempt in range(attempts):
             try:
-                return call()
+                call()
+                return
             except ApiException as exc:
                 if exc.status != 409 or attempt == attempts - 1:
                     raise
@@ -304,7 +307,7 @@ class Kube:
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
         self.patch(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name, body, subresource="status",
-                   retry_conflicts=resource_version is None, read=False)  # fmt: skip
+                   retry_conflicts=resource_version is None)  # fmt: skip
 
     def delete_trainingjob(self, namespace: str, name: str) -> bool:
         return self.delete(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.TJ_KIND, namespace, name)
@@ -316,7 +319,7 @@ class Kube:
         return self.delete("batch/v1", "Job", namespace, name)
 
     def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
-        self.patch("batch/v1", "Job", namespace, name, patch, read=False)
+        self.patch("batch/v1", "Job", namespace, name, patch)
 
     def attempt_pods(self, namespace: str, job_name: str, attempt: int) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.TRAINING_JOB: job_name, L.ATTEMPT: str(attempt)})
@@ -358,8 +361,7 @@ class Kube:
         return self.get(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)
 
     def patch_exportjob_status(self, namespace: str, name: str, patch: Obj) -> None:
-        path = (f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name)
-        self.patch(*path, {"status": patch}, subresource="status", read=False)
+        self.patch(f"{L.TJ_GROUP}/{L.TJ_VERSION}", L.EJ_KIND, namespace, name, {"status": patch}, subresource="status")
 
     def export_pods(self, namespace: str, export_name: str) -> list[Obj]:
         return self.list_objects("v1", "Pod", namespace, {L.EXPORT_JOB: export_name})
